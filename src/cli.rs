@@ -1,0 +1,215 @@
+//! The command line: `treasury run | demo | migrate | status | trigger | replay | config`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::runtime::{self, Role};
+use crate::store::postgres::PgStore;
+use crate::store::{BufferReport, Store, TopicPartition};
+use crate::{demo, kafka};
+
+/// Treasury Engine: keeps the USDC and USD buffers funded by netting deposit
+/// and withdrawal flows from Kafka into a few conversions.
+///
+/// Configuration comes from the environment (see `treasury config`).
+#[derive(Debug, Parser)]
+#[command(name = "treasury", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the engine against PostgreSQL (DATABASE_URL) and Kafka (KAFKA_BROKERS)
+    /// until SIGTERM/SIGINT.
+    Run {
+        /// Roles to run; all by default.
+        #[arg(long, value_delimiter = ',', default_values = ["aggregator", "executor"])]
+        roles: Vec<Role>,
+    },
+    /// Run the whole pipeline in this process with no servers: an in-process
+    /// Kafka mock cluster, an in-memory (NOT durable) store, generated events
+    /// and short windows. Stops by itself, or on Ctrl-C.
+    Demo(demo::DemoArgs),
+    /// Apply the database migrations (safe to run twice).
+    Migrate,
+    /// Print each buffer's balance, thresholds and status (from v_buffer_status).
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running aggregator for an immediate settlement cycle. The request
+    /// is stored in the database; the aggregator handles it on its next tick.
+    Trigger {
+        /// Wait until the aggregator has handled it and print the plan.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Rewind the aggregator's stored offsets on the input topics. Stop the
+    /// aggregators first; on restart they re-read from there. Already counted
+    /// events are recognised by id and change nothing.
+    Replay(ReplayArgs),
+    /// Print the effective configuration with secrets masked.
+    Config,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ReplayArgs {
+    /// From the first offset still on the broker.
+    #[arg(long)]
+    from_beginning: bool,
+    /// From the first message at or after this time (RFC 3339).
+    #[arg(long)]
+    from_time: Option<DateTime<Utc>>,
+    /// From this offset in every partition.
+    #[arg(long)]
+    from_offset: Option<i64>,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo(args) = cli.command {
+        return demo::run(args).await;
+    }
+    let config = Config::from_env()?;
+    match cli.command {
+        Command::Run { roles } => runtime::run(config, &roles).await,
+        Command::Demo(_) => unreachable!("handled above"),
+        Command::Migrate => {
+            let store = connect(&config).await?;
+            store.migrate().await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Status { json } => {
+            let store = connect(&config).await?;
+            let report = store.buffer_report().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", render_status(&report));
+            }
+            Ok(())
+        }
+        Command::Trigger { wait } => trigger(&config, wait).await,
+        Command::Replay(args) => replay(&config, args).await,
+        Command::Config => {
+            println!("{}", serde_json::to_string_pretty(&config.masked())?);
+            Ok(())
+        }
+    }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<PgStore> {
+    PgStore::connect(config.require_database_url()?)
+        .await
+        .context("connecting to PostgreSQL (DATABASE_URL)")
+}
+
+/// The buffer table printed by `treasury status`.
+pub fn render_status(report: &[BufferReport]) -> String {
+    let mut out = format!(
+        "{:<20} {:<5} {:>16} {:>12} {:>12} {:>12}  {}\n",
+        "ACCOUNT", "CCY", "BALANCE", "MIN", "TARGET", "MAX", "STATUS"
+    );
+    for r in report {
+        out.push_str(&format!(
+            "{:<20} {:<5} {:>16} {:>12} {:>12} {:>12}  {}\n",
+            r.account.as_str(),
+            r.currency,
+            r.balance.to_string(),
+            r.min.to_string(),
+            r.target.to_string(),
+            r.max.to_string(),
+            r.status
+        ));
+    }
+    out
+}
+
+async fn trigger(config: &Config, wait: bool) -> anyhow::Result<()> {
+    let store = connect(config).await?;
+    let id = store.request_trigger("cli").await?;
+    println!("settlement trigger {id} requested");
+    if !wait {
+        return Ok(());
+    }
+    for _ in 0..120 {
+        let handled: Option<serde_json::Value> = sqlx::query_scalar(
+            "SELECT result FROM settlement_triggers WHERE id = $1 AND handled_at IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(store.pool())
+        .await?;
+        if let Some(result) = handled {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("trigger {id} was not handled within 60s: is an aggregator running?")
+}
+
+async fn replay(config: &Config, args: ReplayArgs) -> anyhow::Result<()> {
+    let store = connect(config).await?;
+    let base = kafka::base_config(config);
+    let consumer: BaseConsumer =
+        kafka::consumer_config(&base, &config.aggregator_group).create()?;
+    let timeout = Duration::from_secs(10);
+    let mut offsets = BTreeMap::new();
+    for topic in [&config.topics.funding, &config.topics.withdrawals] {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for partition in partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+            let offset = if args.from_beginning {
+                low
+            } else if let Some(n) = args.from_offset {
+                n.clamp(low, high)
+            } else if let Some(at) = args.from_time {
+                let mut query = TopicPartitionList::new();
+                query.add_partition_offset(
+                    topic,
+                    partition,
+                    Offset::Offset(at.timestamp_millis()),
+                )?;
+                let found = consumer.offsets_for_times(query, timeout)?;
+                match found.find_partition(topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => high,
+                }
+            } else {
+                unreachable!("clap requires one replay start")
+            };
+            offsets.insert(
+                TopicPartition {
+                    topic: topic.clone(),
+                    partition,
+                },
+                offset,
+            );
+        }
+    }
+    store
+        .set_offsets(&config.aggregator_group, &offsets)
+        .await?;
+    for (tp, offset) in &offsets {
+        println!("{}[{}] → {}", tp.topic, tp.partition, offset);
+    }
+    println!("stored offsets rewound; restart the aggregators to replay");
+    Ok(())
+}

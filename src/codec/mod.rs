@@ -1,0 +1,175 @@
+//! Avro in the Confluent wire format. Decoding never panics: an unknown schema
+//! id, a wrong magic byte or a corrupt body is a [`CodecError`].
+//!
+//! Resolving a writer schema against a reader schema is costly, so each
+//! (writer id, reader kind) pair is resolved once and the reader is cached.
+
+pub mod records;
+pub mod schemas;
+pub mod values;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
+
+pub use schemas::{SchemaKind, SchemaSource};
+pub use wire::FramingError;
+
+/// Why bytes could not be decoded or a value encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error(transparent)]
+    Framing(#[from] FramingError),
+    #[error("unknown schema id {0}")]
+    UnknownSchemaId(u32),
+    #[error("corrupt Avro body for schema id {id}: {reason}")]
+    CorruptBody { id: u32, reason: String },
+    #[error("{trailing} bytes left over after the Avro body (schema id {id})")]
+    TrailingBytes { id: u32, trailing: usize },
+    #[error("writer schema {id} cannot be read as {reader:?}: {reason}")]
+    Incompatible {
+        id: u32,
+        reader: SchemaKind,
+        reason: String,
+    },
+    #[error("field {field}: {reason}")]
+    Field { field: &'static str, reason: String },
+    #[error("cannot encode {kind:?}: {reason}")]
+    Encode { kind: SchemaKind, reason: String },
+    #[error("schema registry: {0}")]
+    Registry(String),
+}
+
+/// Resolved readers by (writer schema id, reader kind).
+type ReaderCache = HashMap<(u32, SchemaKind), Arc<GenericDatumReader<'static>>>;
+
+/// Encodes and decodes the engine's records in the Confluent wire format.
+#[derive(Clone)]
+pub struct Codec {
+    source: SchemaSource,
+    readers: Arc<RwLock<ReaderCache>>,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Self::new(SchemaSource::embedded())
+    }
+}
+
+impl Codec {
+    pub fn new(source: SchemaSource) -> Self {
+        Self {
+            source,
+            readers: Arc::default(),
+        }
+    }
+
+    /// The schemas this codec resolves ids against.
+    pub fn source(&self) -> &SchemaSource {
+        &self.source
+    }
+
+    /// Encodes `value` (which must match `kind`'s schema) with `kind`'s local id.
+    pub fn encode(&self, kind: SchemaKind, value: Value) -> Result<Vec<u8>, CodecError> {
+        let body = writer_for(kind)?
+            .write_value_to_vec(value)
+            .map_err(|e| CodecError::Encode {
+                kind,
+                reason: e.to_string(),
+            })?;
+        Ok(wire::frame(kind.local_id(), &body))
+    }
+
+    /// Decodes a framed message, reading it as `reader` (schema resolution
+    /// applies when the writer schema differs, e.g. a newer optional field).
+    pub async fn decode(&self, bytes: &[u8], reader: SchemaKind) -> Result<Value, CodecError> {
+        let (id, _) = wire::split(bytes)?;
+        if self.source.cached(id).is_none() {
+            self.source.writer_schema(id).await?;
+        }
+        self.decode_cached(bytes, reader)
+    }
+
+    /// Like [`Codec::decode`] but only with schemas already known; never does IO.
+    pub fn decode_cached(&self, bytes: &[u8], reader: SchemaKind) -> Result<Value, CodecError> {
+        let (id, mut body) = wire::split(bytes)?;
+        let datum_reader = self.reader_for(id, reader)?;
+        let value = datum_reader
+            .read_value(&mut body)
+            .map_err(|e| CodecError::CorruptBody {
+                id,
+                reason: e.to_string(),
+            })?;
+        if !body.is_empty() {
+            return Err(CodecError::TrailingBytes {
+                id,
+                trailing: body.len(),
+            });
+        }
+        Ok(value)
+    }
+
+    fn reader_for(
+        &self,
+        id: u32,
+        reader: SchemaKind,
+    ) -> Result<Arc<GenericDatumReader<'static>>, CodecError> {
+        if let Some(found) = self
+            .readers
+            .read()
+            .expect("reader cache lock poisoned")
+            .get(&(id, reader))
+        {
+            return Ok(found.clone());
+        }
+        let writer = self
+            .source
+            .cached(id)
+            .ok_or(CodecError::UnknownSchemaId(id))?;
+        let reader_schema = reader.schema();
+        let builder = GenericDatumReader::builder(writer);
+        let built = if std::ptr::eq(writer, reader_schema) {
+            builder.build()
+        } else {
+            builder.reader_schema(reader_schema).build()
+        }
+        .map_err(|e| CodecError::Incompatible {
+            id,
+            reader,
+            reason: e.to_string(),
+        })?;
+        let built = Arc::new(built);
+        self.readers
+            .write()
+            .expect("reader cache lock poisoned")
+            .insert((id, reader), built.clone());
+        Ok(built)
+    }
+}
+
+/// The writer for `kind`, resolved once for the life of the process.
+fn writer_for(kind: SchemaKind) -> Result<&'static GenericDatumWriter<'static>, CodecError> {
+    static WRITERS: std::sync::OnceLock<HashMap<SchemaKind, GenericDatumWriter<'static>>> =
+        std::sync::OnceLock::new();
+    WRITERS
+        .get_or_init(|| {
+            SchemaKind::ALL
+                .into_iter()
+                .filter_map(|k| {
+                    GenericDatumWriter::builder(k.schema())
+                        .build()
+                        .ok()
+                        .map(|w| (k, w))
+                })
+                .collect()
+        })
+        .get(&kind)
+        .ok_or_else(|| CodecError::Encode {
+            kind,
+            reason: "schema does not resolve".into(),
+        })
+}

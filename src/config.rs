@@ -1,0 +1,309 @@
+//! Configuration, read once from the environment at start-up. A bad value
+//! stops start-up with an error that names the variable and what it accepts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// A setting that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}={value:?} is invalid: expected {expected}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+/// Topic names the engine reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Topics {
+    pub funding: String,
+    pub withdrawals: String,
+    pub commands: String,
+    pub postings: String,
+    pub dlq: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            funding: "funding.events".into(),
+            withdrawals: "withdrawal.events".into(),
+            commands: "treasury.conversion-commands".into(),
+            postings: "ledger.postings".into(),
+            dlq: "treasury.dlq".into(),
+        }
+    }
+}
+
+/// The engine's effective configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// Settlement window length (`TREASURY_SCHEDULER_INTERVAL`).
+    #[serde(with = "humantime_serde_compat")]
+    pub scheduler_interval: Duration,
+    /// How often in-flight jobs are polled (`TREASURY_MONITOR_INTERVAL`).
+    #[serde(with = "humantime_serde_compat")]
+    pub monitor_interval: Duration,
+    /// After this a job at a provider needs a person (`TREASURY_CONVERSION_TIMEOUT`).
+    #[serde(with = "humantime_serde_compat")]
+    pub conversion_timeout: Duration,
+    /// After this a job at a provider is flagged stale (`TREASURY_STALE_AFTER`).
+    #[serde(with = "humantime_serde_compat")]
+    pub stale_after: Duration,
+    /// Retries of a retryable provider error before falling back (`TREASURY_MAX_RETRIES`).
+    pub max_retries: u32,
+    /// Whether planned conversions are emitted (`TREASURY_ENABLE_AUTO_REBALANCE`).
+    pub enable_auto_rebalance: bool,
+    /// How long after a window's end its late events are still in time (`TREASURY_WINDOW_GRACE`).
+    #[serde(with = "humantime_serde_compat")]
+    pub window_grace: Duration,
+    /// A caught-up partition quiet this long stops holding settlement back (`TREASURY_IDLE_TIMEOUT`).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// How long processed event ids are kept for duplicate detection (`TREASURY_DEDUP_RETENTION`).
+    #[serde(with = "humantime_serde_compat")]
+    pub dedup_retention: Duration,
+    /// Most messages committed in one transaction (`TREASURY_BATCH_SIZE`).
+    pub batch_size: usize,
+    /// Longest wait to fill a batch (`TREASURY_BATCH_MAX_WAIT`).
+    #[serde(with = "humantime_serde_compat")]
+    pub batch_max_wait: Duration,
+    /// PostgreSQL URL (`DATABASE_URL`); shown masked.
+    pub database_url: Option<String>,
+    /// Bootstrap servers (`KAFKA_BROKERS`).
+    pub kafka_brokers: String,
+    /// Extra librdkafka settings from `KAFKA_*` (e.g. `KAFKA_SASL_USERNAME` → `sasl.username`).
+    pub kafka_settings: BTreeMap<String, String>,
+    pub topics: Topics,
+    /// Consumer group of the aggregator role (`TREASURY_AGGREGATOR_GROUP`).
+    pub aggregator_group: String,
+    /// Consumer group of the executor role (`TREASURY_EXECUTOR_GROUP`).
+    pub executor_group: String,
+    /// Optional Confluent Schema Registry (`SCHEMA_REGISTRY_URL`).
+    pub schema_registry_url: Option<String>,
+    /// Address of the HTTP server for health, metrics and operator endpoints (`TREASURY_HTTP_ADDR`).
+    pub http_addr: String,
+    /// Bearer token for operator endpoints (`TREASURY_ADMIN_TOKEN`); shown masked.
+    pub admin_token: Option<String>,
+}
+
+/// Serializes durations as humantime text ("5m").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+const DURATION: &str = "a duration such as 30s, 5m or 1h";
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the configuration from `vars` (the environment, or a test's map).
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars: BTreeMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let env = Vars(&vars);
+        let defaults = Topics::default();
+        let config = Config {
+            scheduler_interval: env.duration("TREASURY_SCHEDULER_INTERVAL", "5m")?,
+            monitor_interval: env.duration("TREASURY_MONITOR_INTERVAL", "1m")?,
+            conversion_timeout: env.duration("TREASURY_CONVERSION_TIMEOUT", "30m")?,
+            stale_after: env.duration("TREASURY_STALE_AFTER", "30m")?,
+            max_retries: env.parsed(
+                "TREASURY_MAX_RETRIES",
+                "3",
+                "a whole number 0..=20",
+                |n: &u32| *n <= 20,
+            )?,
+            enable_auto_rebalance: env.boolean("TREASURY_ENABLE_AUTO_REBALANCE", true)?,
+            window_grace: env.duration("TREASURY_WINDOW_GRACE", "30s")?,
+            idle_timeout: env.duration("TREASURY_IDLE_TIMEOUT", "30s")?,
+            dedup_retention: env.duration("TREASURY_DEDUP_RETENTION", "7d")?,
+            batch_size: env.parsed(
+                "TREASURY_BATCH_SIZE",
+                "1000",
+                "a whole number 1..=100000",
+                |n: &usize| (1..=100_000).contains(n),
+            )?,
+            batch_max_wait: env.duration("TREASURY_BATCH_MAX_WAIT", "100ms")?,
+            database_url: env.text("DATABASE_URL"),
+            kafka_brokers: env
+                .text("KAFKA_BROKERS")
+                .unwrap_or_else(|| "127.0.0.1:9092".into()),
+            kafka_settings: env.kafka_passthrough(),
+            topics: Topics {
+                funding: env.topic("TREASURY_TOPIC_FUNDING", &defaults.funding)?,
+                withdrawals: env.topic("TREASURY_TOPIC_WITHDRAWALS", &defaults.withdrawals)?,
+                commands: env.topic("TREASURY_TOPIC_COMMANDS", &defaults.commands)?,
+                postings: env.topic("TREASURY_TOPIC_POSTINGS", &defaults.postings)?,
+                dlq: env.topic("TREASURY_TOPIC_DLQ", &defaults.dlq)?,
+            },
+            aggregator_group: env
+                .text("TREASURY_AGGREGATOR_GROUP")
+                .unwrap_or_else(|| "treasury-aggregator".into()),
+            executor_group: env
+                .text("TREASURY_EXECUTOR_GROUP")
+                .unwrap_or_else(|| "treasury-executor".into()),
+            schema_registry_url: env.url("SCHEMA_REGISTRY_URL")?,
+            http_addr: env.socket_addr("TREASURY_HTTP_ADDR", "0.0.0.0:8080")?,
+            admin_token: env.text("TREASURY_ADMIN_TOKEN"),
+        };
+        if config.scheduler_interval < Duration::from_secs(1) {
+            return Err(ConfigError {
+                variable: "TREASURY_SCHEDULER_INTERVAL".into(),
+                value: humantime::format_duration(config.scheduler_interval).to_string(),
+                expected: "a window of at least 1s",
+            });
+        }
+        Ok(config)
+    }
+
+    /// The database URL, or an error naming `DATABASE_URL` when it is unset.
+    pub fn require_database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url.as_deref().ok_or_else(|| ConfigError {
+            variable: "DATABASE_URL".into(),
+            value: String::new(),
+            expected: "a PostgreSQL URL such as postgres://user@host:5432/treasury",
+        })
+    }
+
+    /// The configuration with secrets replaced by `****`, for printing.
+    pub fn masked(&self) -> Config {
+        let mut shown = self.clone();
+        shown.database_url = shown.database_url.as_deref().map(mask_url_password);
+        shown.admin_token = shown.admin_token.as_ref().map(|_| "****".into());
+        for (key, value) in shown.kafka_settings.iter_mut() {
+            if key.contains("password") || key.contains("secret") || key.contains("key") {
+                *value = "****".into();
+            }
+        }
+        shown
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:****@host/db`.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+struct Vars<'a>(&'a BTreeMap<String, String>);
+
+impl Vars<'_> {
+    fn text(&self, name: &str) -> Option<String> {
+        self.0
+            .get(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn error(name: &str, value: &str, expected: &'static str) -> ConfigError {
+        ConfigError {
+            variable: name.into(),
+            value: value.into(),
+            expected,
+        }
+    }
+
+    fn duration(&self, name: &str, default: &str) -> Result<Duration, ConfigError> {
+        let value = self.text(name).unwrap_or_else(|| default.into());
+        match humantime::parse_duration(&value) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(Self::error(name, &value, DURATION)),
+        }
+    }
+
+    fn parsed<T: std::str::FromStr>(
+        &self,
+        name: &str,
+        default: &str,
+        expected: &'static str,
+        valid: impl Fn(&T) -> bool,
+    ) -> Result<T, ConfigError> {
+        let value = self.text(name).unwrap_or_else(|| default.into());
+        value
+            .parse::<T>()
+            .ok()
+            .filter(|v| valid(v))
+            .ok_or_else(|| Self::error(name, &value, expected))
+    }
+
+    fn boolean(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.text(name) {
+            None => Ok(default),
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(Self::error(name, &v, "true or false")),
+            },
+        }
+    }
+
+    fn topic(&self, name: &str, default: &str) -> Result<String, ConfigError> {
+        let value = self.text(name).unwrap_or_else(|| default.into());
+        let legal = value.len() <= 249
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if legal {
+            Ok(value)
+        } else {
+            Err(Self::error(
+                name,
+                &value,
+                "a Kafka topic name: letters, digits, '.', '_' or '-', at most 249",
+            ))
+        }
+    }
+
+    fn url(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.text(name) {
+            None => Ok(None),
+            Some(v) if v.starts_with("http://") || v.starts_with("https://") => Ok(Some(v)),
+            Some(v) => Err(Self::error(name, &v, "an http:// or https:// URL")),
+        }
+    }
+
+    fn socket_addr(&self, name: &str, default: &str) -> Result<String, ConfigError> {
+        let value = self.text(name).unwrap_or_else(|| default.into());
+        value
+            .parse::<std::net::SocketAddr>()
+            .map(|_| value.clone())
+            .map_err(|_| Self::error(name, &value, "an address such as 0.0.0.0:8080"))
+    }
+
+    /// `KAFKA_SASL_MECHANISM=PLAIN` → `sasl.mechanism=PLAIN`; `KAFKA_BROKERS` is not passed through.
+    fn kafka_passthrough(&self) -> BTreeMap<String, String> {
+        self.0
+            .iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("KAFKA_")?;
+                (rest != "BROKERS" && !rest.is_empty())
+                    .then(|| (rest.to_ascii_lowercase().replace('_', "."), v.clone()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,131 @@
+//! The conversion job's status machine. Only the transitions listed in
+//! [`JobStatus::can_become`] are legal; everything else is an error.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a conversion job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Pending,
+    ProviderSubmitted,
+    ProviderProcessing,
+    ProviderCompleted,
+    LedgerUpdating,
+    Completed,
+    Failed,
+    Cancelled,
+    /// The provider did not answer within `TREASURY_CONVERSION_TIMEOUT`:
+    /// money may have moved, so a person must look before anything else happens.
+    NeedsReview,
+}
+
+impl JobStatus {
+    /// Every status, for exhaustive checks.
+    pub const ALL: [JobStatus; 9] = [
+        JobStatus::Pending,
+        JobStatus::ProviderSubmitted,
+        JobStatus::ProviderProcessing,
+        JobStatus::ProviderCompleted,
+        JobStatus::LedgerUpdating,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+        JobStatus::NeedsReview,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::ProviderSubmitted => "provider_submitted",
+            JobStatus::ProviderProcessing => "provider_processing",
+            JobStatus::ProviderCompleted => "provider_completed",
+            JobStatus::LedgerUpdating => "ledger_updating",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::NeedsReview => "needs_review",
+        }
+    }
+
+    /// `completed`, `failed` and `cancelled` never change again.
+    pub const fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+
+    /// Whether money may be at the provider (counts as in flight for planning).
+    pub const fn is_in_flight(self) -> bool {
+        !self.is_final()
+    }
+
+    /// The legal transitions.
+    pub const fn can_become(self, next: JobStatus) -> bool {
+        use JobStatus::*;
+        matches!(
+            (self, next),
+            (Pending, ProviderSubmitted)
+                | (Pending, Failed)
+                | (Pending, Cancelled)
+                | (ProviderSubmitted, ProviderProcessing)
+                | (ProviderSubmitted, ProviderCompleted)
+                | (ProviderSubmitted, Failed)
+                | (ProviderSubmitted, NeedsReview)
+                | (ProviderProcessing, ProviderCompleted)
+                | (ProviderProcessing, Failed)
+                | (ProviderProcessing, NeedsReview)
+                | (ProviderCompleted, LedgerUpdating)
+                | (LedgerUpdating, Completed)
+                | (NeedsReview, ProviderProcessing)
+                | (NeedsReview, ProviderCompleted)
+                | (NeedsReview, Failed)
+                | (NeedsReview, Cancelled)
+        )
+    }
+
+    /// Moves to `next` or explains why it may not.
+    pub fn transition(self, next: JobStatus) -> Result<JobStatus, IllegalTransition> {
+        if self.can_become(next) {
+            Ok(next)
+        } else {
+            Err(IllegalTransition {
+                from: self,
+                to: next,
+            })
+        }
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The text did not name a job status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job status {0:?}")]
+pub struct UnknownJobStatus(pub String);
+
+impl FromStr for JobStatus {
+    type Err = UnknownJobStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|j| j.as_str() == s)
+            .ok_or_else(|| UnknownJobStatus(s.to_owned()))
+    }
+}
+
+/// A status change the machine forbids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("illegal job transition {from} -> {to}")]
+pub struct IllegalTransition {
+    pub from: JobStatus,
+    pub to: JobStatus,
+}

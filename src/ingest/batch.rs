@@ -1,0 +1,220 @@
+//! One batch of input messages, committed in one store transaction: the
+//! consumed offsets, the new event ids, the window sums, the partitions'
+//! progress and the DLQ records. A batch is all or nothing.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::validate::Rejection;
+use crate::codec::Codec;
+use crate::codec::records::DeadLetter;
+use crate::domain::FlowEvent;
+use crate::store::{
+    EventRef, LockMode, OffsetRange, OutboxMessage, ProgressUpdate, Store, StoreError,
+    TopicPartition,
+};
+use crate::window::{WindowSpec, WindowTallies};
+
+/// Namespace of DLQ message ids: UUIDv5 over (topic, partition, offset).
+const DLQ_ID_NAMESPACE: Uuid = Uuid::from_u128(0x2c4e_71a0_5d3b_4f8e_9a61_7b0c_d2e4_f813);
+
+/// One consumed message, decoded or refused.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub outcome: Result<FlowEvent, Rejection>,
+}
+
+/// What committing a batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub counted: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub rejected: u64,
+    pub tallies: WindowTallies,
+}
+
+/// Everything a batch commit needs besides the messages.
+pub struct BatchContext<'a> {
+    pub store: &'a dyn Store,
+    pub codec: &'a Codec,
+    pub group: &'a str,
+    pub spec: &'a WindowSpec,
+    pub dlq_topic: &'a str,
+    /// Partitions found at their end while filling the batch.
+    pub caught_up: &'a HashSet<TopicPartition>,
+    pub now: DateTime<Utc>,
+}
+
+/// Commits `messages` (contiguous per partition) in one transaction.
+pub async fn commit_batch(
+    ctx: &BatchContext<'_>,
+    messages: &[Consumed],
+) -> Result<BatchOutcome, StoreError> {
+    let mut tx = ctx.store.begin(LockMode::Shared).await?;
+    tx.advance_offsets(ctx.group, &offset_ranges(messages))
+        .await?;
+    let next_open = tx.next_window_start().await?;
+
+    let mut outcome = BatchOutcome::default();
+    let mut seen_in_batch = HashSet::new();
+    let mut candidates = Vec::new();
+    let mut refs = Vec::new();
+    let mut dead_letters = Vec::new();
+    for message in messages {
+        match &message.outcome {
+            Ok(event) => {
+                if !seen_in_batch.insert(event.event_id) {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                let assignment = ctx.spec.assign(event.occurred_at, next_open);
+                refs.push(EventRef {
+                    event_id: event.event_id,
+                    tp: message.tp.clone(),
+                    offset: message.offset,
+                    window_start: assignment.window_start,
+                });
+                candidates.push((event, assignment));
+            }
+            Err(rejection) => {
+                outcome.rejected += 1;
+                dead_letters.push(dead_letter(ctx, message, rejection)?);
+            }
+        }
+    }
+    let fresh = tx.claim_events(&refs).await?;
+    for (event, assignment) in candidates {
+        if fresh.contains(&event.event_id) {
+            outcome.counted += 1;
+            outcome.late += u64::from(assignment.late);
+            outcome.tallies.add(event, assignment);
+        } else {
+            outcome.duplicates += 1;
+        }
+    }
+    tx.add_tallies(&outcome.tallies, ctx.spec.length).await?;
+    tx.record_progress(&progress(messages, ctx.caught_up, ctx.now))
+        .await?;
+    tx.enqueue(&dead_letters).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Records only progress (no messages): partitions that reached their end.
+pub async fn commit_progress(
+    store: &dyn Store,
+    updates: &[ProgressUpdate],
+) -> Result<(), StoreError> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let mut tx = store.begin(LockMode::Shared).await?;
+    tx.record_progress(updates).await?;
+    tx.commit().await
+}
+
+fn offset_ranges(messages: &[Consumed]) -> Vec<OffsetRange> {
+    let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
+    for m in messages {
+        let range = ranges.entry(m.tp.clone()).or_insert((m.offset, m.offset));
+        range.0 = range.0.min(m.offset);
+        range.1 = range.1.max(m.offset);
+    }
+    ranges
+        .into_iter()
+        .map(|(tp, (first, last))| OffsetRange {
+            tp,
+            first,
+            next: last + 1,
+        })
+        .collect()
+}
+
+fn progress(
+    messages: &[Consumed],
+    caught_up: &HashSet<TopicPartition>,
+    now: DateTime<Utc>,
+) -> Vec<ProgressUpdate> {
+    let mut latest: BTreeMap<TopicPartition, Option<DateTime<Utc>>> = BTreeMap::new();
+    for m in messages {
+        let event_time = m.outcome.as_ref().ok().map(|e| e.occurred_at);
+        let entry = latest.entry(m.tp.clone()).or_default();
+        *entry = (*entry).max(event_time);
+    }
+    for tp in caught_up {
+        latest.entry(tp.clone()).or_default();
+    }
+    latest
+        .into_iter()
+        .map(|(tp, max_event_time)| ProgressUpdate {
+            caught_up: caught_up.contains(&tp),
+            tp,
+            max_event_time,
+            now,
+        })
+        .collect()
+}
+
+fn dead_letter(
+    ctx: &BatchContext<'_>,
+    message: &Consumed,
+    rejection: &Rejection,
+) -> Result<OutboxMessage, StoreError> {
+    let record = DeadLetter {
+        source_topic: message.tp.topic.clone(),
+        source_partition: message.tp.partition,
+        source_offset: message.offset,
+        reason: rejection.to_string(),
+        error_kind: rejection.kind().into(),
+        original_key: message.key.clone(),
+        original_value: message.payload.clone(),
+        rejected_at: ctx.now,
+    };
+    let payload = record
+        .encode(ctx.codec)
+        .map_err(|e| StoreError::Corrupt(format!("DLQ record does not encode: {e}")))?;
+    let id = Uuid::new_v5(
+        &DLQ_ID_NAMESPACE,
+        format!(
+            "{}|{}|{}",
+            message.tp.topic, message.tp.partition, message.offset
+        )
+        .as_bytes(),
+    );
+    tracing::warn!(
+        topic = %message.tp.topic,
+        partition = message.tp.partition,
+        offset = message.offset,
+        error_kind = rejection.kind(),
+        reason = %rejection,
+        "input message rejected to the DLQ"
+    );
+    metrics::counter!("treasury_dlq_messages_total", "error_kind" => rejection.kind()).increment(1);
+    Ok(OutboxMessage {
+        id,
+        topic: ctx.dlq_topic.to_owned(),
+        key: message
+            .key
+            .as_ref()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload,
+        headers: vec![
+            ("message-id".into(), id.to_string()),
+            ("dlq-reason".into(), rejection.to_string()),
+            ("dlq-error-kind".into(), rejection.kind().into()),
+            ("dlq-source-topic".into(), message.tp.topic.clone()),
+            (
+                "dlq-source-partition".into(),
+                message.tp.partition.to_string(),
+            ),
+            ("dlq-source-offset".into(), message.offset.to_string()),
+        ],
+    })
+}

@@ -1,0 +1,25 @@
+//! Treasury Engine: keeps the USDC and USD buffer accounts funded by netting
+//! deposit and withdrawal flows from Kafka into a few conversions.
+//!
+//! The pipeline, one module per stage:
+//! [`ingest`] → [`window`] → [`planner`] (driven by [`settlement`]) → [`relay`]
+//! → executor → ledger. [`domain`] holds the types that parse; [`store`] is the
+//! system of record (PostgreSQL, or in memory for the demo); [`codec`] speaks
+//! Avro in the Confluent wire format.
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod http;
+pub mod ingest;
+pub mod kafka;
+pub mod planner;
+pub mod relay;
+pub mod runtime;
+pub mod settlement;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod window;

@@ -1,0 +1,164 @@
+//! Wiring for `treasury run`: builds the roles' tasks from the configuration
+//! and runs them until SIGTERM/SIGINT, then stops them in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::codec::{Codec, SchemaSource};
+use crate::config::Config;
+use crate::ingest::{Ingest, IngestSettings};
+use crate::relay::Relay;
+use crate::settlement::{Settlement, SettlementSettings};
+use crate::shutdown::{self, Shutdown};
+use crate::store::Store;
+use crate::store::postgres::PgStore;
+use crate::window::WindowSpec;
+use crate::{http, kafka};
+
+/// Which parts of the pipeline this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Ingest, windows, planner and outbox relay.
+    Aggregator,
+    /// Conversion commands → provider jobs → ledger postings.
+    Executor,
+}
+
+/// The codec for this configuration (local schemas, plus the registry if set).
+pub fn codec_for(config: &Config) -> Codec {
+    match &config.schema_registry_url {
+        Some(url) => Codec::new(SchemaSource::with_registry(url)),
+        None => Codec::default(),
+    }
+}
+
+/// The window spec for this configuration.
+pub fn window_spec(config: &Config) -> WindowSpec {
+    WindowSpec::new(config.scheduler_interval, config.window_grace)
+}
+
+/// How often settlement checks whether a window can close.
+pub fn settlement_tick(config: &Config) -> Duration {
+    (config.scheduler_interval / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+/// The aggregator's settings from the configuration.
+pub fn ingest_settings(config: &Config) -> IngestSettings {
+    IngestSettings {
+        group: config.aggregator_group.clone(),
+        funding_topic: config.topics.funding.clone(),
+        withdrawal_topic: config.topics.withdrawals.clone(),
+        dlq_topic: config.topics.dlq.clone(),
+        spec: window_spec(config),
+        batch_size: config.batch_size,
+        batch_max_wait: config.batch_max_wait,
+    }
+}
+
+/// The settlement settings from the configuration.
+pub fn settlement_settings(config: &Config) -> SettlementSettings {
+    SettlementSettings {
+        spec: window_spec(config),
+        idle_timeout: chrono::Duration::from_std(config.idle_timeout).expect("idle timeout fits"),
+        input_topics: vec![
+            config.topics.funding.clone(),
+            config.topics.withdrawals.clone(),
+        ],
+        commands_topic: config.topics.commands.clone(),
+        auto_rebalance: config.enable_auto_rebalance,
+    }
+}
+
+/// Spawns the aggregator's tasks (ingest, settlement, relay) on `store`.
+pub fn spawn_aggregator(
+    config: &Config,
+    store: Arc<dyn Store>,
+    codec: Codec,
+    shutdown: &shutdown::ShutdownTrigger,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let base = kafka::base_config(config);
+    let ingest = Ingest::new(
+        &kafka::consumer_config(&base, &config.aggregator_group),
+        store.clone(),
+        codec.clone(),
+        ingest_settings(config),
+    )
+    .context("creating the aggregator consumer")?;
+    let producer = kafka::idempotent_producer(&base).context("creating the outbox producer")?;
+    let relay = Relay::new(store.clone(), producer);
+    let settlement = Settlement::new(store, codec, settlement_settings(config));
+    let tick = settlement_tick(config);
+    let ingest_stop: Shutdown = shutdown.subscribe();
+    let settle_stop = shutdown.subscribe();
+    let relay_stop = shutdown.subscribe();
+    Ok(vec![
+        tokio::spawn(async move {
+            ingest.run(ingest_stop).await;
+        }),
+        tokio::spawn(settlement.run(settle_stop, tick)),
+        tokio::spawn(relay.run(relay_stop, Duration::from_millis(200))),
+    ])
+}
+
+/// `treasury run`: the chosen roles against PostgreSQL and Kafka.
+pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
+    let url = config.require_database_url()?;
+    let store = PgStore::connect(url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    store.migrate().await.context("applying migrations")?;
+    let metrics = crate::telemetry::init_metrics();
+    let store: Arc<dyn Store> = Arc::new(store);
+    let codec = codec_for(&config);
+    let (trigger, _) = shutdown::channel();
+    let mut tasks = Vec::new();
+    if roles.contains(&Role::Aggregator) {
+        tasks.extend(spawn_aggregator(
+            &config,
+            store.clone(),
+            codec.clone(),
+            &trigger,
+        )?);
+    }
+    if roles.contains(&Role::Executor) {
+        tracing::warn!(
+            "the executor role is not part of this build yet; running the aggregator only"
+        );
+    }
+    let http_stop = trigger.subscribe();
+    let app = http::router(http::AppState {
+        store: store.clone(),
+        metrics,
+        admin_token: config.admin_token.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.http_addr)
+        .await
+        .with_context(|| format!("binding TREASURY_HTTP_ADDR={}", config.http_addr))?;
+    tracing::info!(addr = %config.http_addr, roles = ?roles, "treasury engine running");
+    let server = tokio::spawn(async move {
+        let mut stop = http_stop;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.triggered().await })
+            .await;
+    });
+    shutdown::os_signal().await;
+    tracing::info!("shutdown requested; finishing the batch in hand");
+    trigger.trigger();
+    let stop_all = async {
+        for task in tasks {
+            let _ = task.await;
+        }
+        let _ = server.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(25), stop_all)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "tasks did not stop within 25s; exiting anyway (uncommitted work is re-read on restart)"
+        );
+    }
+    Ok(())
+}

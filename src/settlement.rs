@@ -1,0 +1,257 @@
+//! The settlement cycle: closes every window the watermark has passed (in
+//! order, empty ones too, so an idle system still settles), applies each
+//! window's net flows to the buffers, asks the planner what to convert, and
+//! records the result and the commands, all in one exclusive transaction.
+//! Operator triggers are handled in the same cycle.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::codec::Codec;
+use crate::codec::records::encode_command;
+use crate::domain::{BufferAccount, ConversionCommand};
+use crate::planner::{Plan, PlanInput, plan};
+use crate::shutdown::Shutdown;
+use crate::store::{LockMode, OutboxMessage, PlannedCommand, Store, StoreError, StoreTx};
+use crate::window::{WindowSpec, WindowTally, closable_windows, global_watermark};
+
+/// Most windows closed in one cycle (the rest close in the next one).
+const MAX_WINDOWS_PER_CYCLE: usize = 500;
+
+/// Settings of the settlement cycle.
+#[derive(Clone)]
+pub struct SettlementSettings {
+    pub spec: WindowSpec,
+    pub idle_timeout: chrono::Duration,
+    pub input_topics: Vec<String>,
+    pub commands_topic: String,
+    pub auto_rebalance: bool,
+}
+
+/// One closed window or handled trigger, as the cycle reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CycleResult {
+    pub cycle_id: String,
+    pub tally_events: u64,
+    pub late_events: u64,
+    pub plan: Plan,
+    pub emitted: bool,
+}
+
+/// Runs settlement cycles.
+#[derive(Clone)]
+pub struct Settlement {
+    store: Arc<dyn Store>,
+    codec: Codec,
+    settings: SettlementSettings,
+}
+
+impl Settlement {
+    pub fn new(store: Arc<dyn Store>, codec: Codec, settings: SettlementSettings) -> Self {
+        Self {
+            store,
+            codec,
+            settings,
+        }
+    }
+
+    /// Closes what can close and handles pending triggers, as of `now`.
+    pub async fn run_cycle(&self, now: DateTime<Utc>) -> Result<Vec<CycleResult>, StoreError> {
+        let mut tx = self.store.begin(LockMode::Exclusive).await?;
+        let mut results = Vec::new();
+        let progress = tx.partition_progress(&self.settings.input_topics).await?;
+        let watermark = global_watermark(&progress, now, self.settings.idle_timeout);
+        let spec = self.settings.spec;
+        if let Some(watermark) = watermark {
+            let next_open = match tx.next_window_start().await? {
+                Some(next) => next,
+                None => match tx.earliest_open_window().await? {
+                    Some(first) => first,
+                    None => spec.window_start(watermark),
+                },
+            };
+            let closable = closable_windows(&spec, next_open, watermark, MAX_WINDOWS_PER_CYCLE);
+            for start in &closable {
+                results.push(self.close_window(tx.as_mut(), *start, watermark).await?);
+            }
+            let next = closable.last().map_or(next_open, |s| spec.window_end(*s));
+            tx.set_next_window_start(next).await?;
+        }
+        for trigger in tx.pending_triggers().await? {
+            let cycle_id = format!("trigger:{trigger}");
+            let result = self
+                .plan_and_record(tx.as_mut(), cycle_id, now, WindowTally::default())
+                .await?;
+            tx.finish_trigger(
+                trigger,
+                &serde_json::to_value(&result.plan).unwrap_or_default(),
+            )
+            .await?;
+            results.push(result);
+        }
+        tx.commit().await?;
+        for result in &results {
+            log_result(result);
+        }
+        Ok(results)
+    }
+
+    async fn close_window(
+        &self,
+        tx: &mut dyn StoreTx,
+        start: DateTime<Utc>,
+        watermark: DateTime<Utc>,
+    ) -> Result<CycleResult, StoreError> {
+        let end = self.settings.spec.window_end(start);
+        let tally = tx.window_tally(start).await?;
+        let before = balances(tx).await?;
+        tx.apply_flows(&tally).await?;
+        let result = self
+            .plan_and_record(tx, WindowSpec::cycle_id(start), end, tally.clone())
+            .await?;
+        let after = balances(tx).await?;
+        let record = json!({
+            "cycle_id": result.cycle_id,
+            "events": tally.events,
+            "late_events": tally.late_events,
+            "flows": tally.flows.iter().map(|(a, f)| (a.as_str(), json!({"inflow": f.inflow, "outflow": f.outflow, "net": f.net()}))).collect::<BTreeMap<_, _>>(),
+            "demand": tally.demand.iter().map(|(d, (amount, count))| (d.as_str(), json!({"amount": amount, "events": count}))).collect::<BTreeMap<_, _>>(),
+            "balances_before": result_balances(&before),
+            "balances_after": result_balances(&after),
+            "status_before": result.plan.status_before,
+            "status_after": result.plan.status_after,
+            "commands": result.plan.commands,
+            "notes": result.plan.notes,
+            "emitted": result.emitted,
+        });
+        tx.close_window(start, end, watermark, &record).await?;
+        Ok(result)
+    }
+
+    async fn plan_and_record(
+        &self,
+        tx: &mut dyn StoreTx,
+        cycle_id: String,
+        at: DateTime<Utc>,
+        tally: WindowTally,
+    ) -> Result<CycleResult, StoreError> {
+        let input = PlanInput {
+            cycle_id: cycle_id.clone(),
+            now: at,
+            positions: tx.buffer_positions().await?,
+            limits: tx.amount_limits().await?,
+        };
+        let planned = plan(&input);
+        let emitted = self.settings.auto_rebalance && !tx.auto_rebalance_paused().await?;
+        let records: Vec<PlannedCommand> = planned
+            .commands
+            .iter()
+            .map(|command| PlannedCommand {
+                command: command.clone(),
+                emitted,
+            })
+            .collect();
+        tx.record_commands(&records).await?;
+        if emitted {
+            let messages = planned
+                .commands
+                .iter()
+                .map(|c| self.command_message(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.enqueue(&messages).await?;
+        }
+        Ok(CycleResult {
+            cycle_id,
+            tally_events: tally.events,
+            late_events: tally.late_events,
+            plan: planned,
+            emitted,
+        })
+    }
+
+    fn command_message(&self, command: &ConversionCommand) -> Result<OutboxMessage, StoreError> {
+        let payload = encode_command(&self.codec, command)
+            .map_err(|e| StoreError::Corrupt(format!("command does not encode: {e}")))?;
+        Ok(OutboxMessage {
+            id: command.command_id,
+            topic: self.settings.commands_topic.clone(),
+            key: Some(command.command_id.to_string()),
+            payload,
+            headers: vec![
+                ("message-id".into(), command.command_id.to_string()),
+                ("cycle-id".into(), command.cycle_id.clone()),
+                ("direction".into(), command.direction.as_str().into()),
+            ],
+        })
+    }
+
+    /// Runs a cycle every `tick` until shutdown.
+    pub async fn run(self, mut shutdown: Shutdown, tick: Duration) {
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = shutdown.triggered() => break,
+            }
+            if let Err(e) = self.run_cycle(Utc::now()).await {
+                tracing::warn!(error = %e, "settlement cycle failed; retrying next tick");
+            }
+        }
+    }
+}
+
+async fn balances(tx: &mut dyn StoreTx) -> Result<BTreeMap<BufferAccount, Decimal>, StoreError> {
+    Ok(tx
+        .buffer_positions()
+        .await?
+        .into_iter()
+        .map(|p| (p.account, p.balance))
+        .collect())
+}
+
+fn result_balances(balances: &BTreeMap<BufferAccount, Decimal>) -> serde_json::Value {
+    json!(
+        balances
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.to_string()))
+            .collect::<BTreeMap<_, _>>()
+    )
+}
+
+fn log_result(result: &CycleResult) {
+    let commands: Vec<String> = result
+        .plan
+        .commands
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {}→{} ({})",
+                c.direction,
+                c.amount,
+                c.source_account,
+                c.destination_account,
+                c.trigger.as_str()
+            )
+        })
+        .collect();
+    tracing::info!(
+        cycle = %result.cycle_id,
+        events = result.tally_events,
+        late = result.late_events,
+        status_before = ?result.plan.status_before,
+        status_after = ?result.plan.status_after,
+        commands = ?commands,
+        emitted = result.emitted,
+        "settlement cycle"
+    );
+    for command in &result.plan.commands {
+        metrics::counter!("treasury_commands_planned_total", "direction" => command.direction.as_str(), "trigger" => command.trigger.as_str()).increment(1);
+    }
+}

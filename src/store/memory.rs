@@ -1,0 +1,484 @@
+//! An in-memory store with the same interface and seeds as PostgreSQL, for the
+//! embedded demo. NOT DURABLE: everything is lost when the process exits.
+//! Each transaction works on a copy of the state and swaps it in on commit,
+//! so a dropped transaction changes nothing, as in PostgreSQL.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use uuid::Uuid;
+
+use super::{
+    BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
+    Store, StoreError, StoreTx, TopicPartition, WindowRecord,
+};
+use crate::domain::{BufferAccount, ConversionDirection, Thresholds};
+use crate::planner::{AmountLimits, BufferPosition};
+use crate::window::{PartitionProgress, WindowTallies, WindowTally};
+
+#[derive(Debug, Clone)]
+struct WindowRow {
+    end: DateTime<Utc>,
+    tally: WindowTally,
+    closed: bool,
+    result: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    offsets: BTreeMap<(String, TopicPartition), i64>,
+    progress: BTreeMap<TopicPartition, PartitionProgress>,
+    processed: HashSet<Uuid>,
+    windows: BTreeMap<DateTime<Utc>, WindowRow>,
+    next_window_start: Option<DateTime<Utc>>,
+    paused: bool,
+    buffers: BTreeMap<BufferAccount, (Thresholds, Decimal, Decimal)>,
+    limits: BTreeMap<ConversionDirection, AmountLimits>,
+    planned: Vec<PlannedCommand>,
+    /// Commands whose conversion job reached a final status.
+    settled_commands: HashSet<Uuid>,
+    outbox: Vec<(OutboxMessage, bool)>,
+    triggers: Vec<(i64, Option<serde_json::Value>)>,
+}
+
+impl State {
+    /// The same seeds as the migrations: thresholds, opening balances at
+    /// target, and the two seeded providers' amount limits.
+    fn seeded() -> Self {
+        let seed = |min, target, max, batch| {
+            (
+                Thresholds::new(min, target, max).expect("seed thresholds are ordered"),
+                batch,
+                target,
+            )
+        };
+        let buffers = BTreeMap::from([
+            (
+                BufferAccount::SystemBufferUsdc,
+                seed(dec!(10000), dec!(50000), dec!(100000), dec!(20000)),
+            ),
+            (
+                BufferAccount::SystemBufferFiat,
+                seed(dec!(20000), dec!(100000), dec!(200000), dec!(50000)),
+            ),
+            (
+                BufferAccount::BrokerOperational,
+                seed(dec!(50000), dec!(200000), dec!(500000), dec!(100000)),
+            ),
+        ]);
+        let limits = AmountLimits {
+            min: dec!(100),
+            max: dec!(1000000),
+        };
+        Self {
+            offsets: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            processed: HashSet::new(),
+            windows: BTreeMap::new(),
+            next_window_start: None,
+            paused: false,
+            buffers,
+            limits: BTreeMap::from([
+                (ConversionDirection::UsdcToUsd, limits),
+                (ConversionDirection::UsdToUsdc, limits),
+            ]),
+            planned: Vec::new(),
+            settled_commands: HashSet::new(),
+            outbox: Vec::new(),
+            triggers: Vec::new(),
+        }
+    }
+}
+
+/// The in-memory store (demo only; not durable).
+#[derive(Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State::seeded())),
+        }
+    }
+}
+
+impl MemoryStore {
+    /// Sets a buffer's balance (demo scenarios start some buffers low).
+    pub async fn set_balance(&self, account: BufferAccount, balance: Decimal) {
+        if let Some(buffer) = self.state.lock().await.buffers.get_mut(&account) {
+            buffer.2 = balance;
+        }
+    }
+
+    /// Records that a command's job reached a final status and moves balances.
+    pub async fn settle_command(
+        &self,
+        command_id: Uuid,
+        debit: (BufferAccount, Decimal),
+        credit: (BufferAccount, Decimal),
+    ) {
+        let mut state = self.state.lock().await;
+        if state.settled_commands.insert(command_id) {
+            if let Some(b) = state.buffers.get_mut(&debit.0) {
+                b.2 -= debit.1;
+            }
+            if let Some(b) = state.buffers.get_mut(&credit.0) {
+                b.2 += credit.1;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn begin(&self, _mode: LockMode) -> Result<Box<dyn StoreTx>, StoreError> {
+        let guard = self.state.clone().lock_owned().await;
+        let work = guard.clone();
+        Ok(Box::new(MemoryTx { guard, work }))
+    }
+
+    async fn load_offsets(
+        &self,
+        group: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<BTreeMap<TopicPartition, i64>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(partitions
+            .iter()
+            .filter_map(|tp| {
+                state
+                    .offsets
+                    .get(&(group.to_owned(), tp.clone()))
+                    .map(|o| (tp.clone(), *o))
+            })
+            .collect())
+    }
+
+    async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxMessage>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(state
+            .outbox
+            .iter()
+            .filter(|(_, sent)| !sent)
+            .take(limit.max(0) as usize)
+            .map(|(m, _)| m.clone())
+            .collect())
+    }
+
+    async fn mark_sent(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        for (message, sent) in state.outbox.iter_mut() {
+            if ids.contains(&message.id) {
+                *sent = true;
+            }
+        }
+        Ok(())
+    }
+
+    async fn buffer_report(&self) -> Result<Vec<BufferReport>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(state
+            .buffers
+            .iter()
+            .map(|(account, (t, _, balance))| BufferReport {
+                account: *account,
+                currency: account.currency().code().into(),
+                balance: *balance,
+                min: t.min(),
+                target: t.target(),
+                max: t.max(),
+                status: t.status(*balance),
+                amount_to_target: (t.target() - *balance).max(Decimal::ZERO),
+            })
+            .collect())
+    }
+
+    async fn windows(&self) -> Result<Vec<WindowRecord>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(state
+            .windows
+            .iter()
+            .map(|(start, w)| WindowRecord {
+                window_start: *start,
+                window_end: w.end,
+                event_count: w.tally.events as i64,
+                late_event_count: w.tally.late_events as i64,
+                closed: w.closed,
+                flows: w
+                    .tally
+                    .flows
+                    .iter()
+                    .map(|(a, f)| (*a, (f.inflow, f.outflow)))
+                    .collect(),
+                demand: w.tally.demand.iter().map(|(d, (a, _))| (*d, *a)).collect(),
+                result: w.result.clone(),
+            })
+            .collect())
+    }
+
+    async fn planned_commands(&self) -> Result<Vec<PlannedCommand>, StoreError> {
+        Ok(self.state.lock().await.planned.clone())
+    }
+
+    async fn request_trigger(&self, _requested_by: &str) -> Result<i64, StoreError> {
+        let mut state = self.state.lock().await;
+        let id = state.triggers.len() as i64 + 1;
+        state.triggers.push((id, None));
+        Ok(id)
+    }
+
+    async fn set_offsets(
+        &self,
+        group: &str,
+        offsets: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        for (tp, offset) in offsets {
+            state
+                .offsets
+                .insert((group.to_owned(), tp.clone()), *offset);
+        }
+        Ok(())
+    }
+}
+
+struct MemoryTx {
+    guard: OwnedMutexGuard<State>,
+    work: State,
+}
+
+#[async_trait]
+impl StoreTx for MemoryTx {
+    async fn advance_offsets(
+        &mut self,
+        group: &str,
+        ranges: &[OffsetRange],
+    ) -> Result<(), StoreError> {
+        for range in ranges {
+            let key = (group.to_owned(), range.tp.clone());
+            if let Some(stored) = self.work.offsets.get(&key)
+                && *stored > range.first
+            {
+                return Err(StoreError::OffsetConflict {
+                    topic: range.tp.topic.clone(),
+                    partition: range.tp.partition,
+                    stored: *stored,
+                    first: range.first,
+                });
+            }
+            self.work.offsets.insert(key, range.next);
+        }
+        Ok(())
+    }
+
+    async fn claim_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError> {
+        Ok(events
+            .iter()
+            .filter(|e| self.work.processed.insert(e.event_id))
+            .map(|e| e.event_id)
+            .collect())
+    }
+
+    async fn add_tallies(
+        &mut self,
+        tallies: &WindowTallies,
+        length: chrono::Duration,
+    ) -> Result<(), StoreError> {
+        for (start, tally) in &tallies.0 {
+            self.work
+                .windows
+                .entry(*start)
+                .or_insert_with(|| WindowRow {
+                    end: *start + length,
+                    tally: WindowTally::default(),
+                    closed: false,
+                    result: None,
+                })
+                .tally
+                .merge(tally);
+        }
+        Ok(())
+    }
+
+    async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError> {
+        for u in updates {
+            let entry = self
+                .work
+                .progress
+                .entry(u.tp.clone())
+                .or_insert(PartitionProgress {
+                    watermark: None,
+                    caught_up_since: None,
+                });
+            entry.watermark = entry.watermark.max(u.max_event_time);
+            entry.caught_up_since = if u.caught_up {
+                entry.caught_up_since.or(Some(u.now))
+            } else {
+                None
+            };
+        }
+        Ok(())
+    }
+
+    async fn enqueue(&mut self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
+        for m in messages {
+            if !self.work.outbox.iter().any(|(o, _)| o.id == m.id) {
+                self.work.outbox.push((m.clone(), false));
+            }
+        }
+        Ok(())
+    }
+
+    async fn next_window_start(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self.work.next_window_start)
+    }
+
+    async fn set_next_window_start(&mut self, start: DateTime<Utc>) -> Result<(), StoreError> {
+        self.work.next_window_start = Some(start);
+        Ok(())
+    }
+
+    async fn earliest_open_window(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(self
+            .work
+            .windows
+            .iter()
+            .find(|(_, w)| !w.closed)
+            .map(|(start, _)| *start))
+    }
+
+    async fn partition_progress(
+        &mut self,
+        topics: &[String],
+    ) -> Result<Vec<PartitionProgress>, StoreError> {
+        Ok(self
+            .work
+            .progress
+            .iter()
+            .filter(|(tp, _)| topics.contains(&tp.topic))
+            .map(|(_, p)| *p)
+            .collect())
+    }
+
+    async fn window_tally(&mut self, start: DateTime<Utc>) -> Result<WindowTally, StoreError> {
+        Ok(self
+            .work
+            .windows
+            .get(&start)
+            .map(|w| w.tally.clone())
+            .unwrap_or_default())
+    }
+
+    async fn apply_flows(&mut self, tally: &WindowTally) -> Result<(), StoreError> {
+        for (account, flow) in &tally.flows {
+            if let Some(buffer) = self.work.buffers.get_mut(account) {
+                buffer.2 += flow.net();
+            }
+        }
+        Ok(())
+    }
+
+    async fn buffer_positions(&mut self) -> Result<Vec<BufferPosition>, StoreError> {
+        let in_flight = |pick: &dyn Fn(&PlannedCommand) -> BufferAccount, account| {
+            self.work
+                .planned
+                .iter()
+                .filter(|p| {
+                    p.emitted && !self.work.settled_commands.contains(&p.command.command_id)
+                })
+                .filter(|p| pick(p) == account)
+                .map(|p| p.command.amount.value)
+                .sum::<Decimal>()
+        };
+        Ok(self
+            .work
+            .buffers
+            .iter()
+            .map(|(account, (thresholds, batch, balance))| BufferPosition {
+                account: *account,
+                thresholds: *thresholds,
+                batch_size: *batch,
+                balance: *balance,
+                incoming: in_flight(&|p| p.command.destination_account, *account),
+                outgoing: in_flight(&|p| p.command.source_account, *account),
+            })
+            .collect())
+    }
+
+    async fn amount_limits(
+        &mut self,
+    ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError> {
+        Ok(self.work.limits.clone())
+    }
+
+    async fn auto_rebalance_paused(&mut self) -> Result<bool, StoreError> {
+        Ok(self.work.paused)
+    }
+
+    async fn close_window(
+        &mut self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        _watermark: DateTime<Utc>,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let row = self.work.windows.entry(start).or_insert_with(|| WindowRow {
+            end,
+            tally: WindowTally::default(),
+            closed: false,
+            result: None,
+        });
+        row.end = end;
+        row.closed = true;
+        row.result = Some(result.clone());
+        Ok(())
+    }
+
+    async fn record_commands(&mut self, commands: &[PlannedCommand]) -> Result<(), StoreError> {
+        for c in commands {
+            if !self
+                .work
+                .planned
+                .iter()
+                .any(|p| p.command.command_id == c.command.command_id)
+            {
+                self.work.planned.push(c.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn pending_triggers(&mut self) -> Result<Vec<i64>, StoreError> {
+        Ok(self
+            .work
+            .triggers
+            .iter()
+            .filter(|(_, handled)| handled.is_none())
+            .map(|(id, _)| *id)
+            .collect())
+    }
+
+    async fn finish_trigger(
+        &mut self,
+        id: i64,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        if let Some(t) = self.work.triggers.iter_mut().find(|(i, _)| *i == id) {
+            t.1 = Some(result.clone());
+        }
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let MemoryTx { mut guard, work } = *self;
+        *guard = work;
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! The system of record. Every stage does its work inside one [`StoreTx`]:
+//! the offsets it consumed, the state it changed and the messages it will
+//! send commit together or not at all.
+//!
+//! Two implementations share this interface: [`postgres::PgStore`] (durable,
+//! production) and [`memory::MemoryStore`] (the embedded demo; NOT durable).
+
+pub mod memory;
+pub mod postgres;
+
+use std::collections::{BTreeMap, HashSet};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::{BufferAccount, BufferStatus, ConversionCommand, ConversionDirection};
+use crate::planner::{AmountLimits, BufferPosition};
+use crate::window::{PartitionProgress, WindowTallies, WindowTally};
+
+/// What can go wrong talking to the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// Another consumer already committed past these offsets (a rebalance
+    /// handed the partition over); the batch must be dropped and re-read.
+    #[error("offsets for {topic}[{partition}] moved: stored {stored}, batch starts at {first}")]
+    OffsetConflict {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        first: i64,
+    },
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// How a transaction coordinates with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Ingest batches: run side by side.
+    Shared,
+    /// Settlement: alone, so no batch adds to a window while it closes.
+    Exclusive,
+}
+
+/// A partition of a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// The offsets a batch consumed from one partition: `first..next`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetRange {
+    pub tp: TopicPartition,
+    pub first: i64,
+    pub next: i64,
+}
+
+/// An input partition's progress to record with a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressUpdate {
+    pub tp: TopicPartition,
+    /// Largest event time in the batch for this partition.
+    pub max_event_time: Option<DateTime<Utc>>,
+    /// Whether the consumer has reached the end of the partition.
+    pub caught_up: bool,
+    pub now: DateTime<Utc>,
+}
+
+/// A counted event's id and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRef {
+    pub event_id: Uuid,
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub window_start: DateTime<Utc>,
+}
+
+/// A message to publish, written with the state change that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// Deterministic id, also sent as the `message-id` header.
+    pub id: Uuid,
+    pub topic: String,
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A window's settled result, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WindowRecord {
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub event_count: i64,
+    pub late_event_count: i64,
+    pub closed: bool,
+    pub flows: BTreeMap<BufferAccount, (Decimal, Decimal)>,
+    pub demand: BTreeMap<ConversionDirection, Decimal>,
+    pub result: Option<serde_json::Value>,
+}
+
+/// One buffer for `treasury status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BufferReport {
+    pub account: BufferAccount,
+    pub currency: String,
+    pub balance: Decimal,
+    pub min: Decimal,
+    pub target: Decimal,
+    pub max: Decimal,
+    pub status: BufferStatus,
+    pub amount_to_target: Decimal,
+}
+
+/// A planned command as the planner recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedCommand {
+    pub command: ConversionCommand,
+    /// False when auto-rebalance was off: planned and shown, never sent.
+    pub emitted: bool,
+}
+
+/// Opens transactions and serves read-only reports.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Begins a transaction.
+    async fn begin(&self, mode: LockMode) -> Result<Box<dyn StoreTx>, StoreError>;
+    /// Stored next offsets for `partitions` of `group` (absent: never consumed).
+    async fn load_offsets(
+        &self,
+        group: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<BTreeMap<TopicPartition, i64>, StoreError>;
+    /// Up to `limit` unsent outbox messages, oldest first.
+    async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxMessage>, StoreError>;
+    /// Marks outbox messages as published.
+    async fn mark_sent(&self, ids: &[Uuid]) -> Result<(), StoreError>;
+    /// Buffers with thresholds and statuses.
+    async fn buffer_report(&self) -> Result<Vec<BufferReport>, StoreError>;
+    /// All windows, oldest first.
+    async fn windows(&self) -> Result<Vec<WindowRecord>, StoreError>;
+    /// All planned commands, oldest first.
+    async fn planned_commands(&self) -> Result<Vec<PlannedCommand>, StoreError>;
+    /// Asks the running aggregator for an immediate settlement cycle.
+    async fn request_trigger(&self, requested_by: &str) -> Result<i64, StoreError>;
+    /// Overwrites the stored next offsets of `group` (replay).
+    async fn set_offsets(
+        &self,
+        group: &str,
+        offsets: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<(), StoreError>;
+}
+
+/// One unit of work. Dropping it without [`StoreTx::commit`] rolls back.
+#[async_trait]
+pub trait StoreTx: Send {
+    // --- ingest ---
+    /// Advances stored offsets; fails with [`StoreError::OffsetConflict`] if
+    /// another consumer has already committed past a range's start.
+    async fn advance_offsets(
+        &mut self,
+        group: &str,
+        ranges: &[OffsetRange],
+    ) -> Result<(), StoreError>;
+    /// Records event ids; returns those not seen before (the rest are duplicates).
+    async fn claim_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError>;
+    /// Adds a batch's sums to its windows.
+    async fn add_tallies(
+        &mut self,
+        tallies: &WindowTallies,
+        length: chrono::Duration,
+    ) -> Result<(), StoreError>;
+    /// Records input partitions' progress.
+    async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError>;
+    /// Queues messages for the relay.
+    async fn enqueue(&mut self, messages: &[OutboxMessage]) -> Result<(), StoreError>;
+
+    // --- settlement ---
+    /// Windows starting before this are closed (None: none closed yet).
+    async fn next_window_start(&mut self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    async fn set_next_window_start(&mut self, start: DateTime<Utc>) -> Result<(), StoreError>;
+    /// The earliest window that has counted events and is still open.
+    async fn earliest_open_window(&mut self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Progress of every known partition of `topics`.
+    async fn partition_progress(
+        &mut self,
+        topics: &[String],
+    ) -> Result<Vec<PartitionProgress>, StoreError>;
+    /// The sums counted in one window.
+    async fn window_tally(&mut self, start: DateTime<Utc>) -> Result<WindowTally, StoreError>;
+    /// Moves buffer balances by a closing window's net flows.
+    async fn apply_flows(&mut self, tally: &WindowTally) -> Result<(), StoreError>;
+    /// Balances, thresholds and in-flight conversions of every buffer.
+    async fn buffer_positions(&mut self) -> Result<Vec<BufferPosition>, StoreError>;
+    /// Amount limits of the active providers, per direction.
+    async fn amount_limits(
+        &mut self,
+    ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError>;
+    /// Whether an operator paused auto-rebalance.
+    async fn auto_rebalance_paused(&mut self) -> Result<bool, StoreError>;
+    /// Marks a window closed with its result.
+    async fn close_window(
+        &mut self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        watermark: DateTime<Utc>,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    /// Records planned commands (they count as in flight from now on).
+    async fn record_commands(&mut self, commands: &[PlannedCommand]) -> Result<(), StoreError>;
+    /// Operator trigger requests not handled yet.
+    async fn pending_triggers(&mut self) -> Result<Vec<i64>, StoreError>;
+    async fn finish_trigger(
+        &mut self,
+        id: i64,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+
+    /// Commits everything done in this transaction.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}

@@ -1,0 +1,745 @@
+//! PostgreSQL, the system of record. Ingest batches hold a shared advisory
+//! lock and settlement an exclusive one, so no batch adds to a window while
+//! the window closes, and batches from several workers still run side by side.
+
+use std::collections::{BTreeMap, HashSet};
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
+    Store, StoreError, StoreTx, TopicPartition, WindowRecord,
+};
+use crate::domain::{
+    BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionTrigger,
+    Currency, Money, Thresholds,
+};
+use crate::planner::{AmountLimits, BufferPosition};
+use crate::window::{Flow, PartitionProgress, WindowTallies, WindowTally};
+
+/// Advisory lock key that orders ingest batches against settlement ("TRSY").
+const SETTLEMENT_LOCK: i64 = 0x5452_5359;
+
+/// The migrations in `migrations/`, embedded.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects with a small pool.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for queries outside the store interface (reports, tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations; a second run is a no-op.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn parse<T: FromStr>(text: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(corrupt)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn begin(&self, mode: LockMode) -> Result<Box<dyn StoreTx>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let lock = match mode {
+            LockMode::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
+            LockMode::Exclusive => "SELECT pg_advisory_xact_lock($1)",
+        };
+        sqlx::query(lock)
+            .bind(SETTLEMENT_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Box::new(PgTx { tx }))
+    }
+
+    async fn load_offsets(
+        &self,
+        group: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<BTreeMap<TopicPartition, i64>, StoreError> {
+        let topics: Vec<&str> = partitions.iter().map(|p| p.topic.as_str()).collect();
+        let parts: Vec<i32> = partitions.iter().map(|p| p.partition).collect();
+        let rows = sqlx::query(
+            "SELECT o.topic, o.partition, o.next_offset
+               FROM consumer_offsets o
+               JOIN UNNEST($2::text[], $3::int[]) AS want(topic, partition)
+                 ON want.topic = o.topic AND want.partition = o.partition
+              WHERE o.consumer_group = $1",
+        )
+        .bind(group)
+        .bind(&topics)
+        .bind(&parts)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    TopicPartition {
+                        topic: r.get("topic"),
+                        partition: r.get("partition"),
+                    },
+                    r.get("next_offset"),
+                )
+            })
+            .collect())
+    }
+
+    async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxMessage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, topic, message_key, payload, headers FROM outbox
+              WHERE sent_at IS NULL ORDER BY seq LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let headers: serde_json::Value = r.get("headers");
+                let headers = headers
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(OutboxMessage {
+                    id: r.get("id"),
+                    topic: r.get("topic"),
+                    key: r.get("message_key"),
+                    payload: r.get("payload"),
+                    headers,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_sent(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1) AND sent_at IS NULL")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn buffer_report(&self) -> Result<Vec<BufferReport>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT account_type, currency, current_balance, min_threshold, target_threshold,
+                    max_threshold, buffer_status, amount_to_target
+               FROM v_buffer_status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut reports = rows
+            .into_iter()
+            .map(|r| {
+                let status: String = r.get("buffer_status");
+                Ok(BufferReport {
+                    account: parse(r.get::<&str, _>("account_type"))?,
+                    currency: r.get("currency"),
+                    balance: r.get::<Decimal, _>("current_balance").normalize(),
+                    min: r.get::<Decimal, _>("min_threshold").normalize(),
+                    target: r.get::<Decimal, _>("target_threshold").normalize(),
+                    max: r.get::<Decimal, _>("max_threshold").normalize(),
+                    status: status_from_str(&status)?,
+                    amount_to_target: r.get::<Decimal, _>("amount_to_target").normalize(),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        reports.sort_by_key(|r| r.account);
+        Ok(reports)
+    }
+
+    async fn windows(&self) -> Result<Vec<WindowRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT window_start, window_end, event_count, late_event_count, status, result
+               FROM settlement_windows ORDER BY window_start",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let flows =
+            sqlx::query("SELECT window_start, account_type, inflow, outflow FROM window_flows")
+                .fetch_all(&self.pool)
+                .await?;
+        let demand = sqlx::query("SELECT window_start, direction, amount FROM window_demand")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut records: Vec<WindowRecord> = rows
+            .into_iter()
+            .map(|r| WindowRecord {
+                window_start: r.get("window_start"),
+                window_end: r.get("window_end"),
+                event_count: r.get("event_count"),
+                late_event_count: r.get("late_event_count"),
+                closed: r.get::<&str, _>("status") == "closed",
+                flows: BTreeMap::new(),
+                demand: BTreeMap::new(),
+                result: r.get("result"),
+            })
+            .collect();
+        for f in flows {
+            let start: DateTime<Utc> = f.get("window_start");
+            if let Some(w) = records.iter_mut().find(|w| w.window_start == start) {
+                w.flows.insert(
+                    parse(f.get::<&str, _>("account_type"))?,
+                    (
+                        f.get::<Decimal, _>("inflow").normalize(),
+                        f.get::<Decimal, _>("outflow").normalize(),
+                    ),
+                );
+            }
+        }
+        for d in demand {
+            let start: DateTime<Utc> = d.get("window_start");
+            if let Some(w) = records.iter_mut().find(|w| w.window_start == start) {
+                w.demand.insert(
+                    parse(d.get::<&str, _>("direction"))?,
+                    d.get::<Decimal, _>("amount").normalize(),
+                );
+            }
+        }
+        Ok(records)
+    }
+
+    async fn planned_commands(&self) -> Result<Vec<PlannedCommand>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT command_id, cycle_id, direction, trigger_reason, currency, amount,
+                    source_account, destination_account, emitted, created_at
+               FROM planned_commands ORDER BY created_at, cycle_id, direction, command_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|r| planned_from_row(&r)).collect()
+    }
+
+    async fn request_trigger(&self, requested_by: &str) -> Result<i64, StoreError> {
+        let id = sqlx::query_scalar(
+            "INSERT INTO settlement_triggers (requested_by) VALUES ($1) RETURNING id",
+        )
+        .bind(requested_by)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    async fn set_offsets(
+        &self,
+        group: &str,
+        offsets: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (tp, offset) in offsets {
+            sqlx::query(
+                "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (consumer_group, topic, partition)
+                 DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+            )
+            .bind(group)
+            .bind(&tp.topic)
+            .bind(tp.partition)
+            .bind(offset)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn status_from_str(s: &str) -> Result<BufferStatus, StoreError> {
+    Ok(match s {
+        "CRITICAL_LOW" => BufferStatus::CriticalLow,
+        "BELOW_TARGET" => BufferStatus::BelowTarget,
+        "HEALTHY" => BufferStatus::Healthy,
+        "OVER_CAPITALIZED" => BufferStatus::OverCapitalized,
+        other => return Err(corrupt(format!("unknown buffer status {other}"))),
+    })
+}
+
+fn planned_from_row(r: &sqlx::postgres::PgRow) -> Result<PlannedCommand, StoreError> {
+    let currency: Currency = parse(r.get::<&str, _>("currency"))?;
+    Ok(PlannedCommand {
+        command: ConversionCommand {
+            command_id: r.get("command_id"),
+            direction: parse(r.get::<&str, _>("direction"))?,
+            trigger: parse::<ConversionTrigger>(r.get::<&str, _>("trigger_reason"))?,
+            amount: Money {
+                currency,
+                value: r.get::<Decimal, _>("amount").normalize(),
+            },
+            source_account: parse(r.get::<&str, _>("source_account"))?,
+            destination_account: parse(r.get::<&str, _>("destination_account"))?,
+            cycle_id: r.get("cycle_id"),
+            created_at: r.get("created_at"),
+        },
+        emitted: r.get("emitted"),
+    })
+}
+
+struct PgTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+#[async_trait]
+impl StoreTx for PgTx {
+    async fn advance_offsets(
+        &mut self,
+        group: &str,
+        ranges: &[OffsetRange],
+    ) -> Result<(), StoreError> {
+        for range in ranges {
+            let stored: Option<i64> = sqlx::query_scalar(
+                "SELECT next_offset FROM consumer_offsets
+                  WHERE consumer_group = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
+            )
+            .bind(group)
+            .bind(&range.tp.topic)
+            .bind(range.tp.partition)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+            if let Some(stored) = stored
+                && stored > range.first
+            {
+                return Err(StoreError::OffsetConflict {
+                    topic: range.tp.topic.clone(),
+                    partition: range.tp.partition,
+                    stored,
+                    first: range.first,
+                });
+            }
+            sqlx::query(
+                "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (consumer_group, topic, partition)
+                 DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+            )
+            .bind(group)
+            .bind(&range.tp.topic)
+            .bind(range.tp.partition)
+            .bind(range.next)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError> {
+        if events.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let topics: Vec<&str> = events.iter().map(|e| e.tp.topic.as_str()).collect();
+        let partitions: Vec<i32> = events.iter().map(|e| e.tp.partition).collect();
+        let offsets: Vec<i64> = events.iter().map(|e| e.offset).collect();
+        let windows: Vec<DateTime<Utc>> = events.iter().map(|e| e.window_start).collect();
+        let claimed: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO processed_events (event_id, source_topic, partition, \"offset\", window_start)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::bigint[], $5::timestamptz[])
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING event_id",
+        )
+        .bind(&ids)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
+        .bind(&windows)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(claimed.into_iter().collect())
+    }
+
+    async fn add_tallies(
+        &mut self,
+        tallies: &WindowTallies,
+        length: chrono::Duration,
+    ) -> Result<(), StoreError> {
+        for (start, tally) in &tallies.0 {
+            sqlx::query(
+                "INSERT INTO settlement_windows (window_start, window_end, event_count, late_event_count)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (window_start) DO UPDATE SET
+                    event_count = settlement_windows.event_count + EXCLUDED.event_count,
+                    late_event_count = settlement_windows.late_event_count + EXCLUDED.late_event_count",
+            )
+            .bind(start)
+            .bind(*start + length)
+            .bind(tally.events as i64)
+            .bind(tally.late_events as i64)
+            .execute(&mut *self.tx)
+            .await?;
+            for (account, flow) in &tally.flows {
+                sqlx::query(
+                    "INSERT INTO window_flows (window_start, account_type, inflow, outflow)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (window_start, account_type) DO UPDATE SET
+                        inflow = window_flows.inflow + EXCLUDED.inflow,
+                        outflow = window_flows.outflow + EXCLUDED.outflow",
+                )
+                .bind(start)
+                .bind(account.as_str())
+                .bind(flow.inflow)
+                .bind(flow.outflow)
+                .execute(&mut *self.tx)
+                .await?;
+            }
+            for (direction, (amount, count)) in &tally.demand {
+                sqlx::query(
+                    "INSERT INTO window_demand (window_start, direction, amount, event_count)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (window_start, direction) DO UPDATE SET
+                        amount = window_demand.amount + EXCLUDED.amount,
+                        event_count = window_demand.event_count + EXCLUDED.event_count",
+                )
+                .bind(start)
+                .bind(direction.as_str())
+                .bind(amount)
+                .bind(*count as i64)
+                .execute(&mut *self.tx)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError> {
+        for u in updates {
+            sqlx::query(
+                "INSERT INTO partition_progress (topic, partition, watermark, caught_up, caught_up_since, updated_at)
+                 VALUES ($1, $2, $3, $4, CASE WHEN $4 THEN $5 END, $5)
+                 ON CONFLICT (topic, partition) DO UPDATE SET
+                    watermark = GREATEST(partition_progress.watermark, EXCLUDED.watermark),
+                    caught_up = EXCLUDED.caught_up,
+                    caught_up_since = CASE
+                        WHEN NOT EXCLUDED.caught_up THEN NULL
+                        ELSE COALESCE(partition_progress.caught_up_since, EXCLUDED.caught_up_since)
+                    END,
+                    updated_at = EXCLUDED.updated_at",
+            )
+            .bind(&u.tp.topic)
+            .bind(u.tp.partition)
+            .bind(u.max_event_time)
+            .bind(u.caught_up)
+            .bind(u.now)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn enqueue(&mut self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
+        for m in messages {
+            let headers: serde_json::Map<String, serde_json::Value> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            sqlx::query(
+                "INSERT INTO outbox (id, topic, message_key, payload, headers)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(m.id)
+            .bind(&m.topic)
+            .bind(&m.key)
+            .bind(&m.payload)
+            .bind(serde_json::Value::Object(headers))
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn next_window_start(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT next_window_start FROM settlement_state WHERE id = 1")
+                .fetch_one(&mut *self.tx)
+                .await?,
+        )
+    }
+
+    async fn set_next_window_start(&mut self, start: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE settlement_state SET next_window_start = $1, updated_at = now() WHERE id = 1",
+        )
+        .bind(start)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn earliest_open_window(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(window_start) FROM settlement_windows WHERE status = 'open'",
+        )
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
+    async fn partition_progress(
+        &mut self,
+        topics: &[String],
+    ) -> Result<Vec<PartitionProgress>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT watermark, caught_up_since FROM partition_progress WHERE topic = ANY($1)",
+        )
+        .bind(topics)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PartitionProgress {
+                watermark: r.get("watermark"),
+                caught_up_since: r.get("caught_up_since"),
+            })
+            .collect())
+    }
+
+    async fn window_tally(&mut self, start: DateTime<Utc>) -> Result<WindowTally, StoreError> {
+        let mut tally = WindowTally::default();
+        if let Some(row) = sqlx::query(
+            "SELECT event_count, late_event_count FROM settlement_windows WHERE window_start = $1",
+        )
+        .bind(start)
+        .fetch_optional(&mut *self.tx)
+        .await?
+        {
+            tally.events = row.get::<i64, _>("event_count") as u64;
+            tally.late_events = row.get::<i64, _>("late_event_count") as u64;
+        }
+        for r in sqlx::query(
+            "SELECT account_type, inflow, outflow FROM window_flows WHERE window_start = $1",
+        )
+        .bind(start)
+        .fetch_all(&mut *self.tx)
+        .await?
+        {
+            tally.flows.insert(
+                parse(r.get::<&str, _>("account_type"))?,
+                Flow {
+                    inflow: r.get::<Decimal, _>("inflow").normalize(),
+                    outflow: r.get::<Decimal, _>("outflow").normalize(),
+                },
+            );
+        }
+        for r in sqlx::query(
+            "SELECT direction, amount, event_count FROM window_demand WHERE window_start = $1",
+        )
+        .bind(start)
+        .fetch_all(&mut *self.tx)
+        .await?
+        {
+            tally.demand.insert(
+                parse(r.get::<&str, _>("direction"))?,
+                (
+                    r.get::<Decimal, _>("amount").normalize(),
+                    r.get::<i64, _>("event_count") as u64,
+                ),
+            );
+        }
+        Ok(tally)
+    }
+
+    async fn apply_flows(&mut self, tally: &WindowTally) -> Result<(), StoreError> {
+        for (account, flow) in &tally.flows {
+            sqlx::query(
+                "UPDATE buffer_balances SET balance = balance + $2, updated_at = now() WHERE account_type = $1",
+            )
+            .bind(account.as_str())
+            .bind(flow.net())
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn buffer_positions(&mut self) -> Result<Vec<BufferPosition>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.account_type, t.min_threshold, t.target_threshold, t.max_threshold,
+                    t.conversion_batch_size, b.balance,
+                    COALESCE((SELECT sum(p.amount) FROM planned_commands p
+                               WHERE p.destination_account = t.account_type AND p.emitted
+                                 AND NOT EXISTS (SELECT 1 FROM conversion_jobs j
+                                                  WHERE j.idempotency_key = p.command_id::text
+                                                    AND j.status IN ('completed', 'failed', 'cancelled'))), 0) AS incoming,
+                    COALESCE((SELECT sum(p.amount) FROM planned_commands p
+                               WHERE p.source_account = t.account_type AND p.emitted
+                                 AND NOT EXISTS (SELECT 1 FROM conversion_jobs j
+                                                  WHERE j.idempotency_key = p.command_id::text
+                                                    AND j.status IN ('completed', 'failed', 'cancelled'))), 0) AS outgoing
+               FROM buffer_thresholds t JOIN buffer_balances b USING (account_type)",
+        )
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut positions = rows
+            .into_iter()
+            .map(|r| {
+                let account: BufferAccount = parse(r.get::<&str, _>("account_type"))?;
+                Ok(BufferPosition {
+                    account,
+                    thresholds: Thresholds::new(
+                        r.get::<Decimal, _>("min_threshold").normalize(),
+                        r.get::<Decimal, _>("target_threshold").normalize(),
+                        r.get::<Decimal, _>("max_threshold").normalize(),
+                    )
+                    .map_err(corrupt)?,
+                    batch_size: r.get::<Decimal, _>("conversion_batch_size").normalize(),
+                    balance: r.get::<Decimal, _>("balance").normalize(),
+                    incoming: r.get::<Decimal, _>("incoming").normalize(),
+                    outgoing: r.get::<Decimal, _>("outgoing").normalize(),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        positions.sort_by_key(|p| p.account);
+        Ok(positions)
+    }
+
+    async fn amount_limits(
+        &mut self,
+    ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT 'usdc_to_usd' AS direction, min(min_conversion_amount) AS lo, max(max_conversion_amount) AS hi
+               FROM conversion_providers WHERE status = 'active' AND supports_usdc_to_usd
+             UNION ALL
+             SELECT 'usd_to_usdc', min(min_conversion_amount), max(max_conversion_amount)
+               FROM conversion_providers WHERE status = 'active' AND supports_usd_to_usdc",
+        )
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut limits = BTreeMap::new();
+        for r in rows {
+            let (Some(min), Some(max)) = (
+                r.get::<Option<Decimal>, _>("lo"),
+                r.get::<Option<Decimal>, _>("hi"),
+            ) else {
+                continue;
+            };
+            limits.insert(
+                parse(r.get::<&str, _>("direction"))?,
+                AmountLimits {
+                    min: min.normalize(),
+                    max: max.normalize(),
+                },
+            );
+        }
+        Ok(limits)
+    }
+
+    async fn auto_rebalance_paused(&mut self) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT auto_rebalance_paused FROM settlement_state WHERE id = 1")
+                .fetch_one(&mut *self.tx)
+                .await?,
+        )
+    }
+
+    async fn close_window(
+        &mut self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        watermark: DateTime<Utc>,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO settlement_windows (window_start, window_end, status, closed_at, watermark, result)
+             VALUES ($1, $2, 'closed', now(), $3, $4)
+             ON CONFLICT (window_start) DO UPDATE SET
+                status = 'closed', closed_at = now(), watermark = EXCLUDED.watermark, result = EXCLUDED.result",
+        )
+        .bind(start)
+        .bind(end)
+        .bind(watermark)
+        .bind(result)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_commands(&mut self, commands: &[PlannedCommand]) -> Result<(), StoreError> {
+        for planned in commands {
+            let c = &planned.command;
+            sqlx::query(
+                "INSERT INTO planned_commands (command_id, cycle_id, direction, trigger_reason, currency,
+                        amount, source_account, destination_account, emitted, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (command_id) DO NOTHING",
+            )
+            .bind(c.command_id)
+            .bind(&c.cycle_id)
+            .bind(c.direction.as_str())
+            .bind(c.trigger.as_str())
+            .bind(c.amount.currency.code())
+            .bind(c.amount.value)
+            .bind(c.source_account.as_str())
+            .bind(c.destination_account.as_str())
+            .bind(planned.emitted)
+            .bind(c.created_at)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn pending_triggers(&mut self) -> Result<Vec<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM settlement_triggers WHERE handled_at IS NULL ORDER BY id",
+        )
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
+    async fn finish_trigger(
+        &mut self,
+        id: i64,
+        result: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE settlement_triggers SET handled_at = now(), result = $2 WHERE id = $1")
+            .bind(id)
+            .bind(result)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! Event-time tumbling windows: which window an event counts in, what a batch
+//! adds to each window, and when the watermark lets a window close.
+//!
+//! Pure: no clock, no database. The ingest driver and the settlement cycle
+//! feed it times and progress read from the store.
+
+mod tally;
+mod watermark;
+
+pub use tally::{Flow, WindowTallies, WindowTally};
+pub use watermark::{PartitionProgress, closable_windows, global_watermark};
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+
+/// Window length and grace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSpec {
+    pub length: Duration,
+    pub grace: Duration,
+}
+
+/// Where an event counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment {
+    pub window_start: DateTime<Utc>,
+    /// The event's own window had already closed; it counts in the first open one.
+    pub late: bool,
+}
+
+impl WindowSpec {
+    /// Builds a spec from standard durations.
+    pub fn new(length: std::time::Duration, grace: std::time::Duration) -> Self {
+        Self {
+            length: Duration::from_std(length).expect("window length fits chrono"),
+            grace: Duration::from_std(grace).expect("grace fits chrono"),
+        }
+    }
+
+    /// Start of the window containing `at` (windows are aligned to the Unix epoch).
+    pub fn window_start(&self, at: DateTime<Utc>) -> DateTime<Utc> {
+        at.duration_trunc(self.length)
+            .expect("window length is positive and times are in range")
+    }
+
+    /// End (exclusive) of the window starting at `start`.
+    pub fn window_end(&self, start: DateTime<Utc>) -> DateTime<Utc> {
+        start + self.length
+    }
+
+    /// The window an event at `occurred_at` counts in, given that every window
+    /// starting before `next_open` is closed. A late event is never dropped:
+    /// it counts in the first open window.
+    pub fn assign(
+        &self,
+        occurred_at: DateTime<Utc>,
+        next_open: Option<DateTime<Utc>>,
+    ) -> Assignment {
+        let own = self.window_start(occurred_at);
+        match next_open {
+            Some(open) if own < open => Assignment {
+                window_start: open,
+                late: true,
+            },
+            _ => Assignment {
+                window_start: own,
+                late: false,
+            },
+        }
+    }
+
+    /// A stable, readable id for the window starting at `start`.
+    pub fn cycle_id(start: DateTime<Utc>) -> String {
+        format!(
+            "window:{}",
+            start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    }
+}
