@@ -16,6 +16,7 @@ pub mod http;
 pub mod ingest;
 pub mod kafka;
 pub mod planner;
+pub mod providers;
 pub mod relay;
 pub mod runtime;
 pub mod settlement;

@@ -19,7 +19,7 @@ use crate::domain::{BufferAccount, ConversionCommand};
 use crate::planner::{Plan, PlanInput, plan};
 use crate::shutdown::Shutdown;
 use crate::store::{LockMode, OutboxMessage, PlannedCommand, Store, StoreError, StoreTx};
-use crate::window::{WindowSpec, WindowTally, closable_windows, global_watermark};
+use crate::window::{WindowSpec, WindowTally, global_watermark, last_closable};
 
 /// Most windows closed in one cycle (the rest close in the next one).
 const MAX_WINDOWS_PER_CYCLE: usize = 500;
@@ -69,19 +69,36 @@ impl Settlement {
         let watermark = global_watermark(&progress, now, self.settings.idle_timeout);
         let spec = self.settings.spec;
         if let Some(watermark) = watermark {
+            let open = tx.open_windows().await?;
             let next_open = match tx.next_window_start().await? {
                 Some(next) => next,
-                None => match tx.earliest_open_window().await? {
-                    Some(first) => first,
-                    None => spec.window_start(watermark),
-                },
+                None => open
+                    .first()
+                    .copied()
+                    .unwrap_or_else(|| spec.window_start(watermark)),
             };
-            let closable = closable_windows(&spec, next_open, watermark, MAX_WINDOWS_PER_CYCLE);
-            for start in &closable {
-                results.push(self.close_window(tx.as_mut(), *start, watermark).await?);
+            let last = last_closable(&spec, watermark);
+            if last >= next_open {
+                // Windows with events close one by one; a stretch of empty
+                // windows is settled as one (the latest), so an idle system
+                // still plans every window length without replaying history.
+                let mut to_close: Vec<DateTime<Utc>> = open
+                    .into_iter()
+                    .filter(|s| *s >= next_open && *s <= last)
+                    .take(MAX_WINDOWS_PER_CYCLE)
+                    .collect();
+                if to_close.len() < MAX_WINDOWS_PER_CYCLE && to_close.last() != Some(&last) {
+                    to_close.push(last);
+                }
+                for start in &to_close {
+                    results.push(self.close_window(tx.as_mut(), *start, watermark).await?);
+                }
+                let closed_up_to = to_close.last().copied().unwrap_or(last);
+                tx.set_next_window_start(spec.window_end(closed_up_to))
+                    .await?;
+            } else {
+                tx.set_next_window_start(next_open).await?;
             }
-            let next = closable.last().map_or(next_open, |s| spec.window_end(*s));
-            tx.set_next_window_start(next).await?;
         }
         for trigger in tx.pending_triggers().await? {
             let cycle_id = format!("trigger:{trigger}");

@@ -345,13 +345,14 @@ impl StoreTx for MemoryTx {
         Ok(())
     }
 
-    async fn earliest_open_window(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn open_windows(&mut self) -> Result<Vec<DateTime<Utc>>, StoreError> {
         Ok(self
             .work
             .windows
             .iter()
-            .find(|(_, w)| !w.closed)
-            .map(|(start, _)| *start))
+            .filter(|(_, w)| !w.closed)
+            .map(|(start, _)| *start)
+            .collect())
     }
 
     async fn partition_progress(

@@ -188,8 +188,8 @@ pub trait StoreTx: Send {
     /// Windows starting before this are closed (None: none closed yet).
     async fn next_window_start(&mut self) -> Result<Option<DateTime<Utc>>, StoreError>;
     async fn set_next_window_start(&mut self, start: DateTime<Utc>) -> Result<(), StoreError>;
-    /// The earliest window that has counted events and is still open.
-    async fn earliest_open_window(&mut self) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Starts of the open windows that have counted events, oldest first.
+    async fn open_windows(&mut self) -> Result<Vec<DateTime<Utc>>, StoreError>;
     /// Progress of every known partition of `topics`.
     async fn partition_progress(
         &mut self,

@@ -505,11 +505,11 @@ impl StoreTx for PgTx {
         Ok(())
     }
 
-    async fn earliest_open_window(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn open_windows(&mut self) -> Result<Vec<DateTime<Utc>>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT min(window_start) FROM settlement_windows WHERE status = 'open'",
+            "SELECT window_start FROM settlement_windows WHERE status = 'open' ORDER BY window_start",
         )
-        .fetch_one(&mut *self.tx)
+        .fetch_all(&mut *self.tx)
         .await?)
     }
 

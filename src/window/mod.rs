@@ -8,7 +8,7 @@ mod tally;
 mod watermark;
 
 pub use tally::{Flow, WindowTallies, WindowTally};
-pub use watermark::{PartitionProgress, closable_windows, global_watermark};
+pub use watermark::{PartitionProgress, global_watermark, last_closable};
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
 

@@ -51,21 +51,10 @@ pub fn global_watermark(
     least
 }
 
-/// Starts of the windows that may close, in order: from `next_open` up to the
-/// last window whose end plus grace the watermark has passed.
-pub fn closable_windows(
-    spec: &WindowSpec,
-    next_open: DateTime<Utc>,
-    watermark: DateTime<Utc>,
-    limit: usize,
-) -> Vec<DateTime<Utc>> {
-    let mut starts = Vec::new();
-    let mut start = next_open;
-    while starts.len() < limit && spec.window_end(start) + spec.grace <= watermark {
-        starts.push(start);
-        start += spec.length;
-    }
-    starts
+/// Start of the latest window the watermark lets close (its end plus grace
+/// is at or before the watermark).
+pub fn last_closable(spec: &WindowSpec, watermark: DateTime<Utc>) -> DateTime<Utc> {
+    spec.window_start(watermark - spec.grace) - spec.length
 }
 
 #[cfg(test)]
