@@ -41,19 +41,27 @@ pub fn idempotent_producer(base: &ClientConfig) -> Result<FutureProducer, KafkaE
 
 /// A consumer configured for offsets kept in the database: no auto commit,
 /// no offset store, start from the beginning when nothing is stored, and
-/// report when a partition has been read to its end.
+/// report when a partition has been read to its end. Settings given through
+/// `KAFKA_*` (already in `base`) win over these defaults, except the ones the
+/// exactly-once design depends on.
 pub fn consumer_config(base: &ClientConfig, group: &str) -> ClientConfig {
     let mut config = base.clone();
+    for (key, value) in [
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "1000"),
+        ("max.poll.interval.ms", "300000"),
+        ("isolation.level", "read_committed"),
+    ] {
+        if config.get(key).is_none() {
+            config.set(key, value);
+        }
+    }
     config
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("max.poll.interval.ms", "300000")
-        .set("isolation.level", "read_committed");
+        .set("enable.partition.eof", "true");
     config
 }
 

@@ -1,0 +1,192 @@
+//! Failure tests for the aggregator: workers killed with SIGKILL at random
+//! moments, workers joining and leaving a consumer group mid-stream, and a
+//! broker that goes away for a while. Window sums must stay exact.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use sqlx::PgPool;
+use treasury::config::Topics;
+use treasury::window::WindowSpec;
+
+fn spec() -> WindowSpec {
+    WindowSpec::new(Duration::from_secs(300), Duration::from_secs(30))
+}
+
+fn spawn_worker(pool: &PgPool, brokers: &str, topics: &Topics, group: &str, instance: &str) -> Child {
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{group}-{instance}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_treasury"))
+        .args(["run", "--roles", "aggregator"])
+        .envs(common::child_env(&common::database_url(pool), brokers, topics, group))
+        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn treasury run")
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    panic!("worker did not stop within 30 s of SIGTERM");
+}
+
+async fn assert_exact(pool: &PgPool, events: &[treasury::demo::generator::Generated]) {
+    let expected = common::expected_tallies(&spec(), events);
+    let stored = common::stored_tallies(pool).await;
+    assert_eq!(expected.0.keys().collect::<Vec<_>>(), stored.0.keys().collect::<Vec<_>>());
+    for (start, want) in &expected.0 {
+        let got = &stored.0[start];
+        assert_eq!((got.events, &got.flows, &got.demand), (want.events, &want.flows, &want.demand), "window {start}");
+    }
+}
+
+async fn assert_commands_unique(pool: &PgPool, brokers: &str, topics: &Topics) {
+    let planned: BTreeSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT command_id FROM planned_commands WHERE emitted")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.to_string())
+            .collect();
+    let in_results: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(jsonb_array_length(result->'commands')), 0)::bigint FROM settlement_windows WHERE status = 'closed'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(planned.len() as i64, in_results, "each closed window planned its commands once");
+    let published: BTreeSet<String> = common::read_all(brokers, &topics.commands, planned.len())
+        .await
+        .into_iter()
+        .map(|(_, h)| h["message-id"].clone())
+        .collect();
+    assert_eq!(published, planned, "the commands topic holds exactly the planned commands (by id)");
+}
+
+#[sqlx::test]
+async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
+    let Some(brokers) = common::brokers() else { return };
+    let topics = common::unique_topics("kill");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 4).await;
+    let events = common::generate(21, 20_000, chrono::Duration::hours(2));
+    common::produce(&base, &topics, &events).await;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut kills = 0;
+    while kills < 12 {
+        let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(400..2_500))).await;
+        worker.kill().expect("SIGKILL");
+        worker.wait().unwrap();
+        kills += 1;
+        eprintln!("kill {kills}: {} events counted so far", common::counted(&pool).await);
+    }
+    let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
+    let settled = common::wait_until(Duration::from_secs(240), || common::all_settled(&pool, 20_000)).await;
+    let status = terminate(&mut worker);
+    assert!(settled, "all events counted after {kills} kills; counted {}", common::counted(&pool).await);
+    assert!(status.success(), "SIGTERM gives a clean exit, got {status}");
+    assert_exact(&pool, &events).await;
+    assert_commands_unique(&pool, &brokers, &topics).await;
+}
+
+#[sqlx::test]
+async fn workers_joining_and_leaving_the_group_give_the_single_worker_sums(pool: PgPool) {
+    let Some(brokers) = common::brokers() else { return };
+    let topics = common::unique_topics("group");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 6).await;
+    let events = common::generate(22, 12_000, chrono::Duration::hours(1));
+    common::produce(&base, &topics, &events[..6_000]).await;
+
+    let mut first = spawn_worker(&pool, &brokers, &topics, "group", "a");
+    let mut second = spawn_worker(&pool, &brokers, &topics, "group", "b");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    common::produce(&base, &topics, &events[6_000..]).await;
+    let mut third = spawn_worker(&pool, &brokers, &topics, "group", "c");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(terminate(&mut first).success(), "a leaving worker exits cleanly");
+    let settled = common::wait_until(Duration::from_secs(180), || common::all_settled(&pool, 12_000)).await;
+    let (s2, s3) = (terminate(&mut second), terminate(&mut third));
+    assert!(settled, "counted {}", common::counted(&pool).await);
+    assert!(s2.success() && s3.success());
+    assert_exact(&pool, &events).await;
+    assert_commands_unique(&pool, &brokers, &topics).await;
+}
+
+#[sqlx::test]
+async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
+    use rdkafka::mocking::MockCluster;
+    use treasury::ingest::{Ingest, IngestSettings};
+
+    let cluster = MockCluster::new(1).unwrap();
+    let topics = common::unique_topics("outage");
+    for t in [&topics.funding, &topics.withdrawals, &topics.dlq, &topics.commands] {
+        cluster.create_topic(t, 2, 1).unwrap();
+    }
+    let brokers = cluster.bootstrap_servers();
+    let base = common::base(&brokers);
+    let events = common::generate(23, 3_000, chrono::Duration::minutes(30));
+    common::produce(&base, &topics, &events[..1_500]).await;
+
+    let store = common::pg_store(&pool);
+    let (stop, listener) = treasury::shutdown::channel();
+    let ingest = Ingest::new(
+        &treasury::kafka::consumer_config(&base, "outage"),
+        store.clone(),
+        treasury::codec::Codec::default(),
+        IngestSettings {
+            group: "outage".into(),
+            funding_topic: topics.funding.clone(),
+            withdrawal_topic: topics.withdrawals.clone(),
+            dlq_topic: topics.dlq.clone(),
+            spec: spec(),
+            batch_size: 100,
+            batch_max_wait: Duration::from_millis(50),
+        },
+    )
+    .unwrap();
+    let task = tokio::spawn(ingest.run(listener));
+    assert!(common::wait_until(Duration::from_secs(60), || async { common::counted(&pool).await > 0 }).await);
+
+    cluster.broker_down(1).unwrap();
+    let during = common::counted(&pool).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.broker_up(1).unwrap();
+    common::produce(&base, &topics, &events[1_500..]).await;
+    let all = common::wait_until(Duration::from_secs(120), || async { common::counted(&pool).await == 3_000 }).await;
+    stop.trigger();
+    let totals = task.await.unwrap();
+    assert!(all, "counted {} of 3000 (had {during} when the broker went down)", common::counted(&pool).await);
+    assert_eq!(totals.counted, 3_000, "each event counted once by this worker");
+    assert_eq!(totals.duplicates, 0);
+
+    let settlement = treasury::settlement::Settlement::new(
+        Arc::clone(&store),
+        treasury::codec::Codec::default(),
+        treasury::settlement::SettlementSettings {
+            spec: spec(),
+            idle_timeout: chrono::Duration::seconds(1),
+            input_topics: vec![topics.funding.clone(), topics.withdrawals.clone()],
+            commands_topic: topics.commands.clone(),
+            auto_rebalance: true,
+        },
+    );
+    settlement.run_cycle(chrono::Utc::now() + chrono::Duration::minutes(1)).await.unwrap();
+    assert_exact(&pool, &events).await;
+}
