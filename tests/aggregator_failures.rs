@@ -24,6 +24,8 @@ fn spawn_worker(pool: &PgPool, brokers: &str, topics: &Topics, group: &str, inst
         .args(["run", "--roles", "aggregator"])
         .envs(common::child_env(&common::database_url(pool), brokers, topics, group))
         .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("KAFKA_GROUP_INSTANCE_ID", format!("{group}-{instance}"))
+        .env("TREASURY_BATCH_SIZE", "25")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
@@ -86,16 +88,29 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
     let events = common::generate(21, 20_000, chrono::Duration::hours(2));
     common::produce(&base, &topics, &events).await;
 
+    // Each worker is killed at a random moment after it has started counting,
+    // so every kill lands mid-stream (between or inside batch transactions).
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     let mut kills = 0;
-    while kills < 12 {
+    let mut mid_stream_kills = 0;
+    while mid_stream_kills < 12 && kills < 30 {
+        let before = common::counted(&pool).await;
+        if before == 20_000 {
+            break;
+        }
         let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(400..2_500))).await;
+        common::wait_until(Duration::from_secs(30), || async { common::counted(&pool).await > before }).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..100))).await;
         worker.kill().expect("SIGKILL");
         worker.wait().unwrap();
         kills += 1;
-        eprintln!("kill {kills}: {} events counted so far", common::counted(&pool).await);
+        let after = common::counted(&pool).await;
+        if after > before && after < 20_000 {
+            mid_stream_kills += 1;
+        }
+        eprintln!("kill {kills}: {before} → {after} events counted");
     }
+    assert!(mid_stream_kills >= 10, "only {mid_stream_kills} kills landed mid-stream");
     let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
     let settled = common::wait_until(Duration::from_secs(240), || common::all_settled(&pool, 20_000)).await;
     let status = terminate(&mut worker);
