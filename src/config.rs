@@ -196,8 +196,30 @@ impl Config {
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:****@host/db`.
+/// `postgres://user:secret@host/db` → `postgres://user:****@host/db`, and a
+/// `password=` query parameter likewise.
 fn mask_url_password(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = mask_userinfo_password(base);
+    match query {
+        None => base,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=****"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
+    }
+}
+
+fn mask_userinfo_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -265,6 +287,8 @@ impl Vars<'_> {
     fn topic(&self, name: &str, default: &str) -> Result<String, ConfigError> {
         let value = self.text(name).unwrap_or_else(|| default.into());
         let legal = value.len() <= 249
+            && value != "."
+            && value != ".."
             && value
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -282,7 +306,14 @@ impl Vars<'_> {
     fn url(&self, name: &str) -> Result<Option<String>, ConfigError> {
         match self.text(name) {
             None => Ok(None),
-            Some(v) if v.starts_with("http://") || v.starts_with("https://") => Ok(Some(v)),
+            Some(v)
+                if ["http://", "https://"].iter().any(|scheme| {
+                    v.strip_prefix(scheme)
+                        .is_some_and(|host| !host.is_empty() && !host.starts_with('/'))
+                }) =>
+            {
+                Ok(Some(v))
+            }
             Some(v) => Err(Self::error(name, &v, "an http:// or https:// URL")),
         }
     }

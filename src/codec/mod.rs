@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 
@@ -95,9 +96,16 @@ impl Codec {
     }
 
     /// Like [`Codec::decode`] but only with schemas already known; never does IO.
+    /// The value has the reader schema's fields, in its order.
     pub fn decode_cached(&self, bytes: &[u8], reader: SchemaKind) -> Result<Value, CodecError> {
         let (id, mut body) = wire::split(bytes)?;
         let datum_reader = self.reader_for(id, reader)?;
+        let project = !std::ptr::eq(
+            self.source
+                .cached(id)
+                .ok_or(CodecError::UnknownSchemaId(id))?,
+            reader.schema(),
+        );
         let value = datum_reader
             .read_value(&mut body)
             .map_err(|e| CodecError::CorruptBody {
@@ -110,7 +118,15 @@ impl Codec {
                 trailing: body.len(),
             });
         }
-        Ok(value)
+        if project {
+            project_record(value, reader.schema()).map_err(|reason| CodecError::Incompatible {
+                id,
+                reader,
+                reason,
+            })
+        } else {
+            Ok(value)
+        }
     }
 
     fn reader_for(
@@ -131,17 +147,28 @@ impl Codec {
             .cached(id)
             .ok_or(CodecError::UnknownSchemaId(id))?;
         let reader_schema = reader.schema();
-        let builder = GenericDatumReader::builder(writer);
-        let built = if std::ptr::eq(writer, reader_schema) {
-            builder.build()
-        } else {
-            builder.reader_schema(reader_schema).build()
+        // Compatibility is checked once per writer schema; values are then read
+        // with the writer schema alone. The record mappers read fields by
+        // name, so a newer writer's extra fields are ignored. (apache-avro's
+        // value resolution is not used: in 0.22 it refuses decimals written in
+        // fewer bytes than the precision allows, which every producer does.)
+        if !std::ptr::eq(writer, reader_schema) {
+            SchemaCompatibility::can_read(writer, reader_schema).map_err(|e| {
+                CodecError::Incompatible {
+                    id,
+                    reader,
+                    reason: e.to_string(),
+                }
+            })?;
         }
-        .map_err(|e| CodecError::Incompatible {
-            id,
-            reader,
-            reason: e.to_string(),
-        })?;
+        let built =
+            GenericDatumReader::builder(writer)
+                .build()
+                .map_err(|e| CodecError::Incompatible {
+                    id,
+                    reader,
+                    reason: e.to_string(),
+                })?;
         let built = Arc::new(built);
         self.readers
             .write()
@@ -172,4 +199,29 @@ fn writer_for(kind: SchemaKind) -> Result<&'static GenericDatumWriter<'static>, 
             kind,
             reason: "schema does not resolve".into(),
         })
+}
+
+/// Keeps a written record's fields that the reader schema has, in the reader's
+/// order; a field the writer lacks takes the reader's null default.
+fn project_record(value: Value, reader: &apache_avro::Schema) -> Result<Value, String> {
+    let (apache_avro::Schema::Record(schema), Value::Record(mut written)) = (reader, value) else {
+        return Err("expected a record".into());
+    };
+    schema
+        .fields
+        .iter()
+        .map(
+            |field| match written.iter().position(|(name, _)| *name == field.name) {
+                Some(i) => Ok(written.swap_remove(i)),
+                None if field.default == Some(serde_json::Value::Null) => {
+                    Ok((field.name.clone(), Value::Union(0, Box::new(Value::Null))))
+                }
+                None => Err(format!(
+                    "the writer has no field {} and it has no default",
+                    field.name
+                )),
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Record)
 }

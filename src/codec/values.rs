@@ -30,10 +30,10 @@ pub fn decimal_to_avro(
     }
     let mut rescaled = normalized;
     rescaled.rescale(scale);
-    if rescaled != normalized {
+    if rescaled.scale() != scale || rescaled.mantissa().unsigned_abs() >= 10u128.pow(28) {
         return Err(field_error(
             field,
-            format!("{value} does not fit at scale {scale}"),
+            format!("{value} does not fit a decimal of precision 28 and scale {scale}"),
         ));
     }
     let unscaled = rescaled.mantissa();

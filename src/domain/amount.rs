@@ -25,8 +25,18 @@ pub enum AmountError {
     NotPositive(Decimal),
     #[error("currency mismatch: {left} and {right} cannot be combined")]
     CurrencyMismatch { left: Currency, right: Currency },
+    #[error("amount {0} is beyond the largest supported magnitude (10^18)")]
+    OutOfRange(Decimal),
     #[error("amount overflow")]
     Overflow,
+}
+
+/// The largest magnitude an amount may have. With at most six decimal places
+/// this keeps every sum of amounts exact inside `Decimal`'s 28 digits.
+pub const MAX_MAGNITUDE: Decimal = Decimal::from_parts(0xa764_0000, 0x0de0_b6b3, 0, false, 0);
+
+fn in_range(value: Decimal) -> bool {
+    value.abs() <= MAX_MAGNITUDE
 }
 
 /// An exact amount of currency `C` (may be negative: a balance or a delta).
@@ -51,6 +61,9 @@ impl<C: CurrencyUnit> Amount<C> {
     /// Parses a decimal into an amount, refusing more decimal places than the currency has.
     pub fn new(value: Decimal) -> Result<Self, AmountError> {
         let value = value.normalize();
+        if !in_range(value) {
+            return Err(AmountError::OutOfRange(value));
+        }
         if value.scale() > C::SCALE {
             return Err(AmountError::TooPrecise {
                 currency: C::CURRENCY,
@@ -84,14 +97,20 @@ impl<C: CurrencyUnit> Amount<C> {
         C::CURRENCY
     }
 
-    /// Adds, returning `None` on overflow.
+    /// Adds, returning `None` when the sum leaves the supported range.
     pub fn checked_add(self, other: Self) -> Option<Self> {
-        self.value.checked_add(other.value).map(Self::raw)
+        self.value
+            .checked_add(other.value)
+            .filter(|v| in_range(*v))
+            .map(Self::raw)
     }
 
-    /// Subtracts, returning `None` on overflow.
+    /// Subtracts, returning `None` when the difference leaves the supported range.
     pub fn checked_sub(self, other: Self) -> Option<Self> {
-        self.value.checked_sub(other.value).map(Self::raw)
+        self.value
+            .checked_sub(other.value)
+            .filter(|v| in_range(*v))
+            .map(Self::raw)
     }
 
     /// The smaller of two amounts.
@@ -203,6 +222,7 @@ impl Money {
         let value = self
             .value
             .checked_add(other.value)
+            .filter(|v| in_range(*v))
             .ok_or(AmountError::Overflow)?;
         Ok(Money { value, ..self })
     }
@@ -263,6 +283,13 @@ mod tests {
         );
         assert!(UsdcAmount::new(dec!(1.000001)).is_ok());
         assert!(UsdcAmount::new(dec!(1.0000001)).is_err());
+    }
+
+    #[test]
+    fn the_magnitude_bound_is_ten_to_the_eighteenth() {
+        assert_eq!(MAX_MAGNITUDE, dec!(1_000_000_000_000_000_000));
+        assert!(UsdAmount::new(MAX_MAGNITUDE).is_ok());
+        assert!(UsdAmount::new(MAX_MAGNITUDE + dec!(0.01)).is_err());
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum PostingError {
     Empty,
     #[error("entry amounts must be positive (account {0})")]
     NonPositiveEntry(String),
+    #[error("{currency} totals overflow")]
+    Overflow { currency: Currency },
     #[error("{currency} does not balance: debits {debits}, credits {credits}")]
     Unbalanced {
         currency: Currency,
@@ -69,14 +71,21 @@ impl LedgerPosting {
         }
         let mut totals: BTreeMap<Currency, (Decimal, Decimal)> = BTreeMap::new();
         for entry in &self.entries {
-            if entry.amount.value <= Decimal::ZERO {
+            if entry.amount.value <= Decimal::ZERO
+                || entry.amount.value > super::amount::MAX_MAGNITUDE
+            {
                 return Err(PostingError::NonPositiveEntry(entry.account.clone()));
             }
-            let total = totals.entry(entry.amount.currency).or_default();
-            match entry.side {
-                EntrySide::Debit => total.0 += entry.amount.value,
-                EntrySide::Credit => total.1 += entry.amount.value,
-            }
+            let currency = entry.amount.currency;
+            let total = totals.entry(currency).or_default();
+            let side = match entry.side {
+                EntrySide::Debit => &mut total.0,
+                EntrySide::Credit => &mut total.1,
+            };
+            *side = side
+                .checked_add(entry.amount.value)
+                .filter(|v| v.abs() <= super::amount::MAX_MAGNITUDE)
+                .ok_or(PostingError::Overflow { currency })?;
         }
         for (currency, (debits, credits)) in totals {
             if debits != credits {

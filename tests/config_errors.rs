@@ -1,0 +1,361 @@
+//! Configuration from the environment: documented defaults, an error naming
+//! the variable for every malformed value, `KAFKA_*` passthrough and masking.
+
+use std::time::Duration;
+
+use treasury::config::{Config, ConfigError};
+
+fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_vars(vars.iter().map(|&(k, v)| (k, v)))
+}
+
+fn minutes(n: u64) -> Duration {
+    Duration::from_secs(60 * n)
+}
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    let config = load(&[]).unwrap();
+    assert_eq!(config.scheduler_interval, minutes(5));
+    assert_eq!(config.monitor_interval, minutes(1));
+    assert_eq!(config.conversion_timeout, minutes(30));
+    assert_eq!(config.max_retries, 3);
+    assert!(config.enable_auto_rebalance);
+    assert_eq!(config.topics.funding, "funding.events");
+    assert_eq!(config.topics.withdrawals, "withdrawal.events");
+    assert_eq!(config.topics.commands, "treasury.conversion-commands");
+    assert_eq!(config.topics.postings, "ledger.postings");
+    assert_eq!(config.topics.dlq, "treasury.dlq");
+    assert_eq!(config.database_url, None);
+    assert_eq!(config.schema_registry_url, None);
+    assert!(config.kafka_settings.is_empty());
+    assert!(config.batch_size >= 1);
+}
+
+#[test]
+fn documented_values_written_out_give_the_defaults() {
+    let explicit = load(&[
+        ("TREASURY_SCHEDULER_INTERVAL", "5m"),
+        ("TREASURY_MONITOR_INTERVAL", "1m"),
+        ("TREASURY_CONVERSION_TIMEOUT", "30m"),
+        ("TREASURY_MAX_RETRIES", "3"),
+        ("TREASURY_ENABLE_AUTO_REBALANCE", "true"),
+        ("TREASURY_TOPIC_FUNDING", "funding.events"),
+        ("TREASURY_TOPIC_WITHDRAWALS", "withdrawal.events"),
+        ("TREASURY_TOPIC_COMMANDS", "treasury.conversion-commands"),
+        ("TREASURY_TOPIC_POSTINGS", "ledger.postings"),
+        ("TREASURY_TOPIC_DLQ", "treasury.dlq"),
+    ])
+    .unwrap();
+    assert_eq!(explicit, load(&[]).unwrap());
+}
+
+#[test]
+fn valid_overrides_are_taken() {
+    let config = load(&[
+        ("TREASURY_SCHEDULER_INTERVAL", "90s"),
+        ("TREASURY_MONITOR_INTERVAL", "15s"),
+        ("TREASURY_CONVERSION_TIMEOUT", "1h"),
+        ("TREASURY_MAX_RETRIES", "0"),
+        ("TREASURY_ENABLE_AUTO_REBALANCE", "false"),
+        ("TREASURY_TOPIC_DLQ", "ops_treasury-dlq.v2"),
+        ("TREASURY_BATCH_SIZE", "1"),
+        ("SCHEMA_REGISTRY_URL", "https://registry.internal:8081"),
+        ("TREASURY_HTTP_ADDR", "127.0.0.1:9000"),
+    ])
+    .unwrap();
+    assert_eq!(config.scheduler_interval, Duration::from_secs(90));
+    assert_eq!(config.monitor_interval, Duration::from_secs(15));
+    assert_eq!(config.conversion_timeout, minutes(60));
+    assert_eq!(config.max_retries, 0);
+    assert!(!config.enable_auto_rebalance);
+    assert_eq!(config.topics.dlq, "ops_treasury-dlq.v2");
+    assert_eq!(config.batch_size, 1);
+    assert_eq!(
+        config.schema_registry_url.as_deref(),
+        Some("https://registry.internal:8081")
+    );
+    assert_eq!(config.http_addr, "127.0.0.1:9000");
+    assert_eq!(
+        load(&[("TREASURY_MAX_RETRIES", "20")]).unwrap().max_retries,
+        20
+    );
+}
+
+/// Every malformed value the configuration must refuse, by variable.
+const MALFORMED: &[(&str, &str)] = &[
+    ("TREASURY_SCHEDULER_INTERVAL", "5"),
+    ("TREASURY_SCHEDULER_INTERVAL", "five minutes"),
+    ("TREASURY_SCHEDULER_INTERVAL", "-5m"),
+    ("TREASURY_SCHEDULER_INTERVAL", "0s"),
+    ("TREASURY_SCHEDULER_INTERVAL", "5 parsecs"),
+    ("TREASURY_SCHEDULER_INTERVAL", "5m30"),
+    ("TREASURY_SCHEDULER_INTERVAL", "500ms"),
+    ("TREASURY_MONITOR_INTERVAL", "1"),
+    ("TREASURY_MONITOR_INTERVAL", "soon"),
+    ("TREASURY_MONITOR_INTERVAL", "0m"),
+    ("TREASURY_MONITOR_INTERVAL", "1.5.m"),
+    ("TREASURY_CONVERSION_TIMEOUT", "30"),
+    ("TREASURY_CONVERSION_TIMEOUT", "thirty minutes"),
+    ("TREASURY_CONVERSION_TIMEOUT", "-30m"),
+    ("TREASURY_CONVERSION_TIMEOUT", "0h"),
+    ("TREASURY_MAX_RETRIES", "abc"),
+    ("TREASURY_MAX_RETRIES", "-1"),
+    ("TREASURY_MAX_RETRIES", "999"),
+    ("TREASURY_MAX_RETRIES", "21"),
+    ("TREASURY_MAX_RETRIES", "3.0"),
+    ("TREASURY_ENABLE_AUTO_REBALANCE", "maybe"),
+    ("TREASURY_ENABLE_AUTO_REBALANCE", "tru"),
+    ("TREASURY_ENABLE_AUTO_REBALANCE", "2"),
+    ("TREASURY_TOPIC_FUNDING", "funding events"),
+    ("TREASURY_TOPIC_FUNDING", "funding/events"),
+    ("TREASURY_TOPIC_WITHDRAWALS", "withdrawal:events"),
+    ("TREASURY_TOPIC_COMMANDS", "commandes-ü"),
+    ("TREASURY_TOPIC_POSTINGS", "ledger*"),
+    ("TREASURY_TOPIC_DLQ", "dlq#1"),
+    ("SCHEMA_REGISTRY_URL", "ftp://x"),
+    ("SCHEMA_REGISTRY_URL", "registry:8081"),
+    ("TREASURY_HTTP_ADDR", "nope"),
+    ("TREASURY_HTTP_ADDR", "0.0.0.0"),
+    ("TREASURY_HTTP_ADDR", "0.0.0.0:99999"),
+    ("TREASURY_BATCH_SIZE", "0"),
+    ("TREASURY_BATCH_SIZE", "-5"),
+    ("TREASURY_BATCH_SIZE", "many"),
+    ("TREASURY_STALE_AFTER", "later"),
+    ("TREASURY_WINDOW_GRACE", "30"),
+    ("TREASURY_IDLE_TIMEOUT", "idle"),
+    ("TREASURY_DEDUP_RETENTION", "forever"),
+    ("TREASURY_BATCH_MAX_WAIT", "100"),
+];
+
+/// Valid settings for every variable, so the error can only come from the bad one.
+const OTHERWISE_VALID: &[(&str, &str)] = &[
+    ("TREASURY_SCHEDULER_INTERVAL", "5m"),
+    ("TREASURY_MONITOR_INTERVAL", "1m"),
+    ("TREASURY_CONVERSION_TIMEOUT", "30m"),
+    ("TREASURY_STALE_AFTER", "30m"),
+    ("TREASURY_MAX_RETRIES", "3"),
+    ("TREASURY_ENABLE_AUTO_REBALANCE", "true"),
+    ("TREASURY_WINDOW_GRACE", "30s"),
+    ("TREASURY_IDLE_TIMEOUT", "30s"),
+    ("TREASURY_DEDUP_RETENTION", "7d"),
+    ("TREASURY_BATCH_SIZE", "500"),
+    ("TREASURY_BATCH_MAX_WAIT", "100ms"),
+    ("TREASURY_TOPIC_FUNDING", "funding.events"),
+    ("TREASURY_TOPIC_WITHDRAWALS", "withdrawal.events"),
+    ("TREASURY_TOPIC_COMMANDS", "treasury.conversion-commands"),
+    ("TREASURY_TOPIC_POSTINGS", "ledger.postings"),
+    ("TREASURY_TOPIC_DLQ", "treasury.dlq"),
+    ("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081"),
+    ("TREASURY_HTTP_ADDR", "0.0.0.0:8080"),
+    (
+        "DATABASE_URL",
+        "postgres://treasury@127.0.0.1:5432/treasury",
+    ),
+    ("KAFKA_BROKERS", "127.0.0.1:9092"),
+];
+
+#[test]
+fn otherwise_valid_settings_load() {
+    load(OTHERWISE_VALID).unwrap();
+}
+
+/// Values that look plausible but cannot work: Kafka refuses the topic names
+/// "." and ".." (`InvalidTopicException`), and a URL needs a host.
+const SUBTLY_MALFORMED: &[(&str, &str)] = &[
+    ("TREASURY_TOPIC_DLQ", "."),
+    ("TREASURY_TOPIC_FUNDING", ".."),
+    ("SCHEMA_REGISTRY_URL", "http://"),
+    ("SCHEMA_REGISTRY_URL", "https://"),
+];
+
+#[test]
+fn each_malformed_variable_gives_an_error_that_names_it() {
+    check_refused(MALFORMED);
+}
+
+#[test]
+fn reserved_topic_names_and_hostless_urls_are_refused_at_start() {
+    check_refused(SUBTLY_MALFORMED);
+}
+
+fn check_refused(cases: &[(&str, &str)]) {
+    let mut failures = Vec::new();
+    for &(variable, value) in cases {
+        // Alone, and among otherwise valid settings.
+        let alone = load(&[(variable, value)]);
+        let mut vars: Vec<(&str, &str)> = OTHERWISE_VALID
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != variable)
+            .collect();
+        vars.push((variable, value));
+        let among_valid = load(&vars);
+        for (how, result) in [("alone", alone), ("among valid settings", among_valid)] {
+            match result {
+                Ok(_) => failures.push(format!("{variable}={value:?} was accepted ({how})")),
+                Err(e) => {
+                    let text = e.to_string();
+                    if e.variable != variable || !text.contains(variable) {
+                        failures.push(format!(
+                            "{variable}={value:?}: error names {:?}: {text}",
+                            e.variable
+                        ));
+                    }
+                    if e.value != value.trim() || e.expected.is_empty() {
+                        failures.push(format!(
+                            "{variable}={value:?}: error carries value {:?}, expected {:?}",
+                            e.value, e.expected
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "malformed settings not reported properly:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn error_message_says_what_is_accepted() {
+    let e = load(&[("TREASURY_MAX_RETRIES", "abc")]).unwrap_err();
+    assert_eq!(e.variable, "TREASURY_MAX_RETRIES");
+    assert_eq!(e.value, "abc");
+    let text = e.to_string();
+    assert!(
+        text.contains("TREASURY_MAX_RETRIES") && text.contains("abc"),
+        "{text}"
+    );
+    assert!(text.contains(e.expected), "{text}");
+
+    let e = load(&[("TREASURY_ENABLE_AUTO_REBALANCE", "maybe")]).unwrap_err();
+    assert!(e.to_string().contains("true or false"), "{e}");
+}
+
+#[test]
+fn overlong_topic_names_are_refused() {
+    let ok = "t".repeat(249);
+    assert_eq!(
+        load(&[("TREASURY_TOPIC_POSTINGS", ok.as_str())])
+            .unwrap()
+            .topics
+            .postings,
+        ok
+    );
+    let long = "t".repeat(250);
+    let e = load(&[("TREASURY_TOPIC_POSTINGS", long.as_str())]).unwrap_err();
+    assert_eq!(e.variable, "TREASURY_TOPIC_POSTINGS");
+}
+
+#[test]
+fn kafka_settings_pass_through_and_secrets_are_masked() {
+    let config = load(&[
+        ("KAFKA_BROKERS", "broker-1:9093,broker-2:9093"),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+        ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("KAFKA_SASL_USERNAME", "treasury"),
+        ("KAFKA_SASL_PASSWORD", "secret"),
+    ])
+    .unwrap();
+    assert_eq!(config.kafka_brokers, "broker-1:9093,broker-2:9093");
+    let settings = &config.kafka_settings;
+    assert_eq!(
+        settings.get("sasl.password").map(String::as_str),
+        Some("secret")
+    );
+    assert_eq!(
+        settings.get("security.protocol").map(String::as_str),
+        Some("SASL_SSL")
+    );
+    assert_eq!(
+        settings.get("sasl.mechanism").map(String::as_str),
+        Some("SCRAM-SHA-512")
+    );
+    assert_eq!(
+        settings.get("sasl.username").map(String::as_str),
+        Some("treasury")
+    );
+    assert!(
+        !settings.contains_key("brokers"),
+        "KAFKA_BROKERS is not a librdkafka setting"
+    );
+
+    let masked = config.masked();
+    assert_eq!(
+        masked
+            .kafka_settings
+            .get("sasl.password")
+            .map(String::as_str),
+        Some("****")
+    );
+    assert_eq!(
+        masked
+            .kafka_settings
+            .get("sasl.username")
+            .map(String::as_str),
+        Some("treasury"),
+        "only secrets are masked"
+    );
+    let shown = serde_json::to_string(&masked).unwrap();
+    assert!(!shown.contains("secret"), "{shown}");
+    // Masking is for display only: the real configuration keeps the secret.
+    assert_eq!(config.kafka_settings["sasl.password"], "secret");
+}
+
+#[test]
+fn database_url_password_is_masked() {
+    let cases = [
+        (
+            "postgres://treasury:s3cr3t@db.internal:5432/treasury",
+            "postgres://treasury:****@db.internal:5432/treasury",
+        ),
+        (
+            "postgresql://treasury:p@ss:w0rd@db/treasury?sslmode=require",
+            "postgresql://treasury:****@db/treasury?sslmode=require",
+        ),
+    ];
+    for (url, shown) in cases {
+        let config = load(&[("DATABASE_URL", url)]).unwrap();
+        assert_eq!(config.database_url.as_deref(), Some(url));
+        assert_eq!(config.require_database_url().unwrap(), url);
+        let masked = config.masked();
+        assert_eq!(masked.database_url.as_deref(), Some(shown));
+    }
+    // Without a password there is nothing to hide.
+    let plain = "postgres://postgres@127.0.0.1:5432/treasury_ci";
+    assert_eq!(
+        load(&[("DATABASE_URL", plain)])
+            .unwrap()
+            .masked()
+            .database_url
+            .as_deref(),
+        Some(plain)
+    );
+}
+
+#[test]
+fn database_password_in_the_query_string_is_masked() {
+    // sqlx (like libpq) also takes the password as a `password=` parameter.
+    let url = "postgres://treasury@db.internal:5432/treasury?password=s3cr3t&sslmode=require";
+    let masked = load(&[("DATABASE_URL", url)]).unwrap().masked();
+    let shown = masked.database_url.unwrap();
+    assert!(!shown.contains("s3cr3t"), "password shown: {shown}");
+}
+
+#[test]
+fn admin_token_is_masked() {
+    let config = load(&[("TREASURY_ADMIN_TOKEN", "tok-123456")]).unwrap();
+    assert_eq!(config.admin_token.as_deref(), Some("tok-123456"));
+    let shown = serde_json::to_string(&config.masked()).unwrap();
+    assert!(!shown.contains("tok-123456"), "{shown}");
+}
+
+#[test]
+fn missing_database_url_names_the_variable() {
+    let e = load(&[]).unwrap().require_database_url().unwrap_err();
+    assert_eq!(e.variable, "DATABASE_URL");
+    assert!(e.to_string().contains("DATABASE_URL"));
+}
