@@ -18,11 +18,23 @@ fn spec() -> WindowSpec {
     WindowSpec::new(Duration::from_secs(300), Duration::from_secs(30))
 }
 
-fn spawn_worker(pool: &PgPool, brokers: &str, topics: &Topics, group: &str, instance: &str) -> Child {
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("{group}-{instance}.log"))).unwrap();
+fn spawn_worker(
+    pool: &PgPool,
+    brokers: &str,
+    topics: &Topics,
+    group: &str,
+    instance: &str,
+) -> Child {
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("{group}-{instance}.log")))
+        .unwrap();
     Command::new(env!("CARGO_BIN_EXE_treasury"))
         .args(["run", "--roles", "aggregator"])
-        .envs(common::child_env(&common::database_url(pool), brokers, topics, group))
+        .envs(common::child_env(
+            &common::database_url(pool),
+            brokers,
+            topics,
+            group,
+        ))
         .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("KAFKA_GROUP_INSTANCE_ID", format!("{group}-{instance}"))
         .env("TREASURY_BATCH_SIZE", "25")
@@ -48,40 +60,57 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
 async fn assert_exact(pool: &PgPool, events: &[treasury::demo::generator::Generated]) {
     let expected = common::expected_tallies(&spec(), events);
     let stored = common::stored_tallies(pool).await;
-    assert_eq!(expected.0.keys().collect::<Vec<_>>(), stored.0.keys().collect::<Vec<_>>());
+    assert_eq!(
+        expected.0.keys().collect::<Vec<_>>(),
+        stored.0.keys().collect::<Vec<_>>()
+    );
     for (start, want) in &expected.0 {
         let got = &stored.0[start];
-        assert_eq!((got.events, &got.flows, &got.demand), (want.events, &want.flows, &want.demand), "window {start}");
+        assert_eq!(
+            (got.events, &got.flows, &got.demand),
+            (want.events, &want.flows, &want.demand),
+            "window {start}"
+        );
     }
 }
 
 async fn assert_commands_unique(pool: &PgPool, brokers: &str, topics: &Topics) {
-    let planned: BTreeSet<String> =
-        sqlx::query_scalar::<_, uuid::Uuid>("SELECT command_id FROM planned_commands WHERE emitted")
-            .fetch_all(pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|u| u.to_string())
-            .collect();
+    let planned: BTreeSet<String> = sqlx::query_scalar::<_, uuid::Uuid>(
+        "SELECT command_id FROM planned_commands WHERE emitted",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|u| u.to_string())
+    .collect();
     let in_results: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(jsonb_array_length(result->'commands')), 0)::bigint FROM settlement_windows WHERE status = 'closed'",
     )
     .fetch_one(pool)
     .await
     .unwrap();
-    assert_eq!(planned.len() as i64, in_results, "each closed window planned its commands once");
+    assert_eq!(
+        planned.len() as i64,
+        in_results,
+        "each closed window planned its commands once"
+    );
     let published: BTreeSet<String> = common::read_all(brokers, &topics.commands, planned.len())
         .await
         .into_iter()
         .map(|(_, h)| h["message-id"].clone())
         .collect();
-    assert_eq!(published, planned, "the commands topic holds exactly the planned commands (by id)");
+    assert_eq!(
+        published, planned,
+        "the commands topic holds exactly the planned commands (by id)"
+    );
 }
 
 #[sqlx::test]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
-    let Some(brokers) = common::brokers() else { return };
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
     let topics = common::unique_topics("kill");
     let base = common::base(&brokers);
     common::create_topics(&base, &topics, 4).await;
@@ -99,7 +128,10 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
             break;
         }
         let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
-        common::wait_until(Duration::from_secs(30), || async { common::counted(&pool).await > before }).await;
+        common::wait_until(Duration::from_secs(30), || async {
+            common::counted(&pool).await > before
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..100))).await;
         worker.kill().expect("SIGKILL");
         worker.wait().unwrap();
@@ -110,11 +142,21 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
         }
         eprintln!("kill {kills}: {before} → {after} events counted");
     }
-    assert!(mid_stream_kills >= 10, "only {mid_stream_kills} kills landed mid-stream");
+    assert!(
+        mid_stream_kills >= 10,
+        "only {mid_stream_kills} kills landed mid-stream"
+    );
     let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
-    let settled = common::wait_until(Duration::from_secs(240), || common::all_settled(&pool, 20_000)).await;
+    let settled = common::wait_until(Duration::from_secs(240), || {
+        common::all_settled(&pool, 20_000)
+    })
+    .await;
     let status = terminate(&mut worker);
-    assert!(settled, "all events counted after {kills} kills; counted {}", common::counted(&pool).await);
+    assert!(
+        settled,
+        "all events counted after {kills} kills; counted {}",
+        common::counted(&pool).await
+    );
     assert!(status.success(), "SIGTERM gives a clean exit, got {status}");
     assert_exact(&pool, &events).await;
     assert_commands_unique(&pool, &brokers, &topics).await;
@@ -122,7 +164,9 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
 
 #[sqlx::test]
 async fn workers_joining_and_leaving_the_group_give_the_single_worker_sums(pool: PgPool) {
-    let Some(brokers) = common::brokers() else { return };
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
     let topics = common::unique_topics("group");
     let base = common::base(&brokers);
     common::create_topics(&base, &topics, 6).await;
@@ -135,8 +179,14 @@ async fn workers_joining_and_leaving_the_group_give_the_single_worker_sums(pool:
     common::produce(&base, &topics, &events[6_000..]).await;
     let mut third = spawn_worker(&pool, &brokers, &topics, "group", "c");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(terminate(&mut first).success(), "a leaving worker exits cleanly");
-    let settled = common::wait_until(Duration::from_secs(180), || common::all_settled(&pool, 12_000)).await;
+    assert!(
+        terminate(&mut first).success(),
+        "a leaving worker exits cleanly"
+    );
+    let settled = common::wait_until(Duration::from_secs(180), || {
+        common::all_settled(&pool, 12_000)
+    })
+    .await;
     let (s2, s3) = (terminate(&mut second), terminate(&mut third));
     assert!(settled, "counted {}", common::counted(&pool).await);
     assert!(s2.success() && s3.success());
@@ -151,7 +201,12 @@ async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
 
     let cluster = MockCluster::new(1).unwrap();
     let topics = common::unique_topics("outage");
-    for t in [&topics.funding, &topics.withdrawals, &topics.dlq, &topics.commands] {
+    for t in [
+        &topics.funding,
+        &topics.withdrawals,
+        &topics.dlq,
+        &topics.commands,
+    ] {
         cluster.create_topic(t, 2, 1).unwrap();
     }
     let brokers = cluster.bootstrap_servers();
@@ -177,18 +232,33 @@ async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
     )
     .unwrap();
     let task = tokio::spawn(ingest.run(listener));
-    assert!(common::wait_until(Duration::from_secs(60), || async { common::counted(&pool).await > 0 }).await);
+    assert!(
+        common::wait_until(Duration::from_secs(60), || async {
+            common::counted(&pool).await > 0
+        })
+        .await
+    );
 
     cluster.broker_down(1).unwrap();
     let during = common::counted(&pool).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     cluster.broker_up(1).unwrap();
     common::produce(&base, &topics, &events[1_500..]).await;
-    let all = common::wait_until(Duration::from_secs(120), || async { common::counted(&pool).await == 3_000 }).await;
+    let all = common::wait_until(Duration::from_secs(120), || async {
+        common::counted(&pool).await == 3_000
+    })
+    .await;
     stop.trigger();
     let totals = task.await.unwrap();
-    assert!(all, "counted {} of 3000 (had {during} when the broker went down)", common::counted(&pool).await);
-    assert_eq!(totals.counted, 3_000, "each event counted once by this worker");
+    assert!(
+        all,
+        "counted {} of 3000 (had {during} when the broker went down)",
+        common::counted(&pool).await
+    );
+    assert_eq!(
+        totals.counted, 3_000,
+        "each event counted once by this worker"
+    );
     assert_eq!(totals.duplicates, 0);
 
     let settlement = treasury::settlement::Settlement::new(
@@ -202,6 +272,9 @@ async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
             auto_rebalance: true,
         },
     );
-    settlement.run_cycle(chrono::Utc::now() + chrono::Duration::minutes(1)).await.unwrap();
+    settlement
+        .run_cycle(chrono::Utc::now() + chrono::Duration::minutes(1))
+        .await
+        .unwrap();
     assert_exact(&pool, &events).await;
 }

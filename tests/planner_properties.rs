@@ -17,22 +17,34 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn event_strategy() -> impl Strategy<Value = FlowEvent> {
-    (any::<bool>(), any::<bool>(), 1i64..5_000_000_000, 0i64..7_200_000, any::<u128>()).prop_map(
-        |(deposit, usdc, units, offset_ms, id)| {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        1i64..5_000_000_000,
+        0i64..7_200_000,
+        any::<u128>(),
+    )
+        .prop_map(|(deposit, usdc, units, offset_ms, id)| {
             let currency = if usdc { Currency::Usdc } else { Currency::Usd };
             FlowEvent {
                 event_id: uuid::Uuid::from_u128(id),
-                kind: if deposit { FlowKind::Deposit } else { FlowKind::Withdrawal },
+                kind: if deposit {
+                    FlowKind::Deposit
+                } else {
+                    FlowKind::Withdrawal
+                },
                 user_id: uuid::Uuid::from_u128(id ^ 1),
                 amount: Money::positive(currency, Decimal::new(units, currency.scale())).unwrap(),
                 occurred_at: t0() + Duration::milliseconds(offset_ms),
             }
-        },
-    )
+        })
 }
 
 fn spec() -> WindowSpec {
-    WindowSpec::new(std::time::Duration::from_secs(300), std::time::Duration::from_secs(30))
+    WindowSpec::new(
+        std::time::Duration::from_secs(300),
+        std::time::Duration::from_secs(30),
+    )
 }
 
 proptest! {
@@ -82,13 +94,20 @@ fn position_strategy(account: BufferAccount) -> impl Strategy<Value = BufferPosi
         BufferAccount::BrokerOperational => (50_000, 200_000, 500_000, 100_000),
     };
     let scale = account.currency().scale();
-    (-50_000_000i64..80_000_000, 0i64..50_000, 0i64..50_000).prop_map(move |(cents, inc, out)| BufferPosition {
-        account,
-        thresholds: Thresholds::new(Decimal::from(min), Decimal::from(target), Decimal::from(max)).unwrap(),
-        batch_size: Decimal::from(batch),
-        balance: Decimal::new(cents, 2).round_dp(scale),
-        incoming: Decimal::from(inc),
-        outgoing: Decimal::from(out),
+    (-50_000_000i64..80_000_000, 0i64..50_000, 0i64..50_000).prop_map(move |(cents, inc, out)| {
+        BufferPosition {
+            account,
+            thresholds: Thresholds::new(
+                Decimal::from(min),
+                Decimal::from(target),
+                Decimal::from(max),
+            )
+            .unwrap(),
+            batch_size: Decimal::from(batch),
+            balance: Decimal::new(cents, 2).round_dp(scale),
+            incoming: Decimal::from(inc),
+            outgoing: Decimal::from(out),
+        }
     })
 }
 
@@ -102,7 +121,10 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
         0u32..1_000_000,
     )
         .prop_map(|(a, b, c, min, span, cycle)| {
-            let limits = AmountLimits { min: Decimal::from(min), max: Decimal::from(min + span) };
+            let limits = AmountLimits {
+                min: Decimal::from(min),
+                max: Decimal::from(min + span),
+            };
             PlanInput {
                 cycle_id: format!("window:{cycle}"),
                 now: t0(),

@@ -4,6 +4,26 @@
 //!
 //! A new provider is one implementation of the trait, one registration in
 //! [`registry`], and one row in `conversion_providers`.
+//!
+//! Layout: [`http`] and [`json`] are the shared plumbing (timeouts, status →
+//! [`ProviderError`] mapping, exact decimal parsing); [`due`], [`zerohash`] and
+//! [`sandbox`] implement [`ConversionProvider`]; [`registry`] builds them from
+//! [`registry::ProviderRow`]s; [`selection`] is the pure choice of providers
+//! for a conversion.
+
+#![warn(missing_docs)]
+
+pub mod due;
+pub mod http;
+pub mod json;
+pub mod registry;
+pub mod sandbox;
+pub mod selection;
+pub mod zerohash;
+
+pub use registry::{ProviderRegistry, ProviderRow, ProviderStatus};
+pub use sandbox::{SandboxBehaviour, SandboxProvider};
+pub use selection::{HealthRule, Rejection, Selection, select_providers};
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
@@ -18,8 +38,37 @@ pub struct ConversionRequest {
     /// The conversion job id; providers must treat a repeated key as the same
     /// conversion (never a second one).
     pub idempotency_key: Uuid,
+    /// Which way to convert.
     pub direction: ConversionDirection,
+    /// How much to convert, in the direction's source currency.
     pub amount: Money,
+}
+
+impl ConversionRequest {
+    /// Checks what every provider needs before it talks to anyone: the amount
+    /// is in the direction's source currency and greater than zero.
+    ///
+    /// A violation is [`ProviderError::Final`] with code `invalid_request`:
+    /// sending the same request again cannot succeed.
+    pub fn validate(&self) -> Result<(), ProviderError> {
+        let expected = self.direction.source_currency();
+        if self.amount.currency != expected {
+            return Err(ProviderError::Final {
+                code: "invalid_request".to_owned(),
+                reason: format!(
+                    "{} conversion must be given {expected}, got {}",
+                    self.direction, self.amount
+                ),
+            });
+        }
+        if self.amount.value <= Decimal::ZERO {
+            return Err(ProviderError::Final {
+                code: "invalid_request".to_owned(),
+                reason: format!("amount {} must be greater than zero", self.amount),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Where a conversion stands at the provider.
@@ -32,12 +81,19 @@ pub enum ProviderState {
     Processing,
     /// Done: what arrived, what it cost, at what rate (destination per source unit).
     Completed {
+        /// What arrived, in the destination currency.
         destination_amount: Money,
+        /// What the provider charged (the shipped providers report it in the
+        /// source currency; ZeroHash's is zero because its spread is in the rate).
         fee: Money,
+        /// Destination units per source unit.
         rate: Decimal,
     },
     /// The provider gave up; no money moved.
-    Failed { reason: String },
+    Failed {
+        /// The provider's explanation.
+        reason: String,
+    },
 }
 
 /// A provider's view of one conversion.
@@ -45,6 +101,7 @@ pub enum ProviderState {
 pub struct ProviderConversion {
     /// The provider's own id for the conversion (never a quote id).
     pub provider_tx_id: String,
+    /// Where it stands.
     pub state: ProviderState,
     /// The provider's response as received, stored on the job for audit.
     pub raw: serde_json::Value,
@@ -65,13 +122,19 @@ pub enum ProviderError {
     /// Worth trying again later (5xx, timeout, rate limit, connection).
     #[error("retryable provider error: {reason}")]
     Retryable {
+        /// What happened.
         reason: String,
         /// Provider-suggested wait (e.g. `Retry-After`), in milliseconds.
         retry_after_ms: Option<u64>,
     },
     /// Trying again will not help (4xx, refused, unsupported).
     #[error("provider refused: {reason} (code {code})")]
-    Final { code: String, reason: String },
+    Final {
+        /// The provider's error code, or `http_<status>` when it gave none.
+        code: String,
+        /// What happened.
+        reason: String,
+    },
     /// The provider answered something this client cannot read.
     #[error("unreadable provider response: {0}")]
     Protocol(String),

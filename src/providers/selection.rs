@@ -1,0 +1,300 @@
+//! Provider selection: which providers may run a conversion, in which order.
+//!
+//! [`select_providers`] is pure: it sees only the rows, the conversion and the
+//! volume already in flight, so it can be driven by property tests and the
+//! simulator. The rules, in the order they are reported:
+//!
+//! 1. status `active` (`inactive` and `degraded` are skipped);
+//! 2. the row supports the direction;
+//! 3. `min_amount <= amount <= max_amount`;
+//! 4. daily cap: `daily_volume_used + in_flight + amount <= daily_volume_limit`
+//!    (no limit → no cap);
+//! 5. health: once `success_count + failure_count >= min_attempts`, the success
+//!    rate must be at least `min_success_rate` (default 10 attempts, 80 %).
+//!
+//! Eligible providers are ordered by priority (lower first), then expected cost
+//! ([`expected_cost`], lower first), then name, then id: the first is the choice,
+//! the rest are the fallback order.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::registry::{ProviderRow, ProviderStatus};
+use crate::domain::ConversionDirection;
+
+/// When a provider's track record makes it ineligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HealthRule {
+    /// Below this many finished attempts the success rate is not judged.
+    pub min_attempts: u64,
+    /// Lowest acceptable `success / (success + failure)`, as a fraction.
+    pub min_success_rate: Decimal,
+}
+
+impl Default for HealthRule {
+    /// The original engine's rule: at least 80 % once 10 attempts exist.
+    fn default() -> Self {
+        Self {
+            min_attempts: 10,
+            min_success_rate: dec!(0.80),
+        }
+    }
+}
+
+impl HealthRule {
+    /// Whether `successes` out of `successes + failures` passes the rule.
+    pub fn is_healthy(&self, successes: i64, failures: i64) -> bool {
+        let successes = successes.max(0);
+        let attempts = successes.saturating_add(failures.max(0));
+        if (attempts as u64) < self.min_attempts || attempts == 0 {
+            return true;
+        }
+        // success / attempts >= rate  ⇔  success >= rate * attempts (exact).
+        Decimal::from(successes) >= self.min_success_rate * Decimal::from(attempts)
+    }
+}
+
+/// Why a provider cannot take a conversion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Rejection {
+    /// Status is `inactive`.
+    Inactive,
+    /// Status is `degraded`.
+    Degraded,
+    /// The row does not support the direction.
+    DirectionUnsupported {
+        /// The direction asked for.
+        direction: ConversionDirection,
+    },
+    /// The amount is below the provider's minimum.
+    BelowMinimum {
+        /// The provider's minimum.
+        min: Decimal,
+    },
+    /// The amount is above the provider's maximum.
+    AboveMaximum {
+        /// The provider's maximum.
+        max: Decimal,
+    },
+    /// Today's volume, with jobs in flight and this amount, would pass the cap.
+    DailyCapExceeded {
+        /// The provider's daily limit.
+        limit: Decimal,
+        /// Volume of jobs that ended today.
+        used: Decimal,
+        /// Volume of this provider's jobs still in flight.
+        in_flight: Decimal,
+    },
+    /// The recent success rate is below the health rule.
+    Unhealthy {
+        /// Completed conversions.
+        successes: i64,
+        /// Failed conversions.
+        failures: i64,
+    },
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Inactive => f.write_str("inactive"),
+            Rejection::Degraded => f.write_str("degraded"),
+            Rejection::DirectionUnsupported { direction } => {
+                write!(f, "does not support {direction}")
+            }
+            Rejection::BelowMinimum { min } => write!(f, "below minimum {min}"),
+            Rejection::AboveMaximum { max } => write!(f, "above maximum {max}"),
+            Rejection::DailyCapExceeded {
+                limit,
+                used,
+                in_flight,
+            } => write!(
+                f,
+                "daily cap {limit} exceeded (used {used}, in flight {in_flight})"
+            ),
+            Rejection::Unhealthy {
+                successes,
+                failures,
+            } => write!(f, "unhealthy ({successes} succeeded, {failures} failed)"),
+        }
+    }
+}
+
+/// An eligible provider with what it is expected to cost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RankedProvider {
+    /// The provider's row.
+    pub row: ProviderRow,
+    /// [`expected_cost`] for the amount.
+    pub expected_cost: Decimal,
+}
+
+/// A provider that may not take the conversion, with every rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectedProvider {
+    /// The provider's row.
+    pub row: ProviderRow,
+    /// Every broken rule, in rule order (never empty).
+    pub reasons: Vec<Rejection>,
+}
+
+/// The outcome of [`select_providers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Selection {
+    /// Eligible providers, best first: the choice, then the fallback order.
+    pub eligible: Vec<RankedProvider>,
+    /// Ineligible providers, in the order they were given.
+    pub rejected: Vec<RejectedProvider>,
+}
+
+impl Selection {
+    /// The best eligible provider, if any.
+    pub fn chosen(&self) -> Option<&RankedProvider> {
+        self.eligible.first()
+    }
+
+    /// A one-line account of the choice, for logs and
+    /// `conversion_jobs.selection_reason`, e.g.
+    /// `chose Due (priority 1, cost 1.5); fallback: ZeroHash (priority 2, cost 2); rejected: Old (inactive)`.
+    pub fn summary(&self) -> String {
+        let ranked = |p: &RankedProvider| {
+            format!(
+                "{} (priority {}, cost {})",
+                p.row.name,
+                p.row.priority,
+                p.expected_cost.normalize()
+            )
+        };
+        let mut parts = Vec::new();
+        match self.eligible.split_first() {
+            Some((first, rest)) => {
+                parts.push(format!("chose {}", ranked(first)));
+                if !rest.is_empty() {
+                    let rest: Vec<_> = rest.iter().map(ranked).collect();
+                    parts.push(format!("fallback: {}", rest.join(", ")));
+                }
+            }
+            None => parts.push("no eligible provider".to_owned()),
+        }
+        if !self.rejected.is_empty() {
+            let rejected: Vec<_> = self
+                .rejected
+                .iter()
+                .map(|r| {
+                    let reasons: Vec<_> = r.reasons.iter().map(ToString::to_string).collect();
+                    format!("{} ({})", r.row.name, reasons.join(", "))
+                })
+                .collect();
+            parts.push(format!("rejected: {}", rejected.join("; ")));
+        }
+        parts.join("; ")
+    }
+}
+
+/// What converting `amount` at `row` is expected to cost, in source units:
+/// `amount × fee_percentage + fee_fixed + amount × spread_bps / 10000`.
+/// A cost too large to represent is `Decimal::MAX` (ranked last).
+pub fn expected_cost(row: &ProviderRow, amount: Decimal) -> Decimal {
+    let cost = || -> Option<Decimal> {
+        let fee = amount.checked_mul(row.fee_percentage)?;
+        let spread = amount
+            .checked_mul(row.spread_bps)?
+            .checked_div(Decimal::from(10_000))?;
+        fee.checked_add(row.fee_fixed)?.checked_add(spread)
+    };
+    cost().unwrap_or(Decimal::MAX)
+}
+
+/// Every rule `row` breaks for this conversion (empty when eligible).
+pub fn rejections(
+    row: &ProviderRow,
+    direction: ConversionDirection,
+    amount: Decimal,
+    in_flight: Decimal,
+    health: &HealthRule,
+) -> Vec<Rejection> {
+    let mut reasons = Vec::new();
+    match row.status {
+        ProviderStatus::Active => {}
+        ProviderStatus::Inactive => reasons.push(Rejection::Inactive),
+        ProviderStatus::Degraded => reasons.push(Rejection::Degraded),
+    }
+    if !row.supports(direction) {
+        reasons.push(Rejection::DirectionUnsupported { direction });
+    }
+    if amount < row.min_amount {
+        reasons.push(Rejection::BelowMinimum {
+            min: row.min_amount,
+        });
+    }
+    if amount > row.max_amount {
+        reasons.push(Rejection::AboveMaximum {
+            max: row.max_amount,
+        });
+    }
+    if let Some(limit) = row.daily_volume_limit {
+        let projected = row
+            .daily_volume_used
+            .checked_add(in_flight)
+            .and_then(|v| v.checked_add(amount));
+        if projected.is_none_or(|total| total > limit) {
+            reasons.push(Rejection::DailyCapExceeded {
+                limit,
+                used: row.daily_volume_used,
+                in_flight,
+            });
+        }
+    }
+    if !health.is_healthy(row.success_count, row.failure_count) {
+        reasons.push(Rejection::Unhealthy {
+            successes: row.success_count,
+            failures: row.failure_count,
+        });
+    }
+    reasons
+}
+
+/// Chooses among `candidates` for converting `amount` (source units) in
+/// `direction`. `in_flight` is, per provider id, the volume of that provider's
+/// jobs started today and not yet ended (missing = zero). Pure and
+/// deterministic: the same inputs always give the same [`Selection`].
+pub fn select_providers(
+    candidates: &[ProviderRow],
+    direction: ConversionDirection,
+    amount: Decimal,
+    in_flight: &HashMap<Uuid, Decimal>,
+    health: &HealthRule,
+) -> Selection {
+    let mut eligible = Vec::new();
+    let mut rejected = Vec::new();
+    for row in candidates {
+        let flying = in_flight.get(&row.id).copied().unwrap_or(Decimal::ZERO);
+        let reasons = rejections(row, direction, amount, flying, health);
+        if reasons.is_empty() {
+            eligible.push(RankedProvider {
+                expected_cost: expected_cost(row, amount),
+                row: row.clone(),
+            });
+        } else {
+            rejected.push(RejectedProvider {
+                row: row.clone(),
+                reasons,
+            });
+        }
+    }
+    eligible.sort_by(|a, b| {
+        a.row
+            .priority
+            .cmp(&b.row.priority)
+            .then(a.expected_cost.cmp(&b.expected_cost))
+            .then_with(|| a.row.name.cmp(&b.row.name))
+            .then_with(|| a.row.id.cmp(&b.row.id))
+    });
+    Selection { eligible, rejected }
+}

@@ -1,0 +1,362 @@
+//! Provider selection: examples for each rule, and property tests on the pure
+//! selection function.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use treasury::domain::ConversionDirection;
+use treasury::providers::selection::{RankedProvider, expected_cost};
+use treasury::providers::{HealthRule, ProviderRow, ProviderStatus, Rejection, select_providers};
+use uuid::Uuid;
+
+fn row(name: &str, priority: i32) -> ProviderRow {
+    ProviderRow {
+        id: Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes()),
+        name: name.to_owned(),
+        provider_type: "sandbox".to_owned(),
+        priority,
+        status: ProviderStatus::Active,
+        supports_usdc_to_usd: true,
+        supports_usd_to_usdc: true,
+        min_amount: dec!(100),
+        max_amount: dec!(1000000),
+        daily_volume_limit: None,
+        daily_volume_used: dec!(0),
+        success_count: 0,
+        failure_count: 0,
+        fee_percentage: dec!(0.001),
+        fee_fixed: dec!(0),
+        spread_bps: dec!(5),
+        credentials_ref: None,
+        base_url: None,
+    }
+}
+
+fn names(eligible: &[RankedProvider]) -> Vec<&str> {
+    eligible.iter().map(|p| p.row.name.as_str()).collect()
+}
+
+const USDC_TO_USD: ConversionDirection = ConversionDirection::UsdcToUsd;
+
+#[test]
+fn priority_wins_then_cost_then_name() {
+    let mut cheap_but_second = row("Cheap", 2);
+    cheap_but_second.fee_percentage = dec!(0);
+    cheap_but_second.spread_bps = dec!(0);
+    let mut pricey = row("Pricey", 1);
+    pricey.fee_percentage = dec!(0.002);
+    let mut thrifty = row("Thrifty", 1);
+    thrifty.fee_percentage = dec!(0.0005);
+    let twin_b = row("Twin B", 3);
+    let twin_a = row("Twin A", 3);
+    let candidates = [cheap_but_second, pricey, thrifty, twin_b, twin_a];
+    let s = select_providers(
+        &candidates,
+        USDC_TO_USD,
+        dec!(10000),
+        &HashMap::new(),
+        &HealthRule::default(),
+    );
+    assert_eq!(
+        names(&s.eligible),
+        ["Thrifty", "Pricey", "Cheap", "Twin A", "Twin B"]
+    );
+    assert!(s.rejected.is_empty());
+    // cost = 10000 × 0.0005 + 0 + 10000 × 5 / 10000 = 10
+    assert_eq!(s.eligible[0].expected_cost, dec!(10));
+    assert!(
+        s.summary()
+            .starts_with("chose Thrifty (priority 1, cost 10); fallback: Pricey"),
+        "{}",
+        s.summary()
+    );
+}
+
+#[test]
+fn each_rule_rejects_with_its_reason() {
+    let mut inactive = row("Inactive", 1);
+    inactive.status = ProviderStatus::Inactive;
+    let mut degraded = row("Degraded", 1);
+    degraded.status = ProviderStatus::Degraded;
+    let mut one_way = row("OneWay", 1);
+    one_way.supports_usdc_to_usd = false;
+    let mut big_only = row("BigOnly", 1);
+    big_only.min_amount = dec!(50000);
+    let mut small_only = row("SmallOnly", 1);
+    small_only.max_amount = dec!(1000);
+    let mut capped = row("Capped", 1);
+    capped.daily_volume_limit = Some(dec!(20000));
+    capped.daily_volume_used = dec!(5000);
+    let mut flaky = row("Flaky", 1);
+    flaky.success_count = 7;
+    flaky.failure_count = 3;
+    let fine = row("Fine", 5);
+    let candidates = [
+        inactive,
+        degraded,
+        one_way,
+        big_only,
+        small_only,
+        capped.clone(),
+        flaky,
+        fine,
+    ];
+    let in_flight = HashMap::from([(capped.id, dec!(6000))]);
+
+    let s = select_providers(
+        &candidates,
+        USDC_TO_USD,
+        dec!(10000),
+        &in_flight,
+        &HealthRule::default(),
+    );
+
+    assert_eq!(names(&s.eligible), ["Fine"]);
+    let reasons: HashMap<&str, &Vec<Rejection>> = s
+        .rejected
+        .iter()
+        .map(|r| (r.row.name.as_str(), &r.reasons))
+        .collect();
+    assert_eq!(reasons["Inactive"], &vec![Rejection::Inactive]);
+    assert_eq!(reasons["Degraded"], &vec![Rejection::Degraded]);
+    assert_eq!(
+        reasons["OneWay"],
+        &vec![Rejection::DirectionUnsupported {
+            direction: USDC_TO_USD
+        }]
+    );
+    assert_eq!(
+        reasons["BigOnly"],
+        &vec![Rejection::BelowMinimum { min: dec!(50000) }]
+    );
+    assert_eq!(
+        reasons["SmallOnly"],
+        &vec![Rejection::AboveMaximum { max: dec!(1000) }]
+    );
+    // 5000 used + 6000 in flight + 10000 = 21000 > 20000: in-flight jobs count.
+    assert_eq!(
+        reasons["Capped"],
+        &vec![Rejection::DailyCapExceeded {
+            limit: dec!(20000),
+            used: dec!(5000),
+            in_flight: dec!(6000)
+        }]
+    );
+    assert_eq!(
+        reasons["Flaky"],
+        &vec![Rejection::Unhealthy {
+            successes: 7,
+            failures: 3
+        }]
+    );
+    assert!(
+        s.summary().contains("Capped (daily cap 20000 exceeded"),
+        "{}",
+        s.summary()
+    );
+}
+
+#[test]
+fn the_cap_is_inclusive_and_only_counts_its_own_in_flight_volume() {
+    let mut capped = row("Capped", 1);
+    capped.daily_volume_limit = Some(dec!(20000));
+    capped.daily_volume_used = dec!(4000);
+    let other = Uuid::from_u128(1);
+    let in_flight = HashMap::from([(capped.id, dec!(6000)), (other, dec!(1000000))]);
+    let s = select_providers(
+        &[capped],
+        USDC_TO_USD,
+        dec!(10000),
+        &in_flight,
+        &HealthRule::default(),
+    );
+    assert_eq!(
+        names(&s.eligible),
+        ["Capped"],
+        "4000 + 6000 + 10000 = 20000 is within the cap"
+    );
+}
+
+#[test]
+fn health_is_judged_only_after_enough_attempts() {
+    let rule = HealthRule::default();
+    assert!(rule.is_healthy(0, 9), "fewer than 10 attempts: not judged");
+    assert!(rule.is_healthy(8, 2), "exactly 80 % passes");
+    assert!(!rule.is_healthy(7, 3));
+    assert!(rule.is_healthy(0, 0));
+    let strict = HealthRule {
+        min_attempts: 1,
+        min_success_rate: dec!(0.99),
+    };
+    assert!(!strict.is_healthy(98, 1));
+}
+
+#[test]
+fn no_candidates_means_no_choice() {
+    let s = select_providers(
+        &[],
+        USDC_TO_USD,
+        dec!(1),
+        &HashMap::new(),
+        &HealthRule::default(),
+    );
+    assert!(s.chosen().is_none());
+    assert_eq!(s.summary(), "no eligible provider");
+}
+
+// ---- properties ------------------------------------------------------------
+
+fn money(max_cents: i64) -> impl Strategy<Value = Decimal> {
+    (0..=max_cents).prop_map(|c| Decimal::new(c, 2))
+}
+
+fn arb_row(index: usize) -> impl Strategy<Value = ProviderRow> {
+    (
+        (0..4i32, 0..3u8, any::<bool>(), any::<bool>()),
+        (
+            money(200_000),
+            money(20_000_000),
+            proptest::option::of(money(30_000_000)),
+            money(15_000_000),
+        ),
+        (0..30i64, 0..30i64),
+        (0..=2_000i64, money(2_000), 0..=500i64),
+        prop::sample::select(vec!["Alpha", "Beta", "Gamma", "Delta"]),
+    )
+        .prop_map(
+            move |(
+                (priority, status, usdc_to_usd, usd_to_usdc),
+                (min, span, limit, used),
+                (ok, ko),
+                (fee_e6, fixed, spread_e1),
+                name,
+            )| {
+                ProviderRow {
+                    id: Uuid::from_u128(index as u128 + 1),
+                    name: name.to_owned(),
+                    provider_type: "sandbox".to_owned(),
+                    priority,
+                    status: [
+                        ProviderStatus::Active,
+                        ProviderStatus::Inactive,
+                        ProviderStatus::Degraded,
+                    ][usize::from(status % 3)],
+                    supports_usdc_to_usd: usdc_to_usd,
+                    supports_usd_to_usdc: usd_to_usdc,
+                    min_amount: min,
+                    max_amount: min + span,
+                    daily_volume_limit: limit,
+                    daily_volume_used: used,
+                    success_count: ok,
+                    failure_count: ko,
+                    fee_percentage: Decimal::new(fee_e6, 6),
+                    fee_fixed: fixed,
+                    spread_bps: Decimal::new(spread_e1, 1),
+                    credentials_ref: None,
+                    base_url: None,
+                }
+            },
+        )
+}
+
+fn arb_rows() -> impl Strategy<Value = Vec<ProviderRow>> {
+    (0..8usize).prop_flat_map(|n| (0..n).map(arb_row).collect::<Vec<_>>())
+}
+
+fn arb_direction() -> impl Strategy<Value = ConversionDirection> {
+    prop_oneof![
+        Just(ConversionDirection::UsdcToUsd),
+        Just(ConversionDirection::UsdToUsdc)
+    ]
+}
+
+/// The rules, written out again independently of the implementation.
+fn allowed(
+    row: &ProviderRow,
+    direction: ConversionDirection,
+    amount: Decimal,
+    in_flight: Decimal,
+) -> bool {
+    let attempts = row.success_count + row.failure_count;
+    let healthy = attempts < 10
+        || Decimal::from(row.success_count) * dec!(100) >= Decimal::from(attempts) * dec!(80);
+    let direction_ok = match direction {
+        ConversionDirection::UsdcToUsd => row.supports_usdc_to_usd,
+        ConversionDirection::UsdToUsdc => row.supports_usd_to_usdc,
+    };
+    row.status == ProviderStatus::Active
+        && direction_ok
+        && row.min_amount <= amount
+        && amount <= row.max_amount
+        && row
+            .daily_volume_limit
+            .is_none_or(|l| row.daily_volume_used + in_flight + amount <= l)
+        && healthy
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn selection_obeys_every_rule_and_orders_by_priority_then_cost(
+        rows in arb_rows(),
+        direction in arb_direction(),
+        amount in money(2_000_000).prop_filter("positive", |a| *a > Decimal::ZERO),
+        flying in proptest::collection::vec(money(5_000_000), 8),
+    ) {
+        let in_flight: HashMap<Uuid, Decimal> = rows.iter().zip(&flying).map(|(r, f)| (r.id, *f)).collect();
+        let s = select_providers(&rows, direction, amount, &in_flight, &HealthRule::default());
+
+        // Every candidate lands in exactly one list.
+        prop_assert_eq!(s.eligible.len() + s.rejected.len(), rows.len());
+
+        // Every returned provider satisfies all constraints; every other one breaks at least one.
+        for row in &rows {
+            let ok = allowed(row, direction, amount, in_flight[&row.id]);
+            let listed = s.eligible.iter().any(|p| p.row.id == row.id);
+            prop_assert_eq!(ok, listed, "row {:?}", row);
+            if !ok {
+                let rejected = s.rejected.iter().find(|r| r.row.id == row.id);
+                prop_assert!(rejected.is_some_and(|r| !r.reasons.is_empty()));
+            }
+        }
+
+        // Ordered by (priority, expected cost), and the cost is the documented formula.
+        for p in &s.eligible {
+            let cost = amount * p.row.fee_percentage + p.row.fee_fixed + amount * p.row.spread_bps / dec!(10000);
+            prop_assert_eq!(p.expected_cost, cost);
+            prop_assert_eq!(p.expected_cost, expected_cost(&p.row, amount));
+        }
+        for pair in s.eligible.windows(2) {
+            let a = (pair[0].row.priority, pair[0].expected_cost);
+            let b = (pair[1].row.priority, pair[1].expected_cost);
+            prop_assert!(a <= b, "{:?} before {:?}", a, b);
+        }
+    }
+
+    #[test]
+    fn selection_is_deterministic_and_independent_of_input_order(
+        rows in arb_rows(),
+        direction in arb_direction(),
+        amount in money(2_000_000).prop_filter("positive", |a| *a > Decimal::ZERO),
+        flying in proptest::collection::vec(money(5_000_000), 8),
+        rotate in 0..8usize,
+    ) {
+        let in_flight: HashMap<Uuid, Decimal> = rows.iter().zip(&flying).map(|(r, f)| (r.id, *f)).collect();
+        let rule = HealthRule::default();
+        let first = select_providers(&rows, direction, amount, &in_flight, &rule);
+        let second = select_providers(&rows, direction, amount, &in_flight, &rule);
+        prop_assert_eq!(&first, &second);
+
+        let mut shuffled = rows.clone();
+        if !shuffled.is_empty() {
+            let k = rotate % shuffled.len();
+            shuffled.rotate_left(k);
+            shuffled.reverse();
+        }
+        let reordered = select_providers(&shuffled, direction, amount, &in_flight, &rule);
+        prop_assert_eq!(first.eligible, reordered.eligible);
+    }
+}
