@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod consumer;
 pub mod demo;
 pub mod domain;
 pub mod http;

@@ -128,7 +128,7 @@ async fn duplicates_count_once_and_late_events_count_in_the_next_open_window(poo
             "dups",
             spec(),
             Duration::from_secs(60),
-            || { common::all_settled(&pool, 1_001) }
+            || async { common::counted(&pool).await == 1_001 }
         )
         .await
     );

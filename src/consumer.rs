@@ -1,0 +1,277 @@
+//! A consumer-group member whose read positions come from the database, not
+//! from the group's offsets in Kafka. Every stage that consumes (ingest, the
+//! executor's command intake) reads through it; what a stage does with a
+//! batch, and committing the new offsets with its work, is the stage's own.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, ClientContext, Offset};
+
+use crate::store::{Store, StoreError, TopicPartition};
+
+/// Partitions handed to or taken from this consumer since the loop last looked.
+#[derive(Default)]
+pub struct RebalanceLog {
+    assigned: Mutex<Vec<TopicPartition>>,
+    revoked: Mutex<Vec<TopicPartition>>,
+}
+
+fn partitions_of(list: &rdkafka::TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements()
+        .iter()
+        .map(|e| TopicPartition {
+            topic: e.topic().to_owned(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+impl ClientContext for RebalanceLog {
+    /// Reaching the end of a partition is reported as an error by librdkafka;
+    /// here it is routine (the consumer is caught up), so it is not logged.
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end_of_partition = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end_of_partition {
+            tracing::error!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for RebalanceLog {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let parts = partitions_of(list);
+                tracing::info!(partitions = ?parts, "partitions assigned");
+                self.assigned.lock().expect("rebalance log").extend(parts);
+            }
+            Rebalance::Revoke(list) => {
+                let parts = partitions_of(list);
+                tracing::info!(partitions = ?parts, "partitions revoked");
+                self.revoked.lock().expect("rebalance log").extend(parts);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// Where the consumer expects a partition's next message.
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    /// Nothing stored: take what the broker gives (the beginning).
+    Fresh,
+    /// The stored next offset; `seeked` once the broker was asked to go there.
+    Expect { next: i64, seeked: bool },
+}
+
+/// One message as read, owned.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Partition changes since the last call to [`GroupConsumer::take_rebalances`].
+#[derive(Debug, Default)]
+pub struct Rebalanced {
+    pub assigned: Vec<TopicPartition>,
+    pub revoked: Vec<TopicPartition>,
+}
+
+/// The consumer.
+pub struct GroupConsumer {
+    consumer: StreamConsumer<RebalanceLog>,
+    store: Arc<dyn Store>,
+    group: String,
+    positions: HashMap<TopicPartition, Position>,
+    assigned: HashSet<TopicPartition>,
+    /// Partitions read to their end (librdkafka names only the partition
+    /// number at EOF, so every assigned topic's partition of that number is
+    /// marked; the next message from one clears it).
+    at_end: HashSet<TopicPartition>,
+}
+
+impl GroupConsumer {
+    /// Joins `group` (set in `config`) and subscribes to `topics`.
+    pub fn new(
+        config: &ClientConfig,
+        topics: &[&str],
+        store: Arc<dyn Store>,
+        group: &str,
+    ) -> Result<Self, KafkaError> {
+        let consumer: StreamConsumer<RebalanceLog> =
+            config.create_with_context(RebalanceLog::default())?;
+        consumer.subscribe(topics)?;
+        Ok(Self {
+            consumer,
+            store,
+            group: group.to_owned(),
+            positions: HashMap::new(),
+            assigned: HashSet::new(),
+            at_end: HashSet::new(),
+        })
+    }
+
+    /// Applies and returns the partition changes since the last call.
+    pub fn take_rebalances(&mut self) -> Rebalanced {
+        let context = self.consumer.context();
+        let revoked: Vec<_> = std::mem::take(&mut *context.revoked.lock().expect("rebalance log"));
+        let assigned: Vec<_> =
+            std::mem::take(&mut *context.assigned.lock().expect("rebalance log"));
+        for tp in &revoked {
+            self.positions.remove(tp);
+            self.assigned.remove(tp);
+            self.at_end.remove(tp);
+        }
+        for tp in &assigned {
+            self.positions.remove(tp);
+            self.assigned.insert(tp.clone());
+        }
+        Rebalanced { assigned, revoked }
+    }
+
+    /// Partitions currently read to their end.
+    pub fn at_end(&self) -> &HashSet<TopicPartition> {
+        &self.at_end
+    }
+
+    /// Forgets where `tps` stand: their next messages are positioned from the
+    /// database again (after a failed or conflicting commit).
+    pub fn forget<'a>(&mut self, tps: impl IntoIterator<Item = &'a TopicPartition>) {
+        for tp in tps {
+            self.positions.remove(tp);
+        }
+    }
+
+    /// Forgets every position.
+    pub fn forget_all(&mut self) {
+        self.positions.clear();
+    }
+
+    /// Leaves the group.
+    pub fn close(self) {
+        self.consumer.unsubscribe();
+    }
+
+    /// Reads up to `max` messages, waiting at most `wait`: only messages at
+    /// each partition's stored position, in order.
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<RawMessage>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut messages = Vec::new();
+        while messages.len() < max {
+            let received = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(r) => r,
+            };
+            let message = match received {
+                Ok(m) => m,
+                Err(KafkaError::PartitionEOF(p)) => {
+                    let reached: Vec<TopicPartition> = self
+                        .assigned
+                        .iter()
+                        .filter(|tp| tp.partition == p)
+                        .cloned()
+                        .collect();
+                    self.at_end.extend(reached);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka error while consuming; waiting");
+                    metrics::counter!("treasury_kafka_errors_total").increment(1);
+                    break;
+                }
+            };
+            let raw = RawMessage {
+                tp: TopicPartition {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                },
+                offset: message.offset(),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+            };
+            drop(message);
+            self.at_end.remove(&raw.tp);
+            if self.accept_position(&raw.tp, raw.offset).await? {
+                self.positions.insert(
+                    raw.tp.clone(),
+                    Position::Expect {
+                        next: raw.offset + 1,
+                        seeked: false,
+                    },
+                );
+                messages.push(raw);
+            }
+        }
+        Ok(messages)
+    }
+
+    /// Whether a message at `offset` is the next one for `tp`; seeks to the
+    /// stored offset when the broker delivered from elsewhere. Never skips.
+    async fn accept_position(
+        &mut self,
+        tp: &TopicPartition,
+        offset: i64,
+    ) -> Result<bool, StoreError> {
+        let position = match self.positions.get(tp) {
+            Some(p) => *p,
+            None => {
+                let stored = self
+                    .store
+                    .load_offsets(&self.group, std::slice::from_ref(tp))
+                    .await?;
+                let p = match stored.get(tp) {
+                    Some(next) => Position::Expect {
+                        next: *next,
+                        seeked: false,
+                    },
+                    None => Position::Fresh,
+                };
+                self.positions.insert(tp.clone(), p);
+                p
+            }
+        };
+        match position {
+            Position::Fresh => Ok(true),
+            Position::Expect { next, .. } if offset == next => Ok(true),
+            Position::Expect { next, .. } if offset < next => Ok(false),
+            Position::Expect { next, seeked } => {
+                if seeked {
+                    tracing::error!(topic = %tp.topic, partition = tp.partition, expected = next, got = offset,
+                        "offset gap after seeking; refusing to skip (input topics must not be compacted)");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                } else {
+                    tracing::info!(topic = %tp.topic, partition = tp.partition, from = offset, to = next,
+                        "seeking to the stored offset");
+                }
+                if let Err(e) = self.consumer.seek(
+                    &tp.topic,
+                    tp.partition,
+                    Offset::Offset(next),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(error = %e, "seek failed; will retry");
+                    self.positions.remove(tp);
+                    return Ok(false);
+                }
+                self.positions
+                    .insert(tp.clone(), Position::Expect { next, seeked: true });
+                Ok(false)
+            }
+        }
+    }
+}
