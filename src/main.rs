@@ -4,8 +4,9 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    treasury::telemetry::init_logging();
     let cli = treasury::cli::Cli::parse();
+    let quiet = matches!(cli.command, treasury::cli::Command::Demo(_));
+    treasury::telemetry::init_logging(if quiet { "error" } else { "info" });
     match treasury::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -110,6 +110,7 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         .context("connecting to PostgreSQL")?;
     store.migrate().await.context("applying migrations")?;
     let metrics = crate::telemetry::init_metrics();
+    let jobs: Arc<dyn crate::store::jobs::JobStore> = Arc::new(store.clone());
     let store: Arc<dyn Store> = Arc::new(store);
     let codec = codec_for(&config);
     let (trigger, _) = shutdown::channel();
@@ -123,9 +124,19 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         )?);
     }
     if roles.contains(&Role::Executor) {
-        tracing::warn!(
-            "the executor role is not part of this build yet; running the aggregator only"
-        );
+        let registry = crate::providers::registry::ProviderRegistry::from_process_env(None);
+        let parts = crate::executor::build(&config, store.clone(), jobs, codec.clone(), registry)?;
+        tasks.extend(crate::executor::spawn(parts, &trigger));
+        if !roles.contains(&Role::Aggregator) {
+            // The executor publishes postings and DLQ records through the outbox too.
+            let base = kafka::base_config(&config);
+            let producer =
+                kafka::idempotent_producer(&base).context("creating the outbox producer")?;
+            let relay = Relay::new(store.clone(), producer);
+            tasks.push(tokio::spawn(
+                relay.run(trigger.subscribe(), Duration::from_millis(200)),
+            ));
+        }
     }
     let http_stop = trigger.subscribe();
     let app = http::router(http::AppState {

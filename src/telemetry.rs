@@ -3,10 +3,10 @@
 use tracing_subscriber::EnvFilter;
 
 /// Installs the log subscriber: human-readable by default, JSON when
-/// `TREASURY_LOG_FORMAT=json`; level from `RUST_LOG` (default `info`).
-pub fn init_logging() {
+/// `TREASURY_LOG_FORMAT=json`; level from `RUST_LOG` (default `level`).
+pub fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,sqlx=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},librdkafka=warn,sqlx=warn")));
     let json = std::env::var("TREASURY_LOG_FORMAT").is_ok_and(|f| f == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -22,11 +22,17 @@ pub struct Generated {
     pub defect: Option<&'static str>,
 }
 
-/// Mix of flows: probability that a USDC event is a deposit (vs a withdrawal).
+/// Mix and size of flows (probabilities are for generation, never money).
 #[derive(Debug, Clone, Copy)]
 pub struct FlowMix {
+    /// Share of events in USDC (the rest in USD).
     pub usdc_share: f64,
+    /// Share of deposits (the rest are withdrawals).
     pub deposit_share: f64,
+    /// Share of large events (5,000 to 25,000); the rest are 10 to `small_max`.
+    pub large_share: f64,
+    /// Largest whole amount of an ordinary event.
+    pub small_max: i64,
 }
 
 impl Default for FlowMix {
@@ -34,6 +40,8 @@ impl Default for FlowMix {
         Self {
             usdc_share: 0.8,
             deposit_share: 0.5,
+            large_share: 0.05,
+            small_max: 1_500,
         }
     }
 }
@@ -65,10 +73,10 @@ impl EventGenerator {
             FlowKind::Withdrawal
         };
         let (currency, scale) = if usdc { ("USDC", 6) } else { ("USD", 2) };
-        let whole: i64 = if self.rng.gen_bool(0.05) {
+        let whole: i64 = if self.rng.gen_bool(mix.large_share) {
             self.rng.gen_range(5_000..25_000)
         } else {
-            self.rng.gen_range(10..1_500)
+            self.rng.gen_range(10..mix.small_max.max(11))
         };
         let fraction: i64 = self.rng.gen_range(0..10_i64.pow(scale));
         let amount = Decimal::new(whole * 10_i64.pow(scale) + fraction, scale);

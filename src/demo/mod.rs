@@ -19,15 +19,19 @@ use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::codec::records::{DeadLetter, command_from_value};
+use crate::codec::records::{DeadLetter, command_from_value, posting_from_value};
 use crate::codec::{Codec, SchemaKind};
 use crate::config::Topics;
 use crate::domain::{BufferAccount, FlowKind};
+use crate::executor::intake::IntakeSettings;
+use crate::executor::{Intake, JobWorker, WorkerSettings};
 use crate::ingest::{Ingest, IngestSettings};
+use crate::providers::sandbox::{SandboxBehaviour, SandboxProvider};
 use crate::relay::Relay;
 use crate::settlement::{CycleResult, Settlement, SettlementSettings};
 use crate::shutdown;
 use crate::store::Store;
+use crate::store::jobs::JobStore;
 use crate::store::memory::MemoryStore;
 use crate::window::WindowSpec;
 use generator::{EventGenerator, FlowMix};
@@ -42,7 +46,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub window: Duration,
     /// Events generated per second.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 40)]
     pub rate: u32,
     /// Seed of the event generator (same seed, same events).
     #[arg(long, default_value_t = 7)]
@@ -103,6 +107,51 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         codec.clone(),
         listener.clone(),
     ));
+    let registry = crate::providers::registry::ProviderRegistry::standard(
+        |_| None,
+        Some(SandboxProvider::new(
+            args.seed,
+            SandboxBehaviour {
+                latency_min_ms: 20,
+                latency_max_ms: 200,
+                retryable_error_probability: 0.2,
+                fee_bps: rust_decimal::Decimal::from(10),
+                spread_bps: rust_decimal::Decimal::from(5),
+                polls_to_complete: 2,
+                ..SandboxBehaviour::default()
+            },
+        )),
+    );
+    let jobs: Arc<dyn JobStore> = Arc::new(store.clone());
+    let intake = Intake::new(
+        &crate::kafka::consumer_config(&base, "treasury-demo-executor"),
+        shared.clone(),
+        jobs.clone(),
+        codec.clone(),
+        IntakeSettings {
+            group: "treasury-demo-executor".into(),
+            commands_topic: topics.commands.clone(),
+            dlq_topic: topics.dlq.clone(),
+            batch_size: 100,
+            batch_max_wait: Duration::from_millis(100),
+        },
+    )?;
+    let worker = JobWorker::new(
+        jobs,
+        registry,
+        codec.clone(),
+        WorkerSettings {
+            owner: "demo".into(),
+            postings_topic: topics.postings.clone(),
+            max_retries: 3,
+            retry_initial: Duration::from_millis(100),
+            monitor_interval: Duration::from_millis(500),
+            stale_after: chrono::Duration::minutes(30),
+            conversion_timeout: chrono::Duration::minutes(30),
+        },
+    );
+    let executor_tasks =
+        crate::executor::spawn(crate::executor::ExecutorParts { intake, worker }, &stop);
     let settlement = Settlement::new(
         shared.clone(),
         codec.clone(),
@@ -137,12 +186,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let mix = FlowMix {
             usdc_share: 0.85,
             deposit_share: if phase < 0.4 {
-                0.15
+                0.25
             } else if phase < 0.7 {
-                0.85
+                0.75
             } else {
                 0.5
             },
+            large_share: 0.01,
+            small_max: 400,
         };
         let burst = (args.rate / 4).max(1) as usize * if generator.chance(0.2) { 3 } else { 1 };
         for _ in 0..burst {
@@ -166,6 +217,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let totals = ingest_task.await?;
     let _ = relay_task.await;
     let _ = watcher_task.await;
+    for task in executor_tasks {
+        let _ = task.await;
+    }
 
     println!("\n=== summary ===");
     println!(
@@ -196,6 +250,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let commands = shared.planned_commands().await?;
     println!("commands: {} planned", commands.len());
+    let all_jobs = store.jobs().await;
+    for job in &all_jobs {
+        println!(
+            "  job {} {} {} via {} → {}{}",
+            &job.id.to_string()[..8],
+            job.direction,
+            job.amount,
+            job.provider_name.as_deref().unwrap_or("-"),
+            job.status,
+            job.destination_amount
+                .map(|d| format!(
+                    " ({d} received, fee {})",
+                    job.fee.map(|f| f.to_string()).unwrap_or_default()
+                ))
+                .unwrap_or_default()
+        );
+    }
+    let postings = store.postings().await;
+    println!(
+        "postings: {} (one per completed job, each balanced per currency)",
+        postings.len()
+    );
+    if let Some(p) = postings.first() {
+        println!("  example posting:\n{}", serde_json::to_string_pretty(p)?);
+    }
     print!(
         "\n{}",
         crate::cli::render_status(&shared.buffer_report().await?)
@@ -208,7 +287,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             produced.valid, totals.counted
         );
     }
-    drop(store);
     Ok(())
 }
 
@@ -349,7 +427,19 @@ async fn watch_outputs(
         let Some(payload) = message.payload() else {
             continue;
         };
-        if message.topic() == topics.dlq {
+        if message.topic() == topics.postings {
+            if let Ok(value) = codec.decode_cached(payload, SchemaKind::LedgerPosting)
+                && let Ok(posting) = posting_from_value(&value)
+            {
+                println!(
+                    "    posted on {}: {} ({} entries, rate {})",
+                    topics.postings,
+                    posting.description,
+                    posting.entries.len(),
+                    posting.exchange_rate
+                );
+            }
+        } else if message.topic() == topics.dlq {
             if let Ok(value) = codec.decode_cached(payload, SchemaKind::DeadLetter)
                 && let Ok(dl) = DeadLetter::from_value(&value)
             {

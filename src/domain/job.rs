@@ -129,3 +129,63 @@ pub struct IllegalTransition {
     pub from: JobStatus,
     pub to: JobStatus,
 }
+
+/// A conversion job: one command executed at a provider, followed to its end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversionJob {
+    pub id: uuid::Uuid,
+    /// The command id; at most one job per command.
+    pub command_id: uuid::Uuid,
+    pub direction: super::ConversionDirection,
+    pub trigger: super::ConversionTrigger,
+    /// Amount sent, in the source currency.
+    pub amount: super::Money,
+    pub source_account: super::BufferAccount,
+    pub destination_account: super::BufferAccount,
+    pub status: JobStatus,
+    pub provider_id: Option<uuid::Uuid>,
+    pub provider_name: Option<String>,
+    /// The provider's id for the conversion (set once it accepted it).
+    pub provider_tx_id: Option<String>,
+    /// Providers already tried and given up on, in order.
+    pub attempted_providers: Vec<uuid::Uuid>,
+    pub destination_amount: Option<super::Money>,
+    pub fee: Option<super::Money>,
+    pub exchange_rate: Option<rust_decimal::Decimal>,
+    pub retry_count: i32,
+    pub error_message: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub submitted_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub stale_flagged_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl ConversionJob {
+    /// The job for a command. Its id derives from the command id, so the
+    /// same command always names the same job.
+    pub fn from_command(command: &super::ConversionCommand) -> Self {
+        const JOB_ID_NAMESPACE: uuid::Uuid =
+            uuid::Uuid::from_u128(0x0b3c_5d7e_9f10_4a2b_8c4d_6e8f_a0b1_c2d3);
+        Self {
+            id: uuid::Uuid::new_v5(&JOB_ID_NAMESPACE, command.command_id.as_bytes()),
+            command_id: command.command_id,
+            direction: command.direction,
+            trigger: command.trigger,
+            amount: command.amount,
+            source_account: command.source_account,
+            destination_account: command.destination_account,
+            status: JobStatus::Pending,
+            provider_id: None,
+            provider_name: None,
+            provider_tx_id: None,
+            attempted_providers: Vec::new(),
+            destination_amount: None,
+            fee: None,
+            exchange_rate: None,
+            retry_count: 0,
+            error_message: None,
+            created_at: command.created_at,
+            submitted_at: None,
+            stale_flagged_at: None,
+        }
+    }
+}

@@ -14,5 +14,5 @@ pub use buffer::{BufferAccount, BufferStatus, InvalidThresholds, Thresholds};
 pub use conversion::{ConversionCommand, ConversionDirection, ConversionTrigger};
 pub use currency::{Currency, CurrencyUnit, Usd, Usdc};
 pub use event::{BufferDelta, FLOW_TABLE, FlowEffect, FlowEvent, FlowKind, flow_effect};
-pub use job::{IllegalTransition, JobStatus};
+pub use job::{ConversionJob, IllegalTransition, JobStatus};
 pub use posting::{EntrySide, LedgerEntry, LedgerPosting, PostingError};

@@ -3,7 +3,7 @@
 //! Each transaction works on a copy of the state and swaps it in on commit,
 //! so a dropped transaction changes nothing, as in PostgreSQL.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -13,12 +13,16 @@ use rust_decimal_macros::dec;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
+use super::jobs::{JobStore, JobUpdate};
 use super::{
     BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
     Store, StoreError, StoreTx, TopicPartition, WindowRecord,
 };
-use crate::domain::{BufferAccount, ConversionDirection, Thresholds};
+use crate::domain::{
+    BufferAccount, ConversionDirection, ConversionJob, JobStatus, LedgerPosting, Thresholds,
+};
 use crate::planner::{AmountLimits, BufferPosition};
+use crate::providers::registry::{ProviderRow, ProviderStatus};
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
 
 #[derive(Debug, Clone)]
@@ -40,10 +44,46 @@ struct State {
     buffers: BTreeMap<BufferAccount, (Thresholds, Decimal, Decimal)>,
     limits: BTreeMap<ConversionDirection, AmountLimits>,
     planned: Vec<PlannedCommand>,
-    /// Commands whose conversion job reached a final status.
-    settled_commands: HashSet<Uuid>,
     outbox: Vec<(OutboxMessage, bool)>,
     triggers: Vec<(i64, Option<serde_json::Value>)>,
+    jobs: BTreeMap<Uuid, MemoryJob>,
+    providers: Vec<ProviderRow>,
+    postings: BTreeMap<Uuid, LedgerPosting>,
+}
+
+#[derive(Debug, Clone)]
+struct MemoryJob {
+    job: ConversionJob,
+    lease: Option<(String, std::time::Instant)>,
+    history: Vec<(Option<JobStatus>, JobStatus, String)>,
+}
+
+/// Two sandbox providers shaped like the seeded Due and ZeroHash rows.
+fn sandbox_providers() -> Vec<ProviderRow> {
+    let row = |id: u128, name: &str, priority, max, fee| ProviderRow {
+        id: Uuid::from_u128(id),
+        name: name.into(),
+        provider_type: "sandbox".into(),
+        priority,
+        status: ProviderStatus::Active,
+        supports_usdc_to_usd: true,
+        supports_usd_to_usdc: true,
+        min_amount: dec!(100),
+        max_amount: max,
+        daily_volume_limit: Some(dec!(10000000)),
+        daily_volume_used: Decimal::ZERO,
+        success_count: 0,
+        failure_count: 0,
+        fee_percentage: fee,
+        fee_fixed: Decimal::ZERO,
+        spread_bps: dec!(5),
+        credentials_ref: None,
+        base_url: None,
+    };
+    vec![
+        row(1, "SandboxDue", 1, dec!(500000), dec!(0.001)),
+        row(2, "SandboxZeroHash", 2, dec!(1000000), dec!(0.0015)),
+    ]
 }
 
 impl State {
@@ -88,10 +128,21 @@ impl State {
                 (ConversionDirection::UsdToUsdc, limits),
             ]),
             planned: Vec::new(),
-            settled_commands: HashSet::new(),
             outbox: Vec::new(),
             triggers: Vec::new(),
+            jobs: BTreeMap::new(),
+            providers: sandbox_providers(),
+            postings: BTreeMap::new(),
         }
+    }
+}
+
+impl State {
+    /// Whether the command's job has reached a final status.
+    fn command_settled(&self, command: Uuid) -> bool {
+        self.jobs
+            .values()
+            .any(|j| j.job.command_id == command && j.job.status.is_final())
     }
 }
 
@@ -114,24 +165,6 @@ impl MemoryStore {
     pub async fn set_balance(&self, account: BufferAccount, balance: Decimal) {
         if let Some(buffer) = self.state.lock().await.buffers.get_mut(&account) {
             buffer.2 = balance;
-        }
-    }
-
-    /// Records that a command's job reached a final status and moves balances.
-    pub async fn settle_command(
-        &self,
-        command_id: Uuid,
-        debit: (BufferAccount, Decimal),
-        credit: (BufferAccount, Decimal),
-    ) {
-        let mut state = self.state.lock().await;
-        if state.settled_commands.insert(command_id) {
-            if let Some(b) = state.buffers.get_mut(&debit.0) {
-                b.2 -= debit.1;
-            }
-            if let Some(b) = state.buffers.get_mut(&credit.0) {
-                b.2 += credit.1;
-            }
         }
     }
 }
@@ -391,9 +424,7 @@ impl StoreTx for MemoryTx {
             self.work
                 .planned
                 .iter()
-                .filter(|p| {
-                    p.emitted && !self.work.settled_commands.contains(&p.command.command_id)
-                })
+                .filter(|p| p.emitted && !self.work.command_settled(p.command.command_id))
                 .filter(|p| pick(p) == account)
                 .map(|p| p.command.amount.value)
                 .sum::<Decimal>()
@@ -481,5 +512,206 @@ impl StoreTx for MemoryTx {
         let MemoryTx { mut guard, work } = *self;
         *guard = work;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl JobStore for MemoryStore {
+    async fn intake(
+        &self,
+        group: &str,
+        ranges: &[OffsetRange],
+        jobs: &[ConversionJob],
+        dead_letters: &[OutboxMessage],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self.begin(LockMode::Shared).await?;
+        tx.advance_offsets(group, ranges).await?;
+        tx.enqueue(dead_letters).await?;
+        // The memory transaction is opaque here; apply jobs after its commit
+        // while still holding no other lock (the demo has one executor).
+        tx.commit().await?;
+        let mut state = self.state.lock().await;
+        let mut created = Vec::new();
+        for job in jobs {
+            if state
+                .jobs
+                .values()
+                .any(|j| j.job.command_id == job.command_id)
+            {
+                continue;
+            }
+            state.jobs.insert(
+                job.id,
+                MemoryJob {
+                    job: job.clone(),
+                    lease: None,
+                    history: vec![(None, JobStatus::Pending, "created from command".into())],
+                },
+            );
+            created.push(job.id);
+        }
+        Ok(created)
+    }
+
+    async fn lease_jobs(
+        &self,
+        owner: &str,
+        lease: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<ConversionJob>, StoreError> {
+        let mut state = self.state.lock().await;
+        let now = std::time::Instant::now();
+        let mut leased = Vec::new();
+        for entry in state.jobs.values_mut() {
+            if leased.len() as i64 >= limit {
+                break;
+            }
+            let open = !entry.job.status.is_final() && entry.job.status != JobStatus::NeedsReview;
+            let free = entry
+                .lease
+                .as_ref()
+                .is_none_or(|(who, until)| *until < now || who == owner);
+            if open && free {
+                entry.lease = Some((owner.to_owned(), now + lease));
+                leased.push(entry.job.clone());
+            }
+        }
+        leased.sort_by_key(|j| j.created_at);
+        Ok(leased)
+    }
+
+    async fn release(&self, owner: &str, job: Uuid) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        if let Some(entry) = state.jobs.get_mut(&job)
+            && entry.lease.as_ref().is_some_and(|(who, _)| who == owner)
+        {
+            entry.lease = None;
+        }
+        Ok(())
+    }
+
+    async fn providers(&self) -> Result<Vec<ProviderRow>, StoreError> {
+        Ok(self.state.lock().await.providers.clone())
+    }
+
+    async fn in_flight_by_provider(&self) -> Result<HashMap<Uuid, Decimal>, StoreError> {
+        let state = self.state.lock().await;
+        let mut volume = HashMap::new();
+        for entry in state.jobs.values() {
+            if let Some(p) = entry.job.provider_id
+                && !entry.job.status.is_final()
+            {
+                *volume.entry(p).or_insert(Decimal::ZERO) += entry.job.amount.value;
+            }
+        }
+        Ok(volume)
+    }
+
+    async fn update_job(&self, update: JobUpdate<'_>) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(&update.job.id) else {
+            return Ok(false);
+        };
+        if entry.job.status != update.from {
+            return Ok(false);
+        }
+        if update.job.status != update.from {
+            update
+                .from
+                .transition(update.job.status)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        entry.job = update.job.clone();
+        entry
+            .history
+            .push((Some(update.from), update.job.status, update.note.to_owned()));
+        Ok(true)
+    }
+
+    async fn record_provider_failure(&self, provider: Uuid) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        if let Some(p) = state.providers.iter_mut().find(|p| p.id == provider) {
+            p.failure_count += 1;
+        }
+        Ok(())
+    }
+
+    async fn complete_job(
+        &self,
+        job: &ConversionJob,
+        posting: &LedgerPosting,
+        message: &OutboxMessage,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().await;
+        let destination = job
+            .destination_amount
+            .ok_or_else(|| StoreError::Corrupt("no destination amount".into()))?;
+        let Some(entry) = state.jobs.get_mut(&job.id) else {
+            return Ok(false);
+        };
+        if entry.job.status != JobStatus::ProviderCompleted {
+            return Ok(false);
+        }
+        entry.job = ConversionJob {
+            status: JobStatus::Completed,
+            ..job.clone()
+        };
+        entry.history.push((
+            Some(JobStatus::ProviderCompleted),
+            JobStatus::LedgerUpdating,
+            "posting ledger entries".into(),
+        ));
+        entry.history.push((
+            Some(JobStatus::LedgerUpdating),
+            JobStatus::Completed,
+            "ledger posted".into(),
+        ));
+        if state.postings.insert(job.id, posting.clone()).is_some() {
+            return Err(StoreError::Corrupt(format!(
+                "job {} already has a posting",
+                job.id
+            )));
+        }
+        if let Some(b) = state.buffers.get_mut(&job.source_account) {
+            b.2 -= job.amount.value;
+        }
+        if let Some(b) = state.buffers.get_mut(&job.destination_account) {
+            b.2 += destination.value;
+        }
+        if let Some(p) = state
+            .providers
+            .iter_mut()
+            .find(|p| Some(p.id) == job.provider_id)
+        {
+            p.success_count += 1;
+            p.daily_volume_used += job.amount.value;
+        }
+        state.outbox.push((message.clone(), false));
+        Ok(true)
+    }
+
+    async fn job(&self, id: Uuid) -> Result<Option<ConversionJob>, StoreError> {
+        Ok(self.state.lock().await.jobs.get(&id).map(|j| j.job.clone()))
+    }
+}
+
+impl MemoryStore {
+    /// Every job, oldest first (demo summary).
+    pub async fn jobs(&self) -> Vec<ConversionJob> {
+        let mut jobs: Vec<ConversionJob> = self
+            .state
+            .lock()
+            .await
+            .jobs
+            .values()
+            .map(|j| j.job.clone())
+            .collect();
+        jobs.sort_by_key(|j| j.created_at);
+        jobs
+    }
+
+    /// Every posting (demo summary).
+    pub async fn postings(&self) -> Vec<LedgerPosting> {
+        self.state.lock().await.postings.values().cloned().collect()
     }
 }

@@ -5,8 +5,10 @@
 //! Two implementations share this interface: [`postgres::PgStore`] (durable,
 //! production) and [`memory::MemoryStore`] (the embedded demo; NOT durable).
 
+pub mod jobs;
 pub mod memory;
 pub mod postgres;
+mod postgres_jobs;
 
 use std::collections::{BTreeMap, HashSet};
 

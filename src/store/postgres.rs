@@ -56,6 +56,16 @@ impl PgStore {
         &self.pool
     }
 
+    /// A transaction holding the shared settlement lock (job and intake work).
+    pub(super) async fn begin_shared(&self) -> Result<PgTx, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(SETTLEMENT_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        Ok(PgTx { tx })
+    }
+
     /// Applies pending migrations; a second run is a no-op.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
@@ -315,8 +325,20 @@ fn planned_from_row(r: &sqlx::postgres::PgRow) -> Result<PlannedCommand, StoreEr
     })
 }
 
-struct PgTx {
+pub(super) struct PgTx {
     tx: Transaction<'static, Postgres>,
+}
+
+impl PgTx {
+    /// The connection, for queries outside the [`StoreTx`] interface.
+    pub(super) fn pg(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
+    }
+
+    /// The transaction itself.
+    pub(super) fn pg_tx(&mut self) -> &mut Transaction<'static, Postgres> {
+        &mut self.tx
+    }
 }
 
 #[async_trait]

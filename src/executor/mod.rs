@@ -1,0 +1,89 @@
+//! The executor: turns conversion commands into jobs (exactly once per
+//! command), runs each job at a provider and follows it to the end, then
+//! posts balanced ledger entries with the job's completion.
+//!
+//! - [`intake`] consumes `treasury.conversion-commands` like the aggregator
+//!   consumes its inputs: offsets, new jobs and DLQ records in one transaction.
+//! - [`worker`] drives leased jobs through the status machine: provider
+//!   selection, initiation with the job id as idempotency key, retries with
+//!   backoff, fallback, polling, stale flags, timeout to `needs_review`, and
+//!   completion with the posting.
+
+pub mod intake;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use intake::Intake;
+pub use worker::{JobWorker, WorkerSettings};
+
+use crate::codec::Codec;
+use crate::config::Config;
+use crate::providers::registry::ProviderRegistry;
+use crate::shutdown::ShutdownTrigger;
+use crate::store::Store;
+use crate::store::jobs::JobStore;
+
+/// Worker settings from the configuration.
+pub fn worker_settings(config: &Config, owner: String) -> WorkerSettings {
+    WorkerSettings {
+        owner,
+        postings_topic: config.topics.postings.clone(),
+        max_retries: config.max_retries,
+        retry_initial: Duration::from_millis(500),
+        monitor_interval: config.monitor_interval,
+        stale_after: chrono::Duration::from_std(config.stale_after).expect("stale_after fits"),
+        conversion_timeout: chrono::Duration::from_std(config.conversion_timeout)
+            .expect("conversion timeout fits"),
+    }
+}
+
+/// Everything the executor's two tasks share.
+pub struct ExecutorParts {
+    pub intake: Intake,
+    pub worker: JobWorker,
+}
+
+/// Spawns the executor's tasks: command intake and the job worker.
+pub fn spawn(parts: ExecutorParts, shutdown: &ShutdownTrigger) -> Vec<tokio::task::JoinHandle<()>> {
+    let ExecutorParts { intake, worker } = parts;
+    let wake = worker.waker();
+    let intake_stop = shutdown.subscribe();
+    let worker_stop = shutdown.subscribe();
+    vec![
+        tokio::spawn(async move { intake.run(intake_stop, wake).await }),
+        tokio::spawn(async move { worker.run(worker_stop).await }),
+    ]
+}
+
+/// Builds the executor from the configuration.
+pub fn build(
+    config: &Config,
+    store: Arc<dyn Store>,
+    jobs: Arc<dyn JobStore>,
+    codec: Codec,
+    registry: ProviderRegistry,
+) -> anyhow::Result<ExecutorParts> {
+    let base = crate::kafka::base_config(config);
+    let intake = Intake::new(
+        &crate::kafka::consumer_config(&base, &config.executor_group),
+        store,
+        jobs.clone(),
+        codec.clone(),
+        intake::IntakeSettings {
+            group: config.executor_group.clone(),
+            commands_topic: config.topics.commands.clone(),
+            dlq_topic: config.topics.dlq.clone(),
+            batch_size: config.batch_size.min(500),
+            batch_max_wait: config.batch_max_wait,
+        },
+    )?;
+    let owner = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "treasury".into()),
+        uuid::Uuid::new_v4().simple()
+    );
+    let worker = JobWorker::new(jobs, registry, codec, worker_settings(config, owner));
+    Ok(ExecutorParts { intake, worker })
+}
