@@ -1,1 +1,917 @@
-fn main() {}
+//! Ingest throughput: how many events per second the aggregator's ingest
+//! counts into PostgreSQL, next to what the broker can deliver and what a
+//! naive one-transaction-per-event consumer manages.
+//!
+//! Run with the nisshi broker and PostgreSQL up (`bash .ci/run` starts both):
+//!
+//! ```text
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres KAFKA_BROKERS=127.0.0.1:19092 \
+//!     cargo bench --bench ingest_throughput
+//! ```
+//!
+//! Optional: `BENCH_EVENTS` (default 50000), `BENCH_PARTITIONS` (default 4),
+//! `BENCH_BATCH` (engine batch size, default 1000), `BENCH_BASELINE_EVENTS`
+//! (events the naive baseline processes before its rate is extrapolated,
+//! default min(N, 10000)).
+//!
+//! One run produces N generated, valid, time-ordered events to fresh funding
+//! and withdrawal topics, then reads them three times, each with a new
+//! consumer group:
+//! (a) ceiling: a plain rdkafka consumer that only touches each payload;
+//! (b) baseline: decode + one PostgreSQL transaction per event (claim the event
+//!     id, upsert the window's sums, store the offset);
+//! (c) engine: `treasury::ingest::Ingest`, batched, on its own scratch database.
+//!
+//! Scratch databases (`treasury_bench_<random>_*`) and topics are removed at
+//! the end, also after a failure or Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, TimeZone, Utc};
+use futures::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use treasury::codec::Codec;
+use treasury::demo::generator::{EventGenerator, FlowMix, Generated};
+use treasury::domain::FlowKind;
+use treasury::ingest::{Ingest, IngestSettings, decode_event};
+use treasury::store::Store;
+use treasury::store::postgres::PgStore;
+use treasury::window::WindowSpec;
+
+/// Longest a consumer may go without progress before the run is abandoned.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+/// The engine's default `TREASURY_BATCH_MAX_WAIT`.
+const BATCH_MAX_WAIT: Duration = Duration::from_millis(100);
+/// Event-time spacing of the generated events.
+const EVENT_SPACING_MS: i64 = 100;
+/// Seed of the event generator (same seed, same events).
+const SEED: u64 = 20_261_125;
+
+/// What the run is asked to do.
+#[derive(Debug, Clone)]
+struct Settings {
+    database_url: String,
+    brokers: String,
+    events: usize,
+    partitions: i32,
+    batch: usize,
+    baseline_events: usize,
+}
+
+/// Scratch databases and topics to remove at the end, whatever happens.
+#[derive(Default)]
+struct Created {
+    databases: Vec<String>,
+    topics: Vec<String>,
+}
+
+type SharedCreated = Arc<Mutex<Created>>;
+
+/// One consumer's measurement.
+struct Measured {
+    /// Events read (and, except for the ceiling, committed).
+    events: u64,
+    /// From subscribing until the last event: includes the group join.
+    total: Duration,
+    /// Events after the first delivery (ceiling) or first commit (baseline,
+    /// engine), and the time they took: excludes the group join.
+    steady_events: u64,
+    steady: Duration,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        per_second(self.events, self.total)
+    }
+
+    /// The rate once messages flow; the total rate when too few events came
+    /// after the first delivery to time.
+    fn steady_rate(&self) -> f64 {
+        if self.steady_events == 0 || self.steady.is_zero() {
+            self.rate()
+        } else {
+            per_second(self.steady_events, self.steady)
+        }
+    }
+}
+
+fn per_second(events: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        events as f64 / secs
+    } else {
+        f64::INFINITY
+    }
+}
+
+fn env_number<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{name}={v:?} is not a valid number: {e}")),
+        _ => Ok(default),
+    }
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+impl Settings {
+    fn from_env(database_url: String, brokers: String) -> anyhow::Result<Self> {
+        let events: usize = env_number("BENCH_EVENTS", 50_000)?;
+        let partitions: i32 = env_number("BENCH_PARTITIONS", 4)?;
+        let batch: usize = env_number("BENCH_BATCH", 1_000)?;
+        let baseline_events: usize = env_number("BENCH_BASELINE_EVENTS", events.min(10_000))?;
+        if events == 0 || partitions <= 0 || batch == 0 || baseline_events == 0 {
+            bail!(
+                "BENCH_EVENTS, BENCH_PARTITIONS, BENCH_BATCH and BENCH_BASELINE_EVENTS must be positive"
+            );
+        }
+        Ok(Self {
+            database_url,
+            brokers,
+            events,
+            partitions,
+            batch,
+            baseline_events: baseline_events.min(events),
+        })
+    }
+}
+
+fn how_to_start() {
+    println!(
+        "ingest_throughput: SKIPPED (exit 0) — DATABASE_URL and KAFKA_BROKERS must both be set.\n\
+         \n\
+         Start the services with `bash .ci/run` (starts PostgreSQL and the nisshi broker, then\n\
+         runs the test suite), or by hand (see /work/shared/KAFKA.md):\n\
+         \n\
+         \x20   nisshi broker --listener-url tcp://127.0.0.1:19092 \\\n\
+         \x20                 --advertised-listener-url tcp://127.0.0.1:19092 \\\n\
+         \x20                 --storage-engine memory://nisshi/ &\n\
+         \n\
+         and run:\n\
+         \n\
+         \x20   DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \\\n\
+         \x20   KAFKA_BROKERS=127.0.0.1:19092 cargo bench --bench ingest_throughput\n\
+         \n\
+         DATABASE_URL names any database on the server; the bench creates and drops its own\n\
+         scratch databases (treasury_bench_<random>_*) through the server's `postgres` database."
+    );
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let (Some(database_url), Some(brokers)) = (
+        non_empty_env("DATABASE_URL"),
+        non_empty_env("KAFKA_BROKERS"),
+    ) else {
+        how_to_start();
+        return ExitCode::SUCCESS;
+    };
+    let settings = match Settings::from_env(database_url, brokers) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ingest_throughput: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match PgConnectOptions::from_str(&settings.database_url) {
+        Ok(o) => o.database("postgres"),
+        Err(e) => {
+            eprintln!("ingest_throughput: DATABASE_URL is not a PostgreSQL URL: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let created: SharedCreated = Arc::default();
+    let mut task = tokio::spawn(run(settings.clone(), admin.clone(), created.clone()));
+    let outcome = tokio::select! {
+        joined = &mut task => match joined {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::anyhow!("the bench panicked: {e}")),
+        },
+        _ = tokio::signal::ctrl_c() => {
+            task.abort();
+            let _ = task.await;
+            Err(anyhow::anyhow!("interrupted"))
+        }
+    };
+    let cleaned = clean_up(&settings, admin, &created).await;
+
+    match (outcome, cleaned) {
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        (outcome, cleaned) => {
+            if let Err(e) = outcome {
+                eprintln!("ingest_throughput: FAILED: {e:#}");
+                eprintln!(
+                    "(is PostgreSQL reachable at DATABASE_URL and the nisshi broker at KAFKA_BROKERS? \
+                     `bash .ci/run` starts both)"
+                );
+            }
+            if let Err(e) = cleaned {
+                eprintln!("ingest_throughput: cleanup incomplete: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(
+    settings: Settings,
+    admin: PgConnectOptions,
+    created: SharedCreated,
+) -> anyhow::Result<()> {
+    let admin_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(admin.clone())
+        .await
+        .context("connecting to the server's `postgres` database (DATABASE_URL)")?;
+    let pg_version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&admin_pool)
+        .await?;
+
+    println!("ingest_throughput — Treasury Engine ingest bench");
+    println!(
+        "machine:   nproc {}, {}, {} RAM",
+        nproc(),
+        cpu_model(),
+        mem_total()
+    );
+    println!(
+        "services:  PostgreSQL {pg_version} at {}; Kafka (nisshi) at {}",
+        redacted_server(&settings.database_url),
+        settings.brokers
+    );
+    println!(
+        "workload:  N = {} events, {} partitions per topic, engine batch {} (max wait {} ms)",
+        settings.events,
+        settings.partitions,
+        settings.batch,
+        BATCH_MAX_WAIT.as_millis()
+    );
+
+    // 1. Topics and events.
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let funding = format!("bench.funding.{suffix}");
+    let withdrawals = format!("bench.withdrawals.{suffix}");
+    let dlq = format!("bench.dlq.{suffix}");
+    let base = treasury::kafka::client_config(&settings.brokers, &BTreeMap::new());
+    lock(&created)
+        .topics
+        .extend([funding.clone(), withdrawals.clone(), dlq.clone()]);
+    treasury::kafka::ensure_topics(&base, &[&funding, &withdrawals], settings.partitions)
+        .await
+        .context("creating the input topics")?;
+    treasury::kafka::ensure_topics(&base, &[&dlq], 1)
+        .await
+        .context("creating the DLQ topic")?;
+
+    let events = generate(settings.events);
+    let deposits = events
+        .iter()
+        .filter(|g| g.kind == FlowKind::Deposit)
+        .count();
+    let payload_bytes: usize = events.iter().map(|g| g.bytes.len()).sum();
+    let started = Instant::now();
+    produce(&base, &funding, &withdrawals, &events).await?;
+    let produced_in = started.elapsed();
+    println!(
+        "produced:  {} events ({} deposits → {funding}, {} withdrawals → {withdrawals}; \
+         {} payload bytes) in {:.2} s = {} events/s (idempotent producer, acks=all)",
+        events.len(),
+        deposits,
+        events.len() - deposits,
+        payload_bytes,
+        produced_in.as_secs_f64(),
+        rate_text(per_second(events.len() as u64, produced_in)),
+    );
+    drop(events);
+    let topics = [funding.as_str(), withdrawals.as_str()];
+    let spec = WindowSpec::new(Duration::from_secs(300), Duration::from_secs(30));
+
+    // 2a. Ceiling.
+    println!("\n(a) ceiling: plain consumer …");
+    let ceiling = ceiling(&base, &topics, settings.events as u64).await?;
+    println!(
+        "    read {} messages in {:.2} s",
+        ceiling.events,
+        ceiling.total.as_secs_f64()
+    );
+
+    // 2b. Baseline.
+    println!(
+        "(b) baseline: one transaction per event, {} of {} events …",
+        settings.baseline_events, settings.events
+    );
+    let baseline_store = scratch_database(&admin_pool, &admin, "baseline", &created).await?;
+    let baseline = baseline(
+        &base,
+        &topics,
+        &funding,
+        baseline_store.pool(),
+        &spec,
+        settings.baseline_events as u64,
+    )
+    .await?;
+    let baseline_rows = processed_events(baseline_store.pool()).await?;
+    baseline_store.pool().close().await;
+    if baseline_rows != baseline.events {
+        bail!(
+            "baseline: processed_events holds {baseline_rows} rows, expected {}",
+            baseline.events
+        );
+    }
+    println!(
+        "    committed {} events in {:.2} s (processed_events: {baseline_rows} rows)",
+        baseline.events,
+        baseline.total.as_secs_f64()
+    );
+
+    // 2c. Engine.
+    println!(
+        "(c) engine: treasury::ingest::Ingest, batch {} …",
+        settings.batch
+    );
+    let engine_store = scratch_database(&admin_pool, &admin, "engine", &created).await?;
+    let (engine, batches) = engine(
+        &base,
+        &funding,
+        &withdrawals,
+        &dlq,
+        engine_store.clone(),
+        spec,
+        &settings,
+    )
+    .await?;
+    let engine_rows = processed_events(engine_store.pool()).await?;
+    engine_store.pool().close().await;
+    if engine_rows != settings.events as u64 {
+        bail!(
+            "engine: processed_events holds {engine_rows} rows, expected {}",
+            settings.events
+        );
+    }
+    println!(
+        "    counted {} events in {:.2} s, {batches} batch commits (processed_events: {engine_rows} rows)",
+        engine.events,
+        engine.total.as_secs_f64()
+    );
+    admin_pool.close().await;
+
+    report(&settings, &ceiling, &baseline, &engine);
+    Ok(())
+}
+
+/// N valid events, time-ordered, 100 ms apart in event time from a fixed
+/// historical start (5-minute windows hold about 3000 each).
+fn generate(n: usize) -> Vec<Generated> {
+    let start: DateTime<Utc> = Utc
+        .with_ymd_and_hms(2026, 1, 5, 9, 0, 0)
+        .single()
+        .expect("a valid date");
+    let mut generator = EventGenerator::new(SEED);
+    (0..n)
+        .map(|i| {
+            let at = start + chrono::Duration::milliseconds(EVENT_SPACING_MS * i as i64);
+            generator.event(at, FlowMix::default())
+        })
+        .collect()
+}
+
+/// Produces every event (keyed by user) to its kind's topic and waits for
+/// every delivery report.
+async fn produce(
+    base: &ClientConfig,
+    funding: &str,
+    withdrawals: &str,
+    events: &[Generated],
+) -> anyhow::Result<()> {
+    let producer: FutureProducer =
+        treasury::kafka::idempotent_producer(base).context("creating the producer")?;
+    for chunk in events.chunks(5_000) {
+        let sends = chunk.iter().map(|g| {
+            let topic = match g.kind {
+                FlowKind::Deposit => funding,
+                FlowKind::Withdrawal => withdrawals,
+            };
+            let key = g
+                .record
+                .as_ref()
+                .map(|r| r.user_id.to_string())
+                .unwrap_or_default();
+            let producer = &producer;
+            async move {
+                producer
+                    .send(
+                        FutureRecord::to(topic).key(&key).payload(&g.bytes),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| e)
+            }
+        });
+        for result in join_all(sends).await {
+            result.context("producing an event")?;
+        }
+    }
+    Ok(())
+}
+
+/// A consumer in a new group that starts from the beginning and commits nothing.
+fn plain_consumer(
+    base: &ClientConfig,
+    group: &str,
+    topics: &[&str],
+) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = base
+        .clone()
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .context("creating a consumer")?;
+    consumer.subscribe(topics).context("subscribing")?;
+    Ok(consumer)
+}
+
+fn new_group(role: &str) -> String {
+    format!("bench-{role}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// (a) Reads `n` messages and only touches each payload's length.
+async fn ceiling(base: &ClientConfig, topics: &[&str], n: u64) -> anyhow::Result<Measured> {
+    let started = Instant::now();
+    let consumer = plain_consumer(base, &new_group("ceiling"), topics)?;
+    let mut read = 0_u64;
+    let mut bytes = 0_usize;
+    let mut first: Option<Instant> = None;
+    while read < n {
+        let message = match tokio::time::timeout(STALL_LIMIT, consumer.recv()).await {
+            Err(_) => bail!("ceiling: no message for {STALL_LIMIT:?} after {read} of {n}"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "ceiling consumer error");
+                continue;
+            }
+            Ok(Ok(m)) => m,
+        };
+        bytes += message.payload().map_or(0, <[u8]>::len);
+        read += 1;
+        first.get_or_insert_with(Instant::now);
+    }
+    let ended = Instant::now();
+    std::hint::black_box(bytes);
+    let first = first.unwrap_or(ended);
+    Ok(Measured {
+        events: read,
+        total: ended - started,
+        steady_events: read.saturating_sub(1),
+        steady: ended - first,
+    })
+}
+
+/// (b) Decodes each message and commits it alone: claim the event id, add it
+/// to its window's sums, store the next offset — one transaction per event.
+async fn baseline(
+    base: &ClientConfig,
+    topics: &[&str],
+    funding: &str,
+    pool: &PgPool,
+    spec: &WindowSpec,
+    n: u64,
+) -> anyhow::Result<Measured> {
+    let group = new_group("baseline");
+    let codec = Codec::default();
+    let started = Instant::now();
+    let consumer = plain_consumer(base, &group, topics)?;
+    let mut done = 0_u64;
+    let mut first: Option<Instant> = None;
+    while done < n {
+        let message = match tokio::time::timeout(STALL_LIMIT, consumer.recv()).await {
+            Err(_) => bail!("baseline: no message for {STALL_LIMIT:?} after {done} of {n}"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "baseline consumer error");
+                continue;
+            }
+            Ok(Ok(m)) => m,
+        };
+        let topic = message.topic().to_owned();
+        let partition = message.partition();
+        let offset = message.offset();
+        let kind = if topic == funding {
+            FlowKind::Deposit
+        } else {
+            FlowKind::Withdrawal
+        };
+        let event = decode_event(&codec, kind, message.payload(), Utc::now())
+            .map_err(|r| anyhow::anyhow!("baseline: {topic}/{partition}@{offset} refused: {r}"))?;
+        drop(message);
+
+        let window_start = spec.window_start(event.occurred_at);
+        let mut tx = pool.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO processed_events (event_id, source_topic, partition, \"offset\", window_start)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event.event_id)
+        .bind(&topic)
+        .bind(partition)
+        .bind(offset)
+        .bind(window_start)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if claimed {
+            sqlx::query(
+                "INSERT INTO settlement_windows (window_start, window_end, event_count)
+                 VALUES ($1, $2, 1)
+                 ON CONFLICT (window_start) DO UPDATE SET
+                    event_count = settlement_windows.event_count + 1",
+            )
+            .bind(window_start)
+            .bind(spec.window_end(window_start))
+            .execute(&mut *tx)
+            .await?;
+            for delta in event.buffer_deltas() {
+                let (inflow, outflow) = if delta.delta >= Decimal::ZERO {
+                    (delta.delta, Decimal::ZERO)
+                } else {
+                    (Decimal::ZERO, -delta.delta)
+                };
+                sqlx::query(
+                    "INSERT INTO window_flows (window_start, account_type, inflow, outflow)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (window_start, account_type) DO UPDATE SET
+                        inflow = window_flows.inflow + EXCLUDED.inflow,
+                        outflow = window_flows.outflow + EXCLUDED.outflow",
+                )
+                .bind(window_start)
+                .bind(delta.account.as_str())
+                .bind(inflow)
+                .bind(outflow)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some((direction, amount)) = event.demand() {
+                sqlx::query(
+                    "INSERT INTO window_demand (window_start, direction, amount, event_count)
+                     VALUES ($1, $2, $3, 1)
+                     ON CONFLICT (window_start, direction) DO UPDATE SET
+                        amount = window_demand.amount + EXCLUDED.amount,
+                        event_count = window_demand.event_count + 1",
+                )
+                .bind(window_start)
+                .bind(direction.as_str())
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer_group, topic, partition)
+             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+        )
+        .bind(&group)
+        .bind(&topic)
+        .bind(partition)
+        .bind(offset + 1)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        done += 1;
+        first.get_or_insert_with(Instant::now);
+    }
+    let ended = Instant::now();
+    let first = first.unwrap_or(ended);
+    Ok(Measured {
+        events: done,
+        total: ended - started,
+        steady_events: done.saturating_sub(1),
+        steady: ended - first,
+    })
+}
+
+/// (c) Steps the engine's ingest until it has counted every event; returns
+/// the measurement and the number of batch commits.
+async fn engine(
+    base: &ClientConfig,
+    funding: &str,
+    withdrawals: &str,
+    dlq: &str,
+    store: PgStore,
+    spec: WindowSpec,
+    settings: &Settings,
+) -> anyhow::Result<(Measured, u64)> {
+    let group = new_group("engine");
+    let n = settings.events as u64;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let started = Instant::now();
+    let mut ingest = Ingest::new(
+        &treasury::kafka::consumer_config(base, &group),
+        store,
+        Codec::default(),
+        IngestSettings {
+            group: group.clone(),
+            funding_topic: funding.to_owned(),
+            withdrawal_topic: withdrawals.to_owned(),
+            dlq_topic: dlq.to_owned(),
+            spec,
+            batch_size: settings.batch,
+            batch_max_wait: BATCH_MAX_WAIT,
+        },
+    )
+    .context("creating the ingest consumer")?;
+    let mut first: Option<(Instant, u64)> = None;
+    let mut last_progress = (Instant::now(), 0_u64);
+    loop {
+        ingest.step().await.context("engine: ingest step")?;
+        let totals = ingest.totals();
+        let counted = totals.counted;
+        if totals.rejected > 0 || totals.duplicates > 0 {
+            bail!(
+                "engine: unexpected totals {totals:?} (every generated event is valid and unique)"
+            );
+        }
+        if counted > 0 && first.is_none() {
+            first = Some((Instant::now(), counted));
+        }
+        if counted >= n {
+            break;
+        }
+        if counted > last_progress.1 {
+            last_progress = (Instant::now(), counted);
+        } else if last_progress.0.elapsed() > STALL_LIMIT {
+            bail!("engine: no progress for {STALL_LIMIT:?} after {counted} of {n}");
+        }
+    }
+    let ended = Instant::now();
+    let totals = ingest.totals().clone();
+    drop(ingest);
+    let (first_at, first_counted) = first.unwrap_or((ended, totals.counted));
+    Ok((
+        Measured {
+            events: totals.counted,
+            total: ended - started,
+            steady_events: totals.counted - first_counted,
+            steady: ended - first_at,
+        },
+        totals.batches,
+    ))
+}
+
+/// Creates a scratch database, remembers it for cleanup, and migrates it.
+async fn scratch_database(
+    admin_pool: &PgPool,
+    admin: &PgConnectOptions,
+    role: &str,
+    created: &SharedCreated,
+) -> anyhow::Result<PgStore> {
+    let name = format!(
+        "treasury_bench_{}_{role}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(admin_pool)
+        .await
+        .with_context(|| format!("creating database {name}"))?;
+    lock(created).databases.push(name.clone());
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(admin.clone().database(&name))
+        .await
+        .with_context(|| format!("connecting to {name}"))?;
+    let store = PgStore::from_pool(pool);
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("migrating {name}"))?;
+    Ok(store)
+}
+
+async fn processed_events(pool: &PgPool) -> anyhow::Result<u64> {
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_events")
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(rows)?)
+}
+
+/// Drops the scratch databases and deletes the topics (best effort for topics).
+async fn clean_up(
+    settings: &Settings,
+    admin: PgConnectOptions,
+    created: &SharedCreated,
+) -> anyhow::Result<()> {
+    let (databases, topics) = {
+        let mut c = lock(created);
+        (
+            std::mem::take(&mut c.databases),
+            std::mem::take(&mut c.topics),
+        )
+    };
+    let mut failed = Vec::new();
+    if !databases.is_empty() {
+        match PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(admin)
+            .await
+        {
+            Ok(pool) => {
+                for name in &databases {
+                    let dropped =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&pool)
+                            .await;
+                    match dropped {
+                        Ok(_) => println!("cleanup:   dropped database {name}"),
+                        Err(e) => failed.push(format!("DROP DATABASE {name}: {e}")),
+                    }
+                }
+                pool.close().await;
+            }
+            Err(e) => failed.push(format!(
+                "cannot connect to drop {}: {e}",
+                databases.join(", ")
+            )),
+        }
+    }
+    if !topics.is_empty() {
+        let base = treasury::kafka::client_config(&settings.brokers, &BTreeMap::new());
+        let deleted = async {
+            let admin: AdminClient<DefaultClientContext> = base.create()?;
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            admin.delete_topics(&names, &options).await
+        };
+        match tokio::time::timeout(Duration::from_secs(15), deleted).await {
+            Ok(Ok(results)) => {
+                let refused: Vec<String> = results
+                    .into_iter()
+                    .filter_map(|r| r.err().map(|(t, code)| format!("{t} ({code:?})")))
+                    .collect();
+                if refused.is_empty() {
+                    println!("cleanup:   deleted topics {}", topics.join(", "));
+                } else {
+                    eprintln!("note: the broker kept topics {}", refused.join(", "));
+                }
+            }
+            Ok(Err(e)) => eprintln!("note: topics not deleted: {e}"),
+            Err(_) => eprintln!("note: topics not deleted: the broker did not answer in 15 s"),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    Ok(())
+}
+
+fn report(settings: &Settings, ceiling: &Measured, baseline: &Measured, engine: &Measured) {
+    let extrapolated = settings.baseline_events < settings.events;
+    let rows = [
+        ("(a) ceiling: plain rdkafka consumer", ceiling, ""),
+        (
+            "(b) baseline: 1 PG transaction/event",
+            baseline,
+            if extrapolated { " *" } else { "" },
+        ),
+        ("(c) engine: Ingest, batched", engine, ""),
+    ];
+    println!();
+    println!(
+        "{:<38} {:>8} {:>9} {:>14} {:>14}",
+        "consumer", "events", "wall s", "events/s", "events/s"
+    );
+    println!(
+        "{:<38} {:>8} {:>9} {:>14} {:>14}",
+        "", "", "", "(incl. join)", "(steady)"
+    );
+    for (name, m, mark) in rows {
+        println!(
+            "{:<38} {:>8} {:>9.2} {:>14} {:>14}",
+            name,
+            format!("{}{mark}", m.events),
+            m.total.as_secs_f64(),
+            rate_text(m.rate()),
+            rate_text(m.steady_rate()),
+        );
+    }
+    println!();
+    let vs_baseline = engine.steady_rate() / baseline.steady_rate();
+    let vs_ceiling = engine.steady_rate() / ceiling.steady_rate();
+    println!(
+        "engine / baseline = {vs_baseline:.1}x   (incl. join: {:.1}x)",
+        engine.rate() / baseline.rate()
+    );
+    println!(
+        "engine / ceiling  = {vs_ceiling:.3}   ({:.1}% of the broker read rate; incl. join: {:.3})",
+        vs_ceiling * 100.0,
+        engine.rate() / ceiling.rate()
+    );
+    if extrapolated {
+        println!(
+            "* baseline measured on the first {} of {} events; its rate is extrapolated to all N \
+             (≈ {:.1} s for {} events at the steady rate)",
+            baseline.events,
+            settings.events,
+            settings.events as f64 / baseline.steady_rate(),
+            settings.events
+        );
+    }
+    println!(
+        "steady = clock from the first message read (a), first event committed (b), first batch \
+         committed (c) — leaves out the consumer-group join; ratios use steady rates."
+    );
+}
+
+fn rate_text(rate: f64) -> String {
+    if !rate.is_finite() {
+        return "n/a".into();
+    }
+    let whole = rate.round() as u64;
+    let digits = whole.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn lock(created: &SharedCreated) -> std::sync::MutexGuard<'_, Created> {
+    created
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or_else(
+            || "unknown".into(),
+            |kb| format!("{:.1} GiB", kb as f64 / (1024.0 * 1024.0)),
+        )
+}
+
+/// The server part of a database URL, without credentials.
+fn redacted_server(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[after_scheme..];
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = host.split(['/', '?']).next().unwrap_or(host);
+    format!("{}{host}", &url[..after_scheme])
+}

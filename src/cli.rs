@@ -94,10 +94,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => {
             let store = connect(&config).await?;
             let report = store.buffer_report().await?;
+            let jobs = active_jobs(&store).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "buffers": report,
+                        "active_jobs": jobs,
+                    }))?
+                );
             } else {
                 print!("{}", render_status(&report));
+                print!("\n{}", render_jobs(&jobs));
             }
             Ok(())
         }
@@ -132,6 +140,51 @@ pub fn render_status(report: &[BufferReport]) -> String {
             r.target.to_string(),
             r.max.to_string(),
             r.status
+        ));
+    }
+    out
+}
+
+/// A conversion job that is not final, from `v_active_conversion_jobs`.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct ActiveJob {
+    pub id: uuid::Uuid,
+    pub direction: String,
+    pub trigger_reason: String,
+    pub status: String,
+    pub amount: rust_decimal::Decimal,
+    pub provider_name: Option<String>,
+    pub provider_tx_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+async fn active_jobs(store: &PgStore) -> anyhow::Result<Vec<ActiveJob>> {
+    Ok(sqlx::query_as(
+        "SELECT id, direction, trigger_reason, status, amount, provider_name, provider_tx_id, created_at
+           FROM v_active_conversion_jobs ORDER BY created_at",
+    )
+    .fetch_all(store.pool())
+    .await?)
+}
+
+/// The jobs-in-flight table printed by `treasury status`.
+pub fn render_jobs(jobs: &[ActiveJob]) -> String {
+    if jobs.is_empty() {
+        return "no conversion jobs in flight\n".into();
+    }
+    let mut out = format!(
+        "{:<36} {:<12} {:<20} {:>16} {:<12} {:<20}\n",
+        "JOB", "DIRECTION", "STATUS", "AMOUNT", "PROVIDER", "CREATED"
+    );
+    for j in jobs {
+        out.push_str(&format!(
+            "{:<36} {:<12} {:<20} {:>16} {:<12} {:<20}\n",
+            j.id,
+            j.direction,
+            j.status,
+            j.amount.normalize().to_string(),
+            j.provider_name.as_deref().unwrap_or("-"),
+            j.created_at.format("%Y-%m-%d %H:%M:%S")
         ));
     }
     out

@@ -68,6 +68,8 @@ pub fn settlement_settings(config: &Config) -> SettlementSettings {
         ],
         commands_topic: config.topics.commands.clone(),
         auto_rebalance: config.enable_auto_rebalance,
+        dedup_retention: chrono::Duration::from_std(config.dedup_retention)
+            .expect("retention fits"),
     }
 }
 
@@ -111,6 +113,7 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     store.migrate().await.context("applying migrations")?;
     let metrics = crate::telemetry::init_metrics();
     let jobs: Arc<dyn crate::store::jobs::JobStore> = Arc::new(store.clone());
+    let jobs_for_gauges = jobs.clone();
     let store: Arc<dyn Store> = Arc::new(store);
     let codec = codec_for(&config);
     let (trigger, _) = shutdown::channel();
@@ -138,6 +141,13 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
             ));
         }
     }
+    tasks.push(tokio::spawn(refresh_gauges_until(
+        store.clone(),
+        jobs_for_gauges,
+        trigger.subscribe(),
+    )));
+    metrics::gauge!("treasury_settlement_interval_seconds")
+        .set(config.scheduler_interval.as_secs_f64());
     let http_stop = trigger.subscribe();
     let app = http::router(http::AppState {
         store: store.clone(),
@@ -172,4 +182,22 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Refreshes the database-backed gauges every 15 s until shutdown.
+async fn refresh_gauges_until(
+    store: Arc<dyn Store>,
+    jobs: Arc<dyn crate::store::jobs::JobStore>,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.triggered() => break,
+        }
+        if let Err(e) = crate::telemetry::refresh_gauges(store.as_ref(), jobs.as_ref()).await {
+            tracing::warn!(error = %e, "gauges not refreshed");
+        }
+    }
 }

@@ -32,6 +32,8 @@ pub struct SettlementSettings {
     pub input_topics: Vec<String>,
     pub commands_topic: String,
     pub auto_rebalance: bool,
+    /// Event ids are kept this long for duplicate detection (`TREASURY_DEDUP_RETENTION`).
+    pub dedup_retention: chrono::Duration,
 }
 
 /// One closed window or handled trigger, as the cycle reports it.
@@ -113,6 +115,10 @@ impl Settlement {
             results.push(result);
         }
         tx.commit().await?;
+        if results.iter().any(|r| r.cycle_id.starts_with("window:")) {
+            metrics::gauge!("treasury_last_settlement_timestamp_seconds")
+                .set(now.timestamp() as f64);
+        }
         for result in &results {
             log_result(result);
         }
@@ -217,8 +223,21 @@ impl Settlement {
                 _ = interval.tick() => {}
                 _ = shutdown.triggered() => break,
             }
-            if let Err(e) = self.run_cycle(Utc::now()).await {
+            let now = Utc::now();
+            if let Err(e) = self.run_cycle(now).await {
                 tracing::warn!(error = %e, "settlement cycle failed; retrying next tick");
+            }
+            match self
+                .store
+                .purge_processed(now - self.settings.dedup_retention)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    purged = n,
+                    "event ids past the duplicate-detection retention forgotten"
+                ),
+                Err(e) => tracing::warn!(error = %e, "purging old event ids failed"),
             }
         }
     }

@@ -24,3 +24,49 @@ pub fn init_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
         .install_recorder()
         .ok()
 }
+
+/// Sets the gauges that mirror the system of record: each buffer's balance,
+/// thresholds and status (one series per status, 1 for the current one), and
+/// whether each provider is degraded. Called periodically by `treasury run`.
+pub async fn refresh_gauges(
+    store: &dyn crate::store::Store,
+    jobs: &dyn crate::store::jobs::JobStore,
+) -> Result<(), crate::store::StoreError> {
+    use crate::domain::BufferStatus;
+    for buffer in store.buffer_report().await? {
+        let account = buffer.account.as_str();
+        let currency = buffer.currency.clone();
+        metrics::gauge!("treasury_buffer_balance", "account" => account, "currency" => currency.clone())
+            .set(decimal_gauge(buffer.balance));
+        for (level, value) in [
+            ("min", buffer.min),
+            ("target", buffer.target),
+            ("max", buffer.max),
+        ] {
+            metrics::gauge!("treasury_buffer_threshold", "account" => account, "currency" => currency.clone(), "level" => level)
+                .set(decimal_gauge(value));
+        }
+        for status in [
+            BufferStatus::CriticalLow,
+            BufferStatus::BelowTarget,
+            BufferStatus::Healthy,
+            BufferStatus::OverCapitalized,
+        ] {
+            metrics::gauge!("treasury_buffer_status", "account" => account, "status" => status.as_str())
+                .set(if buffer.status == status { 1.0 } else { 0.0 });
+        }
+    }
+    for provider in jobs.providers().await? {
+        let degraded = provider.status != crate::providers::registry::ProviderStatus::Active;
+        metrics::gauge!("treasury_provider_degraded", "provider" => provider.name)
+            .set(if degraded { 1.0 } else { 0.0 });
+    }
+    Ok(())
+}
+
+/// A decimal as a gauge value. Gauges are for dashboards only; money itself
+/// is never computed in floating point.
+fn decimal_gauge(value: rust_decimal::Decimal) -> f64 {
+    use rust_decimal::prelude::ToPrimitive;
+    value.to_f64().unwrap_or(f64::NAN)
+}

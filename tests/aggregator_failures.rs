@@ -270,6 +270,7 @@ async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
             input_topics: vec![topics.funding.clone(), topics.withdrawals.clone()],
             commands_topic: topics.commands.clone(),
             auto_rebalance: true,
+            dedup_retention: chrono::Duration::days(7),
         },
     );
     settlement

@@ -33,6 +33,7 @@ fn settlement(pool: &PgPool, auto_rebalance: bool) -> Settlement {
             input_topics: vec!["funding".into()],
             commands_topic: "commands".into(),
             auto_rebalance,
+            dedup_retention: chrono::Duration::days(7),
         },
     )
 }

@@ -161,6 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             input_topics: vec![topics.funding.clone(), topics.withdrawals.clone()],
             commands_topic: topics.commands.clone(),
             auto_rebalance: true,
+            dedup_retention: chrono::Duration::days(7),
         },
     );
     let producer: FutureProducer = crate::kafka::idempotent_producer(&base)?;

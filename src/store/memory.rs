@@ -267,6 +267,11 @@ impl Store for MemoryStore {
         Ok(id)
     }
 
+    async fn purge_processed(&self, _before: DateTime<Utc>) -> Result<u64, StoreError> {
+        // The demo's ids live only as long as the process.
+        Ok(0)
+    }
+
     async fn set_offsets(
         &self,
         group: &str,

@@ -154,6 +154,9 @@ pub trait Store: Send + Sync {
     async fn planned_commands(&self) -> Result<Vec<PlannedCommand>, StoreError>;
     /// Asks the running aggregator for an immediate settlement cycle.
     async fn request_trigger(&self, requested_by: &str) -> Result<i64, StoreError>;
+    /// Forgets processed event ids counted before `before` (duplicate-detection
+    /// retention); returns how many were removed.
+    async fn purge_processed(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
     /// Overwrites the stored next offsets of `group` (replay).
     async fn set_offsets(
         &self,

@@ -270,6 +270,17 @@ impl Store for PgStore {
         Ok(id)
     }
 
+    async fn purge_processed(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM processed_events WHERE event_id IN (
+                SELECT event_id FROM processed_events WHERE processed_at < $1 LIMIT 10000)",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     async fn set_offsets(
         &self,
         group: &str,

@@ -305,6 +305,7 @@ where
             input_topics: vec![topics.funding.clone(), topics.withdrawals.clone()],
             commands_topic: topics.commands.clone(),
             auto_rebalance: true,
+            dedup_retention: chrono::Duration::days(7),
         },
     );
     let relay = Relay::new(
