@@ -275,3 +275,24 @@ impl GroupConsumer {
         }
     }
 }
+
+/// The offset ranges (`first..next` per partition) covered by messages.
+pub fn offset_ranges<'a>(
+    messages: impl IntoIterator<Item = (&'a TopicPartition, i64)>,
+) -> Vec<crate::store::OffsetRange> {
+    let mut ranges: std::collections::BTreeMap<TopicPartition, (i64, i64)> =
+        std::collections::BTreeMap::new();
+    for (tp, offset) in messages {
+        let range = ranges.entry(tp.clone()).or_insert((offset, offset));
+        range.0 = range.0.min(offset);
+        range.1 = range.1.max(offset);
+    }
+    ranges
+        .into_iter()
+        .map(|(tp, (first, last))| crate::store::OffsetRange {
+            tp,
+            first,
+            next: last + 1,
+        })
+        .collect()
+}

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod config;
 pub mod consumer;
 pub mod demo;
+pub mod dlq;
 pub mod domain;
 pub mod executor;
 pub mod http;

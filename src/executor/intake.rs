@@ -1,7 +1,6 @@
 //! Command intake: one job per command, exactly once. A redelivered or
 //! replayed command finds its job already there (unique on the command id).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,16 +10,14 @@ use rdkafka::error::KafkaError;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::codec::records::{DeadLetter, command_from_value};
+use crate::codec::records::command_from_value;
 use crate::codec::{Codec, SchemaKind, wire};
-use crate::consumer::{GroupConsumer, RawMessage};
+use crate::consumer::{GroupConsumer, RawMessage, offset_ranges};
+use crate::dlq::{Refused, dead_letter};
 use crate::domain::ConversionJob;
 use crate::shutdown::Shutdown;
 use crate::store::jobs::JobStore;
-use crate::store::{OffsetRange, OutboxMessage, Store, StoreError, TopicPartition};
-
-/// Namespace of the executor's DLQ message ids: UUIDv5 over (topic, partition, offset).
-const DLQ_ID_NAMESPACE: Uuid = Uuid::from_u128(0x4e6a_8c0e_2b4d_4f61_8a3c_5e7f_9b1d_3f50);
+use crate::store::{Store, StoreError};
 
 /// Settings of the intake.
 #[derive(Debug, Clone)]
@@ -93,10 +90,22 @@ impl Intake {
         for m in &messages {
             match self.decode(m).await {
                 Ok(job) => jobs.push(job),
-                Err(reason) => dead_letters.push(self.dead_letter(m, &reason)?),
+                Err(reason) => dead_letters.push(dead_letter(
+                    &self.codec,
+                    &self.settings.dlq_topic,
+                    Refused {
+                        tp: &m.tp,
+                        offset: m.offset,
+                        key: m.key.as_deref(),
+                        payload: m.payload.as_deref(),
+                        reason: &reason,
+                        error_kind: "invalid_command",
+                    },
+                    Utc::now(),
+                )?),
             }
         }
-        let ranges = offset_ranges(&messages);
+        let ranges = offset_ranges(messages.iter().map(|m| (&m.tp, m.offset)));
         match self
             .jobs
             .intake(&self.settings.group, &ranges, &jobs, &dead_letters)
@@ -144,66 +153,4 @@ impl Intake {
         }
         Ok(ConversionJob::from_command(&command))
     }
-
-    fn dead_letter(&self, message: &RawMessage, reason: &str) -> Result<OutboxMessage, StoreError> {
-        tracing::warn!(topic = %message.tp.topic, partition = message.tp.partition,
-            offset = message.offset, reason, "conversion command rejected to the DLQ");
-        metrics::counter!("treasury_dlq_messages_total", "error_kind" => "invalid_command")
-            .increment(1);
-        let record = DeadLetter {
-            source_topic: message.tp.topic.clone(),
-            source_partition: message.tp.partition,
-            source_offset: message.offset,
-            reason: reason.to_owned(),
-            error_kind: "invalid_command".into(),
-            original_key: message.key.clone(),
-            original_value: message.payload.clone(),
-            rejected_at: Utc::now(),
-        };
-        let payload = record
-            .encode(&self.codec)
-            .map_err(|e| StoreError::Corrupt(format!("DLQ record does not encode: {e}")))?;
-        let id = Uuid::new_v5(
-            &DLQ_ID_NAMESPACE,
-            format!(
-                "{}|{}|{}",
-                message.tp.topic, message.tp.partition, message.offset
-            )
-            .as_bytes(),
-        );
-        Ok(OutboxMessage {
-            id,
-            topic: self.settings.dlq_topic.clone(),
-            key: None,
-            payload,
-            headers: vec![
-                ("message-id".into(), id.to_string()),
-                ("dlq-reason".into(), reason.to_owned()),
-                ("dlq-error-kind".into(), "invalid_command".into()),
-                ("dlq-source-topic".into(), message.tp.topic.clone()),
-                (
-                    "dlq-source-partition".into(),
-                    message.tp.partition.to_string(),
-                ),
-                ("dlq-source-offset".into(), message.offset.to_string()),
-            ],
-        })
-    }
-}
-
-fn offset_ranges(messages: &[RawMessage]) -> Vec<OffsetRange> {
-    let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
-    for m in messages {
-        let r = ranges.entry(m.tp.clone()).or_insert((m.offset, m.offset));
-        r.0 = r.0.min(m.offset);
-        r.1 = r.1.max(m.offset);
-    }
-    ranges
-        .into_iter()
-        .map(|(tp, (first, last))| OffsetRange {
-            tp,
-            first,
-            next: last + 1,
-        })
-        .collect()
 }

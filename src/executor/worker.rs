@@ -210,7 +210,22 @@ impl JobWorker {
                 );
                 let summary = selection.summary();
                 let Some(chosen) = selection.chosen() else {
-                    return self.fail(job, format!("no provider left: {summary}")).await;
+                    // Name the providers already given up on and the last
+                    // error, not only the (possibly empty) remaining candidates.
+                    let tried: Vec<&str> = job
+                        .attempted_providers
+                        .iter()
+                        .filter_map(|id| rows.iter().find(|r| r.id == *id))
+                        .map(|r| r.name.as_str())
+                        .collect();
+                    let mut why = format!("no provider left: {summary}");
+                    if !tried.is_empty() {
+                        why.push_str(&format!("; tried {}", tried.join(", ")));
+                    }
+                    if let Some(last) = &job.error_message {
+                        why.push_str(&format!("; last error: {last}"));
+                    }
+                    return self.fail(job, why).await;
                 };
                 let row = chosen.row.clone();
                 tracing::info!(job = %job.id, provider = %row.name, reason = %summary, "provider selected");
@@ -236,7 +251,8 @@ impl JobWorker {
             Err(e) => Err((e, 0)),
         };
         match outcome {
-            Ok(conversion) => {
+            Ok((conversion, attempts)) => {
+                job.retry_count += attempts.saturating_sub(1) as i32;
                 job.provider_tx_id = Some(conversion.provider_tx_id.clone());
                 job.submitted_at = Some(Utc::now());
                 job.status = JobStatus::ProviderSubmitted;
@@ -256,7 +272,7 @@ impl JobWorker {
                 self.apply_state(job, conversion).await
             }
             Err((error, attempts)) => {
-                job.retry_count += attempts as i32;
+                job.retry_count += attempts.saturating_sub(1) as i32;
                 job.attempted_providers.push(row.id);
                 job.provider_id = None;
                 job.provider_name = None;
@@ -276,13 +292,13 @@ impl JobWorker {
         }
     }
 
-    /// Initiates with retries on retryable errors; returns the error and the
-    /// number of attempts when it gives up.
+    /// Initiates with retries on retryable errors; returns the number of
+    /// attempts with the conversion, or with the error when it gives up.
     async fn initiate(
         &self,
         provider: &dyn ConversionProvider,
         job: &ConversionJob,
-    ) -> Result<ProviderConversion, (ProviderError, u32)> {
+    ) -> Result<(ProviderConversion, u32), (ProviderError, u32)> {
         let request = ConversionRequest {
             idempotency_key: job.id,
             direction: job.direction,
@@ -309,7 +325,8 @@ impl JobWorker {
             }
         })
         .await;
-        result.map_err(|e| (e, attempts.load(std::sync::atomic::Ordering::SeqCst)))
+        let attempts = attempts.load(std::sync::atomic::Ordering::SeqCst);
+        result.map(|c| (c, attempts)).map_err(|e| (e, attempts))
     }
 
     /// `provider_submitted` / `provider_processing`: ask the provider.

@@ -5,20 +5,14 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use super::validate::Rejection;
 use crate::codec::Codec;
-use crate::codec::records::DeadLetter;
+use crate::consumer::offset_ranges;
+use crate::dlq::{Refused, dead_letter};
 use crate::domain::FlowEvent;
-use crate::store::{
-    EventRef, LockMode, OffsetRange, OutboxMessage, ProgressUpdate, Store, StoreError,
-    TopicPartition,
-};
+use crate::store::{EventRef, LockMode, ProgressUpdate, Store, StoreError, TopicPartition};
 use crate::window::{WindowSpec, WindowTallies};
-
-/// Namespace of DLQ message ids: UUIDv5 over (topic, partition, offset).
-const DLQ_ID_NAMESPACE: Uuid = Uuid::from_u128(0x2c4e_71a0_5d3b_4f8e_9a61_7b0c_d2e4_f813);
 
 /// One consumed message, decoded or refused.
 #[derive(Debug, Clone)]
@@ -58,8 +52,11 @@ pub async fn commit_batch(
     messages: &[Consumed],
 ) -> Result<BatchOutcome, StoreError> {
     let mut tx = ctx.store.begin(LockMode::Shared).await?;
-    tx.advance_offsets(ctx.group, &offset_ranges(messages))
-        .await?;
+    tx.advance_offsets(
+        ctx.group,
+        &offset_ranges(messages.iter().map(|m| (&m.tp, m.offset))),
+    )
+    .await?;
     let next_open = tx.next_window_start().await?;
 
     let mut outcome = BatchOutcome::default();
@@ -85,7 +82,19 @@ pub async fn commit_batch(
             }
             Err(rejection) => {
                 outcome.rejected += 1;
-                dead_letters.push(dead_letter(ctx, message, rejection)?);
+                dead_letters.push(dead_letter(
+                    ctx.codec,
+                    ctx.dlq_topic,
+                    Refused {
+                        tp: &message.tp,
+                        offset: message.offset,
+                        key: message.key.as_deref(),
+                        payload: message.payload.as_deref(),
+                        reason: &rejection.to_string(),
+                        error_kind: rejection.kind(),
+                    },
+                    ctx.now,
+                )?);
             }
         }
     }
@@ -120,23 +129,6 @@ pub async fn commit_progress(
     tx.commit().await
 }
 
-fn offset_ranges(messages: &[Consumed]) -> Vec<OffsetRange> {
-    let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
-    for m in messages {
-        let range = ranges.entry(m.tp.clone()).or_insert((m.offset, m.offset));
-        range.0 = range.0.min(m.offset);
-        range.1 = range.1.max(m.offset);
-    }
-    ranges
-        .into_iter()
-        .map(|(tp, (first, last))| OffsetRange {
-            tp,
-            first,
-            next: last + 1,
-        })
-        .collect()
-}
-
 fn progress(
     messages: &[Consumed],
     caught_up: &HashSet<TopicPartition>,
@@ -160,61 +152,4 @@ fn progress(
             now,
         })
         .collect()
-}
-
-fn dead_letter(
-    ctx: &BatchContext<'_>,
-    message: &Consumed,
-    rejection: &Rejection,
-) -> Result<OutboxMessage, StoreError> {
-    let record = DeadLetter {
-        source_topic: message.tp.topic.clone(),
-        source_partition: message.tp.partition,
-        source_offset: message.offset,
-        reason: rejection.to_string(),
-        error_kind: rejection.kind().into(),
-        original_key: message.key.clone(),
-        original_value: message.payload.clone(),
-        rejected_at: ctx.now,
-    };
-    let payload = record
-        .encode(ctx.codec)
-        .map_err(|e| StoreError::Corrupt(format!("DLQ record does not encode: {e}")))?;
-    let id = Uuid::new_v5(
-        &DLQ_ID_NAMESPACE,
-        format!(
-            "{}|{}|{}",
-            message.tp.topic, message.tp.partition, message.offset
-        )
-        .as_bytes(),
-    );
-    tracing::warn!(
-        topic = %message.tp.topic,
-        partition = message.tp.partition,
-        offset = message.offset,
-        error_kind = rejection.kind(),
-        reason = %rejection,
-        "input message rejected to the DLQ"
-    );
-    metrics::counter!("treasury_dlq_messages_total", "error_kind" => rejection.kind()).increment(1);
-    Ok(OutboxMessage {
-        id,
-        topic: ctx.dlq_topic.to_owned(),
-        key: message
-            .key
-            .as_ref()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
-        payload,
-        headers: vec![
-            ("message-id".into(), id.to_string()),
-            ("dlq-reason".into(), rejection.to_string()),
-            ("dlq-error-kind".into(), rejection.kind().into()),
-            ("dlq-source-topic".into(), message.tp.topic.clone()),
-            (
-                "dlq-source-partition".into(),
-                message.tp.partition.to_string(),
-            ),
-            ("dlq-source-offset".into(), message.offset.to_string()),
-        ],
-    })
 }
