@@ -112,6 +112,7 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         .context("connecting to PostgreSQL")?;
     store.migrate().await.context("applying migrations")?;
     let metrics = crate::telemetry::init_metrics();
+    let pg = store.clone();
     let jobs: Arc<dyn crate::store::jobs::JobStore> = Arc::new(store.clone());
     let jobs_for_gauges = jobs.clone();
     let store: Arc<dyn Store> = Arc::new(store);
@@ -151,6 +152,7 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     let http_stop = trigger.subscribe();
     let app = http::router(http::AppState {
         store: store.clone(),
+        pg: Some(pg),
         metrics,
         admin_token: config.admin_token.clone(),
     });

@@ -45,18 +45,21 @@ async fn migrations_apply_to_an_empty_database_and_again_as_a_no_op(pool: PgPool
     assert_eq!((thresholds, providers), (3, 2), "seeds inserted once");
 }
 
+/// account, currency, min, target, max, batch size, status, amount to target.
+type BufferRow = (
+    String,
+    String,
+    Decimal,
+    Decimal,
+    Decimal,
+    Decimal,
+    String,
+    Decimal,
+);
+
 #[sqlx::test]
 async fn seeded_buffers_read_back_through_v_buffer_status(pool: PgPool) {
-    let rows: Vec<(
-        String,
-        String,
-        Decimal,
-        Decimal,
-        Decimal,
-        Decimal,
-        String,
-        Decimal,
-    )> = sqlx::query_as(
+    let rows: Vec<BufferRow> = sqlx::query_as(
         "SELECT account_type, currency, min_threshold, target_threshold, max_threshold,
                 conversion_batch_size, buffer_status, amount_to_target
            FROM v_buffer_status ORDER BY account_type",

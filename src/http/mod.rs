@@ -1,6 +1,8 @@
 //! The HTTP surface: health, Prometheus metrics, buffer status, and the
 //! operator endpoints (behind a bearer token). Errors are JSON with a 4xx/5xx.
 
+mod admin;
+
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -16,6 +18,8 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// The PostgreSQL store, for the operator endpoints (absent in the demo).
+    pub pg: Option<crate::store::postgres::PgStore>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Operator endpoints are refused when no token is configured.
     pub admin_token: Option<String>,
@@ -23,9 +27,9 @@ pub struct AppState {
 
 /// An error answered as `{"error": ..., "message": ...}`.
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
 }
 
 impl IntoResponse for ApiError {
@@ -45,6 +49,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/buffers", get(buffers))
         .route("/v1/settlement/trigger", post(trigger))
+        .route("/v1/auto-rebalance/{action}", post(admin::set_paused))
+        .route(
+            "/v1/providers/{name}/status",
+            post(admin::set_provider_status),
+        )
+        .route("/v1/jobs/{id}/cancel", post(admin::cancel_job))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -81,7 +91,7 @@ async fn trigger(State(state): State<AppState>, headers: HeaderMap) -> Result<Re
     Ok((StatusCode::ACCEPTED, Json(json!({"trigger_id": id}))).into_response())
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = &state.admin_token else {
         return Err(ApiError {
             status: StatusCode::FORBIDDEN,
@@ -108,7 +118,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "request failed");
     ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,0 +1,155 @@
+//! Emergency manual overrides for operators, behind the bearer token: pause
+//! and resume auto-rebalance, change a provider's status, cancel a job that
+//! has not reached a provider (or that waits for a person). Every change is
+//! one statement or transaction and leaves an audit trail.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{ApiError, AppState, authorize, internal};
+use crate::providers::registry::ProviderStatus;
+
+fn pg(state: &AppState) -> Result<&crate::store::postgres::PgStore, ApiError> {
+    state.pg.as_ref().ok_or_else(|| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "no_database",
+        message: "operator endpoints need the PostgreSQL store".into(),
+    })
+}
+
+/// `POST /v1/auto-rebalance/pause` and `/resume`.
+pub async fn set_paused(
+    State(state): State<AppState>,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        other => {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                code: "not_found",
+                message: format!("unknown action {other:?}: use pause or resume"),
+            });
+        }
+    };
+    sqlx::query(
+        "UPDATE settlement_state SET auto_rebalance_paused = $1, updated_at = now() WHERE id = 1",
+    )
+    .bind(paused)
+    .execute(pg(&state)?.pool())
+    .await
+    .map_err(internal)?;
+    tracing::warn!(paused, "auto-rebalance changed by an operator");
+    Ok(Json(json!({"auto_rebalance_paused": paused})).into_response())
+}
+
+/// Body of `POST /v1/providers/{name}/status`.
+#[derive(Debug, Deserialize)]
+pub struct ProviderStatusBody {
+    pub status: String,
+}
+
+/// `POST /v1/providers/{name}/status` with `{"status": "inactive"}`.
+pub async fn set_provider_status(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ProviderStatusBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let Json(body) = body.map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_request",
+        message: e.body_text(),
+    })?;
+    let status: ProviderStatus = body.status.parse().map_err(|_| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_status",
+        message: format!("{:?} is not active, inactive or degraded", body.status),
+    })?;
+    let updated = sqlx::query(
+        "UPDATE conversion_providers SET status = $2, updated_at = now() WHERE name = $1",
+    )
+    .bind(&name)
+    .bind(status.as_str())
+    .execute(pg(&state)?.pool())
+    .await
+    .map_err(internal)?
+    .rows_affected();
+    if updated == 0 {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_provider",
+            message: format!("no provider named {name:?}"),
+        });
+    }
+    tracing::warn!(provider = %name, status = status.as_str(), "provider status changed by an operator");
+    Ok(Json(json!({"provider": name, "status": status.as_str()})).into_response())
+}
+
+/// `POST /v1/jobs/{id}/cancel`: only a `pending` job (nothing sent yet) or one
+/// in `needs_review` (a person checked the provider) may be cancelled.
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let id: Uuid = id.parse().map_err(|_| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_job_id",
+        message: format!("{id:?} is not a uuid"),
+    })?;
+    let pool = pg(&state)?.pool();
+    let mut tx = pool.begin().await.map_err(internal)?;
+    let from: Option<String> =
+        sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(internal)?;
+    let Some(from) = from else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_job",
+            message: format!("no job {id}"),
+        });
+    };
+    if from != "pending" && from != "needs_review" {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "not_cancellable",
+            message: format!(
+                "job {id} is {from}; only pending or needs_review jobs can be cancelled"
+            ),
+        });
+    }
+    sqlx::query("UPDATE conversion_jobs SET status = 'cancelled', cancelled_at = now(), updated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(internal)?;
+    sqlx::query(
+        "INSERT INTO conversion_job_history (job_id, from_status, to_status, note) VALUES ($1, $2, 'cancelled', 'cancelled by an operator')",
+    )
+    .bind(id)
+    .bind(&from)
+    .execute(&mut *tx)
+    .await
+    .map_err(internal)?;
+    tx.commit().await.map_err(internal)?;
+    tracing::warn!(job = %id, from = %from, "job cancelled by an operator");
+    Ok((
+        StatusCode::OK,
+        Json(json!({"job": id, "status": "cancelled"})),
+    )
+        .into_response())
+}

@@ -1,0 +1,236 @@
+//! The HTTP surface against real PostgreSQL: health, buffers, the operator
+//! endpoints behind the bearer token, and JSON error bodies for bad requests.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use treasury::http::{AppState, router};
+use treasury::store::postgres::PgStore;
+
+async fn serve(pool: &PgPool, token: Option<&str>) -> String {
+    let store = PgStore::from_pool(pool.clone());
+    let app = router(AppState {
+        store: Arc::new(store.clone()),
+        pg: Some(store),
+        metrics: None,
+        admin_token: token.map(str::to_owned),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+async fn json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+#[sqlx::test]
+async fn health_and_buffers_answer_json(pool: PgPool) {
+    let base = serve(&pool, Some("s3cret")).await;
+    let (status, body) = json(reqwest::get(format!("{base}/healthz")).await.unwrap()).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    let (status, body) = json(reqwest::get(format!("{base}/v1/buffers")).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let accounts: Vec<&str> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["account"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        accounts,
+        [
+            "system_buffer_usdc",
+            "system_buffer_fiat",
+            "broker_operational"
+        ]
+    );
+    assert_eq!(body[0]["status"], "HEALTHY");
+    let (status, body) = json(reqwest::get(format!("{base}/no/such/thing")).await.unwrap()).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+}
+
+#[sqlx::test]
+async fn operator_endpoints_need_the_token_and_answer_4xx_json_on_bad_input(pool: PgPool) {
+    let base = serve(&pool, Some("s3cret")).await;
+    let http = reqwest::Client::new();
+    let trigger = format!("{base}/v1/settlement/trigger");
+    let (status, body) = json(http.post(&trigger).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, _) = json(
+        http.post(&trigger)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, body) = json(
+        http.post(&trigger)
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM settlement_triggers WHERE id = $1 AND handled_at IS NULL",
+    )
+    .bind(body["trigger_id"].as_i64().unwrap())
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pending, 1, "the trigger waits for the aggregator");
+
+    let (status, _) = json(
+        http.post(format!("{base}/v1/auto-rebalance/pause"))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let paused: bool = sqlx::query_scalar("SELECT auto_rebalance_paused FROM settlement_state")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(paused);
+
+    let status_url = format!("{base}/v1/providers/Due/status");
+    let (status, body) = json(
+        http.post(&status_url)
+            .bearer_auth("s3cret")
+            .json(&serde_json::json!({"status": "sleepy"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_status")));
+    let (status, body) = json(
+        http.post(&status_url)
+            .bearer_auth("s3cret")
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    let (status, _) = json(
+        http.post(format!("{base}/v1/providers/Nobody/status"))
+            .bearer_auth("s3cret")
+            .json(&serde_json::json!({"status": "inactive"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = json(
+        http.post(&status_url)
+            .bearer_auth("s3cret")
+            .json(&serde_json::json!({"status": "inactive"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let due: String =
+        sqlx::query_scalar("SELECT status FROM conversion_providers WHERE name = 'Due'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(due, "inactive");
+
+    let (status, body) = json(
+        http.post(format!("{base}/v1/jobs/not-a-uuid/cancel"))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_job_id")));
+    let (status, _) = json(
+        http.post(format!("{base}/v1/jobs/{}/cancel", uuid::Uuid::new_v4()))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[sqlx::test]
+async fn only_jobs_not_at_a_provider_can_be_cancelled(pool: PgPool) {
+    let base = serve(&pool, Some("t")).await;
+    let http = reqwest::Client::new();
+    for (id, status) in [(1u128, "pending"), (2, "provider_submitted")] {
+        sqlx::query(
+            "INSERT INTO conversion_jobs (id, idempotency_key, direction, trigger_reason, status, amount,
+                source_account, source_currency, source_amount, destination_account, destination_currency)
+             VALUES ($1, $1::text, 'usdc_to_usd', 'manual', $2, 500, 'system_buffer_usdc', 'USDC', 500,
+                     'broker_operational', 'USD')",
+        )
+        .bind(uuid::Uuid::from_u128(id))
+        .bind(status)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let cancel = |id: u128| {
+        http.post(format!(
+            "{base}/v1/jobs/{}/cancel",
+            uuid::Uuid::from_u128(id)
+        ))
+        .bearer_auth("t")
+        .send()
+    };
+    let (status, _) = json(cancel(1).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, body) = json(cancel(2).await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("not_cancellable")),
+        "money may be at the provider"
+    );
+    let history: Vec<(Option<String>, String)> = sqlx::query_as(
+        "SELECT from_status, to_status FROM conversion_job_history WHERE job_id = $1",
+    )
+    .bind(uuid::Uuid::from_u128(1))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(history, vec![(Some("pending".into()), "cancelled".into())]);
+}
+
+#[sqlx::test]
+async fn operator_endpoints_are_off_without_a_token(pool: PgPool) {
+    let base = serve(&pool, None).await;
+    let (status, body) = json(
+        reqwest::Client::new()
+            .post(format!("{base}/v1/settlement/trigger"))
+            .bearer_auth("x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("admin_disabled"))
+    );
+}
