@@ -340,3 +340,139 @@ impl PgStoreExt<'_> {
             .collect()
     }
 }
+
+#[sqlx::test]
+async fn a_quiet_partition_does_not_hold_settlement_back(pool: PgPool) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let topics = common::unique_topics("idle");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 3).await;
+    // Events only ever reach partition 0 of each topic; partitions 1 and 2 stay quiet.
+    // They keep arriving while settlement runs, so partition 0 never goes idle:
+    // windows can only close because the quiet partitions are left out.
+    let events = common::generate(16, 600, chrono::Duration::minutes(30));
+    let producer: FutureProducer = treasury::kafka::idempotent_producer(&base).unwrap();
+    let feeder = {
+        let topics = topics.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            for chunk in events.chunks(10) {
+                for g in chunk {
+                    let topic = match g.kind {
+                        treasury::domain::FlowKind::Deposit => &topics.funding,
+                        treasury::domain::FlowKind::Withdrawal => &topics.withdrawals,
+                    };
+                    producer
+                        .send(
+                            FutureRecord::<(), _>::to(topic)
+                                .partition(0)
+                                .payload(&g.bytes),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .map_err(|(e, _)| e)
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let closed_while_busy = common::run_aggregator(
+        &pool,
+        &brokers,
+        &topics,
+        "idle",
+        spec(),
+        Duration::from_secs(60),
+        || async {
+            let closed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM settlement_windows WHERE status = 'closed' AND event_count > 0",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+            closed >= 2
+        },
+    )
+    .await;
+    let still_feeding = !feeder.is_finished();
+    feeder.await.unwrap();
+    assert!(
+        closed_while_busy,
+        "windows close although two partitions never receive anything"
+    );
+    assert!(
+        still_feeding,
+        "and they closed while events were still arriving on partition 0"
+    );
+    let late: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(late_event_count), 0)::bigint FROM settlement_windows",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(late, 0, "closing early made no event late");
+}
+
+#[sqlx::test]
+async fn rebuilding_into_an_empty_database_gives_the_same_windows_and_commands(pool: PgPool) {
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let topics = common::unique_topics("rebuild");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 3).await;
+    let events = common::generate(17, 3_000, chrono::Duration::hours(1));
+    common::produce(&base, &topics, &events).await;
+    let run = || async {
+        assert!(
+            common::run_aggregator(
+                &pool,
+                &brokers,
+                &topics,
+                "rebuild",
+                spec(),
+                Duration::from_secs(90),
+                || { common::all_settled(&pool, 3_000) }
+            )
+            .await
+        );
+        let windows = snapshot(&pool).await;
+        let commands: Vec<(uuid::Uuid, String, rust_decimal::Decimal)> = sqlx::query_as(
+            "SELECT p.command_id, p.cycle_id, p.amount FROM planned_commands p
+               JOIN settlement_windows w ON p.cycle_id = 'window:' || to_char(w.window_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+              WHERE w.event_count > 0 ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        (windows, commands)
+    };
+    let (windows, commands) = run().await;
+    assert!(!commands.is_empty(), "the load plans some conversions");
+
+    // Empty the engine's state, as a new database would be, and read the topics again.
+    sqlx::raw_sql(
+        "TRUNCATE processed_events, window_flows, window_demand, settlement_windows, consumer_offsets,
+                  partition_progress, planned_commands, outbox, settlement_triggers;
+         UPDATE settlement_state SET next_window_start = NULL;
+         UPDATE buffer_balances b SET balance = t.target_threshold FROM buffer_thresholds t
+          WHERE t.account_type = b.account_type;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (rebuilt_windows, rebuilt_commands) = run().await;
+    assert_eq!(
+        rebuilt_windows, windows,
+        "the same windows, sums and results"
+    );
+    assert_eq!(
+        rebuilt_commands, commands,
+        "the same command ids and amounts"
+    );
+}
