@@ -386,7 +386,12 @@ impl JobWorker {
             } => {
                 job.destination_amount = Some(destination_amount);
                 job.fee = Some(fee);
-                job.exchange_rate = Some(rate);
+                // Amounts stay exact; the rate is kept at the 10 places the
+                // ledger schema and the database carry.
+                job.exchange_rate = Some(rate.round_dp_with_strategy(
+                    crate::codec::records::RATE_SCALE,
+                    rust_decimal::RoundingStrategy::MidpointNearestEven,
+                ));
                 job.status = JobStatus::ProviderCompleted;
                 let note = format!(
                     "provider completed: {destination_amount} received, fee {fee}, rate {rate}"
