@@ -127,9 +127,11 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
             &trigger,
         )?);
     }
+    let mut wake_executor = None;
     if roles.contains(&Role::Executor) {
         let registry = crate::providers::registry::ProviderRegistry::from_process_env(None);
         let parts = crate::executor::build(&config, store.clone(), jobs, codec.clone(), registry)?;
+        wake_executor = Some(parts.worker.waker());
         tasks.extend(crate::executor::spawn(parts, &trigger));
         if !roles.contains(&Role::Aggregator) {
             // The executor publishes postings and DLQ records through the outbox too.
@@ -153,6 +155,8 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     let app = http::router(http::AppState {
         store: store.clone(),
         pg: Some(pg),
+        wake_executor,
+        env: Arc::new(|var: &str| std::env::var(var).ok()),
         metrics,
         admin_token: config.admin_token.clone(),
     });

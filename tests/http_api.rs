@@ -15,6 +15,8 @@ async fn serve(pool: &PgPool, token: Option<&str>) -> String {
         pg: Some(store),
         metrics: None,
         admin_token: token.map(str::to_owned),
+        wake_executor: None,
+        env: Arc::new(|var: &str| (var == "DUE_WEBHOOK_SECRET").then(|| "whsec".to_owned())),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -233,4 +235,62 @@ async fn operator_endpoints_are_off_without_a_token(pool: PgPool) {
         (status, body["error"].as_str()),
         (403, Some("admin_disabled"))
     );
+}
+
+#[sqlx::test]
+async fn provider_callbacks_are_verified_before_anything_happens(pool: PgPool) {
+    use hmac::Mac;
+    let base = serve(&pool, None).await;
+    sqlx::query(
+        "INSERT INTO conversion_jobs (id, idempotency_key, direction, trigger_reason, status, amount,
+            source_account, source_currency, source_amount, destination_account, destination_currency,
+            provider_name, provider_tx_id)
+         VALUES ($1, $1::text, 'usdc_to_usd', 'manual', 'provider_submitted', 500, 'system_buffer_usdc',
+                 'USDC', 500, 'broker_operational', 'USD', 'Due', 'tr_123')",
+    )
+    .bind(uuid::Uuid::from_u128(9))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let body = br#"{"id":"tr_123","status":"payment_processed"}"#;
+    let sign = |secret: &[u8]| {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/webhooks/Due");
+    let send = |sig: String| {
+        http.post(&url)
+            .header("x-signature", sig)
+            .body(body.to_vec())
+            .send()
+    };
+    let (status, body_json) = json(send(sign(b"wrong")).await.unwrap()).await;
+    assert_eq!(
+        (status, body_json["error"].as_str()),
+        (401, Some("bad_signature"))
+    );
+    let (status, body_json) = json(send(sign(b"whsec")).await.unwrap()).await;
+    assert_eq!(status, 202);
+    assert_eq!(body_json["job"], uuid::Uuid::from_u128(9).to_string());
+    let still: String = sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1")
+        .bind(uuid::Uuid::from_u128(9))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        still, "provider_submitted",
+        "a callback never moves a job by itself"
+    );
+    let (status, _) = json(
+        http.post(format!("{base}/v1/webhooks/ZeroHash"))
+            .header("x-signature", "sha256=00")
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403, "no secret configured for ZeroHash here");
 }

@@ -2,6 +2,7 @@
 //! operator endpoints (behind a bearer token). Errors are JSON with a 4xx/5xx.
 
 mod admin;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -23,6 +24,10 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Operator endpoints are refused when no token is configured.
     pub admin_token: Option<String>,
+    /// Wakes this process's executor (provider callbacks).
+    pub wake_executor: Option<Arc<tokio::sync::Notify>>,
+    /// Reads a secret by variable name (the process environment in production).
+    pub env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
 }
 
 /// An error answered as `{"error": ..., "message": ...}`.
@@ -55,6 +60,7 @@ pub fn router(state: AppState) -> Router {
             post(admin::set_provider_status),
         )
         .route("/v1/jobs/{id}/cancel", post(admin::cancel_job))
+        .route("/v1/webhooks/{provider}", post(webhooks::receive))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
