@@ -15,6 +15,9 @@ use serde_json::json;
 
 use crate::store::Store;
 
+/// Reads a secret by variable name.
+pub type SecretLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -27,7 +30,7 @@ pub struct AppState {
     /// Wakes this process's executor (provider callbacks).
     pub wake_executor: Option<Arc<tokio::sync::Notify>>,
     /// Reads a secret by variable name (the process environment in production).
-    pub env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    pub env: SecretLookup,
 }
 
 /// An error answered as `{"error": ..., "message": ...}`.
