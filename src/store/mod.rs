@@ -142,7 +142,8 @@ pub trait Store: Send + Sync {
         group: &str,
         partitions: &[TopicPartition],
     ) -> Result<BTreeMap<TopicPartition, i64>, StoreError>;
-    /// Up to `limit` unsent outbox messages, oldest first.
+    /// Up to `limit` unsent outbox messages, oldest first, claimed for a short
+    /// while so that other relays skip them.
     async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxMessage>, StoreError>;
     /// Marks outbox messages as published.
     async fn mark_sent(&self, ids: &[Uuid]) -> Result<(), StoreError>;

@@ -133,14 +133,21 @@ impl Store for PgStore {
     }
 
     async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxMessage>, StoreError> {
+        // Claims the rows for 30 s: another relay skips them meanwhile, and
+        // takes them over if this one dies before marking them sent.
         let rows = sqlx::query(
-            "SELECT id, topic, message_key, payload, headers FROM outbox
-              WHERE sent_at IS NULL ORDER BY seq LIMIT $1",
+            "UPDATE outbox SET claimed_until = now() + INTERVAL '30 seconds'
+              WHERE id IN (SELECT id FROM outbox
+                            WHERE sent_at IS NULL AND (claimed_until IS NULL OR claimed_until < now())
+                            ORDER BY seq LIMIT $1
+                            FOR UPDATE SKIP LOCKED)
+              RETURNING id, seq, topic, message_key, payload, headers",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
+        let mut messages = rows
+            .into_iter()
             .map(|r| {
                 let headers: serde_json::Value = r.get("headers");
                 let headers = headers
@@ -151,15 +158,20 @@ impl Store for PgStore {
                             .collect()
                     })
                     .unwrap_or_default();
-                Ok(OutboxMessage {
-                    id: r.get("id"),
-                    topic: r.get("topic"),
-                    key: r.get("message_key"),
-                    payload: r.get("payload"),
-                    headers,
-                })
+                (
+                    r.get::<i64, _>("seq"),
+                    OutboxMessage {
+                        id: r.get("id"),
+                        topic: r.get("topic"),
+                        key: r.get("message_key"),
+                        payload: r.get("payload"),
+                        headers,
+                    },
+                )
             })
-            .collect()
+            .collect::<Vec<_>>();
+        messages.sort_by_key(|(seq, _)| *seq);
+        Ok(messages.into_iter().map(|(_, m)| m).collect())
     }
 
     async fn mark_sent(&self, ids: &[Uuid]) -> Result<(), StoreError> {
