@@ -58,6 +58,18 @@ pub enum Command {
     /// aggregators first; on restart they re-read from there. Already counted
     /// events are recognised by id and change nothing.
     Replay(ReplayArgs),
+    /// Check the books: every completed job has one posting and every posting a
+    /// completed job, no job is stuck, every emitted command became a job,
+    /// nothing waits in the outbox, and (with --providers) what each provider
+    /// reports holding. Exits 1 when anything is found.
+    Reconcile {
+        /// Also ask each active provider for its balances.
+        #[arg(long)]
+        providers: bool,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration with secrets masked.
     Config,
 }
@@ -111,6 +123,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Trigger { wait } => trigger(&config, wait).await,
         Command::Replay(args) => replay(&config, args).await,
+        Command::Reconcile { providers, json } => reconcile(&config, providers, json).await,
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&config.masked())?);
             Ok(())
@@ -188,6 +201,60 @@ pub fn render_jobs(jobs: &[ActiveJob]) -> String {
         ));
     }
     out
+}
+
+async fn reconcile(config: &Config, providers: bool, json: bool) -> anyhow::Result<()> {
+    let store = connect(config).await?;
+    let tolerances = crate::reconcile::Tolerances {
+        at_provider: chrono::Duration::from_std(config.stale_after)?,
+        in_transit: chrono::Duration::minutes(5),
+    };
+    let findings = crate::reconcile::check(store.pool(), Utc::now(), tolerances).await?;
+    let mut balances = Vec::new();
+    if providers {
+        use crate::store::jobs::JobStore;
+        let registry = crate::providers::registry::ProviderRegistry::from_process_env(None);
+        for row in store.providers().await? {
+            if row.status != crate::providers::registry::ProviderStatus::Active {
+                continue;
+            }
+            for currency in [crate::domain::Currency::Usd, crate::domain::Currency::Usdc] {
+                let reported = match registry.build(&row) {
+                    Ok(p) => p.balance(currency).await.map(|m| m.to_string()),
+                    Err(e) => Err(e),
+                };
+                balances.push(serde_json::json!({
+                    "provider": row.name,
+                    "currency": currency.code(),
+                    "balance": reported.as_ref().ok(),
+                    "error": reported.as_ref().err().map(|e| e.to_string()),
+                }));
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"findings": findings, "provider_balances": balances})
+            )?
+        );
+    } else {
+        for f in &findings {
+            println!("{:<32} {}  {}", f.check, f.subject, f.detail);
+        }
+        for b in &balances {
+            println!("provider balance  {b}");
+        }
+        if findings.is_empty() {
+            println!("books reconcile: no findings");
+        }
+    }
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} reconciliation finding(s)", findings.len())
+    }
 }
 
 async fn trigger(config: &Config, wait: bool) -> anyhow::Result<()> {

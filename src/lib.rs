@@ -20,6 +20,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod ledger;
 pub mod planner;
+pub mod reconcile;
 pub mod providers;
 pub mod relay;
 pub mod runtime;
