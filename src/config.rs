@@ -8,11 +8,19 @@ use serde::Serialize;
 
 /// A setting that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{variable}={value:?} is invalid: expected {expected}")]
+#[error("{}", describe(self))]
 pub struct ConfigError {
     pub variable: String,
     pub value: String,
     pub expected: &'static str,
+}
+
+fn describe(e: &ConfigError) -> String {
+    if e.value.is_empty() {
+        format!("{} is not set: expected {}", e.variable, e.expected)
+    } else {
+        format!("{}={:?} is invalid: expected {}", e.variable, e.value, e.expected)
+    }
 }
 
 /// Topic names the engine reads and writes.
