@@ -19,7 +19,10 @@ fn describe(e: &ConfigError) -> String {
     if e.value.is_empty() {
         format!("{} is not set: expected {}", e.variable, e.expected)
     } else {
-        format!("{}={:?} is invalid: expected {}", e.variable, e.value, e.expected)
+        format!(
+            "{}={:?} is invalid: expected {}",
+            e.variable, e.value, e.expected
+        )
     }
 }
 
