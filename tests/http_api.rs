@@ -294,3 +294,92 @@ async fn provider_callbacks_are_verified_before_anything_happens(pool: PgPool) {
     .await;
     assert_eq!(status, 403, "no secret configured for ZeroHash here");
 }
+
+#[sqlx::test]
+async fn a_person_resolves_a_job_in_review_and_the_engine_posts_it(pool: PgPool) {
+    use rust_decimal_macros::dec;
+    use treasury::executor::{JobWorker, WorkerSettings};
+    use treasury::providers::registry::ProviderRegistry;
+
+    let base = serve(&pool, Some("t")).await;
+    let id = uuid::Uuid::from_u128(42);
+    sqlx::query(
+        "INSERT INTO conversion_jobs (id, idempotency_key, direction, trigger_reason, status, amount,
+            source_account, source_currency, source_amount, destination_account, destination_currency,
+            provider_id, provider_name, provider_tx_id, submitted_at)
+         VALUES ($1, $1::text, 'usdc_to_usd', 'emergency', 'needs_review', 1000, 'system_buffer_usdc', 'USDC',
+                 1000, 'broker_operational', 'USD', (SELECT id FROM conversion_providers WHERE name = 'Due'),
+                 'Due', 'tr_9', now() - INTERVAL '2 hours')",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/jobs/{id}/resolve");
+    let resolve = |body: serde_json::Value| http.post(&url).bearer_auth("t").json(&body).send();
+    let (status, body) = json(resolve(serde_json::json!({"outcome": "completed", "destination_amount": "998.001", "fee": "1", "rate": "0.999"})).await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_resolution")),
+        "USD to the cent"
+    );
+    let (status, body) = json(
+        resolve(serde_json::json!({"outcome": "maybe"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    let (status, _) = json(resolve(serde_json::json!({"outcome": "completed", "destination_amount": "998.00", "fee": "1", "rate": "0.999"})).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, body) = json(
+        resolve(serde_json::json!({"outcome": "failed", "reason": "again"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("not_in_review")),
+        "resolved once"
+    );
+
+    let store = PgStore::from_pool(pool.clone());
+    let worker = JobWorker::new(
+        Arc::new(store.clone()),
+        ProviderRegistry::standard(|_| None, None),
+        treasury::codec::Codec::default(),
+        WorkerSettings {
+            owner: "test".into(),
+            postings_topic: "ledger.postings".into(),
+            max_retries: 0,
+            retry_initial: std::time::Duration::from_millis(1),
+            monitor_interval: std::time::Duration::from_secs(1),
+            stale_after: chrono::Duration::minutes(30),
+            conversion_timeout: chrono::Duration::minutes(30),
+        },
+    );
+    worker.run_cycle().await.unwrap();
+    let (status, postings): (String, i64) = sqlx::query_as(
+        "SELECT status, (SELECT count(*) FROM ledger_postings WHERE job_id = $1) FROM conversion_jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), postings), ("completed", 1));
+    let balances: Vec<(String, rust_decimal::Decimal)> =
+        sqlx::query_as("SELECT account_type, balance FROM buffer_balances ORDER BY account_type")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        balances,
+        vec![
+            ("broker_operational".into(), dec!(200998.00)),
+            ("system_buffer_fiat".into(), dec!(100000)),
+            ("system_buffer_usdc".into(), dec!(49000)),
+        ]
+    );
+}

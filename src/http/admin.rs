@@ -153,3 +153,132 @@ pub async fn cancel_job(
     )
         .into_response())
 }
+
+/// Body of `POST /v1/jobs/{id}/resolve`: what a person found at the provider.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Resolution {
+    /// The conversion happened: the engine posts it on its next cycle.
+    Completed {
+        /// Received, in the destination currency.
+        destination_amount: rust_decimal::Decimal,
+        /// Charged, in the source currency.
+        fee: rust_decimal::Decimal,
+        /// Destination units per source unit.
+        rate: rust_decimal::Decimal,
+    },
+    /// It did not happen: no money moved.
+    Failed { reason: String },
+}
+
+/// `POST /v1/jobs/{id}/resolve`: settles a job in `needs_review`.
+pub async fn resolve_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<Resolution>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    use crate::domain::{ConversionDirection, Money};
+
+    authorize(&state, &headers)?;
+    let id: Uuid = id.parse().map_err(|_| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_job_id",
+        message: format!("{id:?} is not a uuid"),
+    })?;
+    let Json(resolution) = body.map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_request",
+        message: e.body_text(),
+    })?;
+    let bad = |message: String| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_resolution",
+        message,
+    };
+    let pool = pg(&state)?.pool();
+    let mut tx = pool.begin().await.map_err(internal)?;
+    let row: Option<(String, String, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT status, direction, amount FROM conversion_jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(internal)?;
+    let Some((status, direction, amount)) = row else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "unknown_job",
+            message: format!("no job {id}"),
+        });
+    };
+    if status != "needs_review" {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "not_in_review",
+            message: format!("job {id} is {status}; only needs_review jobs are resolved by hand"),
+        });
+    }
+    let direction: ConversionDirection = direction.parse().map_err(internal)?;
+    let (to, note) = match resolution {
+        Resolution::Completed {
+            destination_amount,
+            fee,
+            rate,
+        } => {
+            let received = Money::positive(direction.destination_currency(), destination_amount)
+                .map_err(|e| bad(format!("destination_amount: {e}")))?;
+            let charged = Money::new(direction.source_currency(), fee)
+                .map_err(|e| bad(format!("fee: {e}")))?;
+            if charged.value < rust_decimal::Decimal::ZERO || charged.value >= amount {
+                return Err(bad(format!(
+                    "fee {fee} must be at least 0 and below the amount {amount}"
+                )));
+            }
+            if rate <= rust_decimal::Decimal::ZERO {
+                return Err(bad(format!("rate {rate} must be positive")));
+            }
+            sqlx::query(
+                "UPDATE conversion_jobs SET status = 'provider_completed', provider_completed_at = now(),
+                        destination_amount = $2, fees_amount = $3, fees_currency = $4, exchange_rate = $5,
+                        updated_at = now() WHERE id = $1",
+            )
+            .bind(id)
+            .bind(received.value)
+            .bind(charged.value)
+            .bind(charged.currency.code())
+            .bind(rate.round_dp(crate::codec::records::RATE_SCALE))
+            .execute(&mut *tx)
+            .await
+            .map_err(internal)?;
+            (
+                "provider_completed",
+                format!("resolved by an operator: {received} received, fee {charged}, rate {rate}"),
+            )
+        }
+        Resolution::Failed { reason } => {
+            sqlx::query(
+                "UPDATE conversion_jobs SET status = 'failed', failed_at = now(), error_message = $2,
+                        updated_at = now() WHERE id = $1",
+            )
+            .bind(id)
+            .bind(&reason)
+            .execute(&mut *tx)
+            .await
+            .map_err(internal)?;
+            ("failed", format!("resolved by an operator: {reason}"))
+        }
+    };
+    sqlx::query(
+        "INSERT INTO conversion_job_history (job_id, from_status, to_status, note) VALUES ($1, 'needs_review', $2, $3)",
+    )
+    .bind(id)
+    .bind(to)
+    .bind(&note)
+    .execute(&mut *tx)
+    .await
+    .map_err(internal)?;
+    tx.commit().await.map_err(internal)?;
+    tracing::warn!(job = %id, to, %note, "job resolved by an operator");
+    Ok(Json(json!({"job": id, "status": to})).into_response())
+}

@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
             post(admin::set_provider_status),
         )
         .route("/v1/jobs/{id}/cancel", post(admin::cancel_job))
+        .route("/v1/jobs/{id}/resolve", post(admin::resolve_job))
         .route("/v1/webhooks/{provider}", post(webhooks::receive))
         .fallback(|| async {
             ApiError {
