@@ -38,7 +38,7 @@ use super::http::{HttpSettings, build_client, send_json};
 use super::json::{
     amount_text, decimal_at, optional_decimal_at, parse_currency, provider_money, str_at,
 };
-use super::registry::{ProviderRow, optional_env, required_env};
+use super::registry::{ProviderRow, base_url, optional_env, required_env};
 use super::{
     ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState, Quote,
 };
@@ -90,9 +90,7 @@ impl DueConfig {
         row: &ProviderRow,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ProviderError> {
-        let base_url = optional_env(env, "DUE_BASE_URL")
-            .or_else(|| row.base_url.clone().filter(|u| !u.trim().is_empty()))
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
+        let base_url = base_url(env, "DUE_BASE_URL", row, DEFAULT_BASE_URL);
         Ok(Self {
             base_url,
             api_key: required_env(env, row.credentials_var("DUE_API_KEY"))?,

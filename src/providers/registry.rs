@@ -164,6 +164,19 @@ pub fn required_env(
         })
 }
 
+/// The API base URL: the environment variable `var`, else the row's
+/// `base_url`, else the implementation's `default`.
+pub fn base_url(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &str,
+    row: &ProviderRow,
+    default: &str,
+) -> String {
+    optional_env(env, var)
+        .or_else(|| row.base_url.clone().filter(|u| !u.trim().is_empty()))
+        .unwrap_or_else(|| default.to_owned())
+}
+
 /// Reads an optional setting (unset or blank is `None`).
 pub fn optional_env(env: &dyn Fn(&str) -> Option<String>, var: &str) -> Option<String> {
     env(var)

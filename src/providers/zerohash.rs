@@ -54,7 +54,7 @@ use super::http::{HttpSettings, build_client, send_json};
 use super::json::{
     amount_text, decimal_at, optional_str_at, parse_currency, provider_money, str_at,
 };
-use super::registry::{ProviderRow, optional_env, required_env};
+use super::registry::{ProviderRow, base_url, optional_env, required_env};
 use super::{
     ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState, Quote,
 };
@@ -116,9 +116,7 @@ impl ZeroHashConfig {
         row: &ProviderRow,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ProviderError> {
-        let base_url = optional_env(env, "ZEROHASH_BASE_URL")
-            .or_else(|| row.base_url.clone().filter(|u| !u.trim().is_empty()))
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
+        let base_url = base_url(env, "ZEROHASH_BASE_URL", row, DEFAULT_BASE_URL);
         let api_secret = required_env(env, "ZEROHASH_API_SECRET")?;
         if BASE64.decode(&api_secret).is_err() {
             return Err(ProviderError::Configuration(
