@@ -4,6 +4,7 @@
 //! one statement or transaction and leaves an audit trail.
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -13,6 +14,22 @@ use uuid::Uuid;
 
 use super::{ApiError, AppState, authorize, internal};
 use crate::providers::registry::ProviderStatus;
+
+fn job_id(text: &str) -> Result<Uuid, ApiError> {
+    text.parse().map_err(|_| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_job_id",
+        message: format!("{text:?} is not a uuid"),
+    })
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_request",
+        message: e.body_text(),
+    })
+}
 
 fn pg(state: &AppState) -> Result<&crate::store::postgres::PgStore, ApiError> {
     state.pg.as_ref().ok_or_else(|| ApiError {
@@ -62,14 +79,10 @@ pub async fn set_provider_status(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<ProviderStatusBody>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<ProviderStatusBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let Json(body) = body.map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        code: "bad_request",
-        message: e.body_text(),
-    })?;
+    let body = json_body(body)?;
     let status: ProviderStatus = body.status.parse().map_err(|_| ApiError {
         status: StatusCode::BAD_REQUEST,
         code: "bad_status",
@@ -103,11 +116,7 @@ pub async fn cancel_job(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let id: Uuid = id.parse().map_err(|_| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        code: "bad_job_id",
-        message: format!("{id:?} is not a uuid"),
-    })?;
+    let id = job_id(&id)?;
     let pool = pg(&state)?.pool();
     let mut tx = pool.begin().await.map_err(internal)?;
     let from: Option<String> =
@@ -176,21 +185,13 @@ pub async fn resolve_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<Resolution>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<Resolution>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     use crate::domain::{ConversionDirection, Money};
 
     authorize(&state, &headers)?;
-    let id: Uuid = id.parse().map_err(|_| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        code: "bad_job_id",
-        message: format!("{id:?} is not a uuid"),
-    })?;
-    let Json(resolution) = body.map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        code: "bad_request",
-        message: e.body_text(),
-    })?;
+    let id = job_id(&id)?;
+    let resolution = json_body(body)?;
     let bad = |message: String| ApiError {
         status: StatusCode::BAD_REQUEST,
         code: "bad_resolution",
