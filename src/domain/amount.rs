@@ -150,7 +150,7 @@ impl<C: CurrencyUnit> Add for Amount<C> {
     type Output = Self;
     fn add(self, other: Self) -> Self {
         self.checked_add(other)
-            .expect("amount overflow beyond 7.9e28")
+            .expect("sum beyond the supported 10^18; use checked_add where that can happen")
     }
 }
 
@@ -158,7 +158,7 @@ impl<C: CurrencyUnit> Sub for Amount<C> {
     type Output = Self;
     fn sub(self, other: Self) -> Self {
         self.checked_sub(other)
-            .expect("amount overflow beyond 7.9e28")
+            .expect("sum beyond the supported 10^18; use checked_add where that can happen")
     }
 }
 

@@ -532,8 +532,8 @@ impl JobStore for MemoryStore {
         let mut tx = self.begin(LockMode::Shared).await?;
         tx.advance_offsets(group, ranges).await?;
         tx.enqueue(dead_letters).await?;
-        // The memory transaction is opaque here; apply jobs after its commit
-        // while still holding no other lock (the demo has one executor).
+        // Offsets and jobs commit one after the other here, not atomically as
+        // in PostgreSQL: acceptable for the demo, whose state dies with it.
         tx.commit().await?;
         let mut state = self.state.lock().await;
         let mut created = Vec::new();
