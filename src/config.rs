@@ -174,6 +174,13 @@ impl Config {
             http_addr: env.socket_addr("TREASURY_HTTP_ADDR", "0.0.0.0:8080")?,
             admin_token: env.text("TREASURY_ADMIN_TOKEN"),
         };
+        if config.idle_timeout < Duration::from_secs(2) {
+            return Err(ConfigError {
+                variable: "TREASURY_IDLE_TIMEOUT".into(),
+                value: humantime::format_duration(config.idle_timeout).to_string(),
+                expected: "at least 2s (consumers renew their caught-up reports every second)",
+            });
+        }
         if config.scheduler_interval < Duration::from_secs(1) {
             return Err(ConfigError {
                 variable: "TREASURY_SCHEDULER_INTERVAL".into(),

@@ -140,6 +140,11 @@ impl GroupConsumer {
         Rebalanced { assigned, revoked }
     }
 
+    /// Partitions currently assigned to this consumer.
+    pub fn assigned(&self) -> &HashSet<TopicPartition> {
+        &self.assigned
+    }
+
     /// Partitions currently read to their end.
     pub fn at_end(&self) -> &HashSet<TopicPartition> {
         &self.at_end

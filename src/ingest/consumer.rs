@@ -42,6 +42,11 @@ pub struct IngestTotals {
     pub batches: u64,
 }
 
+/// How often a consumer at the end of its partitions says so again; a
+/// partition whose report is older than `TREASURY_IDLE_TIMEOUT` no longer
+/// counts as idle (see [`crate::window::PartitionProgress::is_idle`]).
+pub const CAUGHT_UP_HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// The ingest driver.
 pub struct Ingest {
     consumer: GroupConsumer,
@@ -49,6 +54,7 @@ pub struct Ingest {
     codec: Codec,
     settings: IngestSettings,
     reported_caught_up: HashSet<TopicPartition>,
+    last_report: tokio::time::Instant,
     totals: IngestTotals,
 }
 
@@ -72,6 +78,7 @@ impl Ingest {
             codec,
             settings,
             reported_caught_up: HashSet::new(),
+            last_report: tokio::time::Instant::now(),
             totals: IngestTotals::default(),
         })
     }
@@ -92,6 +99,11 @@ impl Ingest {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+        // Hand the partitions over honestly: no longer vouched for as caught up.
+        let leaving: Vec<TopicPartition> = self.consumer.assigned().iter().cloned().collect();
+        if let Err(e) = self.release(&leaving).await {
+            tracing::warn!(error = %e, "could not record the hand-over of partitions");
+        }
         self.consumer.close();
         tracing::info!(totals = ?self.totals, "ingest stopped");
         self.totals
@@ -109,17 +121,21 @@ impl Ingest {
         let caught_up = self.consumer.at_end().clone();
         let now = Utc::now();
         if messages.is_empty() {
-            let newly: Vec<ProgressUpdate> = caught_up
-                .difference(&self.reported_caught_up)
-                .map(|tp| ProgressUpdate {
-                    tp: tp.clone(),
-                    max_event_time: None,
-                    caught_up: true,
-                    now,
-                })
-                .collect();
-            commit_progress(self.store.as_ref(), &newly).await?;
-            self.reported_caught_up.extend(caught_up);
+            let newly = !caught_up.is_subset(&self.reported_caught_up);
+            if newly || self.last_report.elapsed() >= CAUGHT_UP_HEARTBEAT {
+                let reports: Vec<ProgressUpdate> = caught_up
+                    .iter()
+                    .map(|tp| ProgressUpdate {
+                        tp: tp.clone(),
+                        max_event_time: None,
+                        caught_up: true,
+                        now,
+                    })
+                    .collect();
+                commit_progress(self.store.as_ref(), &reports).await?;
+                self.reported_caught_up = caught_up;
+                self.last_report = tokio::time::Instant::now();
+            }
             return Ok(());
         }
         let ctx = BatchContext {
@@ -164,6 +180,7 @@ impl Ingest {
             self.reported_caught_up.remove(&m.tp);
         }
         self.reported_caught_up.extend(caught_up.iter().cloned());
+        self.last_report = tokio::time::Instant::now();
         self.totals.counted += outcome.counted;
         self.totals.duplicates += outcome.duplicates;
         self.totals.late += outcome.late;
@@ -187,16 +204,26 @@ impl Ingest {
         );
     }
 
-    /// Newly assigned partitions are registered as not caught up, so they
-    /// hold settlement back until they have been read.
+    /// Newly assigned and revoked partitions are recorded as not caught up:
+    /// they hold settlement back until their (new) consumer has read them.
     async fn apply_rebalances(&mut self) -> Result<(), StoreError> {
         let changes = self.consumer.take_rebalances();
-        for tp in changes.revoked.iter().chain(&changes.assigned) {
+        let moved: Vec<TopicPartition> = changes
+            .revoked
+            .iter()
+            .chain(&changes.assigned)
+            .cloned()
+            .collect();
+        self.release(&moved).await
+    }
+
+    /// Records `partitions` as not caught up.
+    async fn release(&mut self, partitions: &[TopicPartition]) -> Result<(), StoreError> {
+        for tp in partitions {
             self.reported_caught_up.remove(tp);
         }
         let now = Utc::now();
-        let updates: Vec<ProgressUpdate> = changes
-            .assigned
+        let updates: Vec<ProgressUpdate> = partitions
             .iter()
             .map(|tp| ProgressUpdate {
                 tp: tp.clone(),

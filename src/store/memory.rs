@@ -354,7 +354,9 @@ impl StoreTx for MemoryTx {
                 .or_insert(PartitionProgress {
                     watermark: None,
                     caught_up_since: None,
+                    reported_at: None,
                 });
+            entry.reported_at = Some(u.now);
             entry.watermark = entry.watermark.max(u.max_event_time);
             entry.caught_up_since = if u.caught_up {
                 entry.caught_up_since.or(Some(u.now))

@@ -563,7 +563,7 @@ impl StoreTx for PgTx {
         topics: &[String],
     ) -> Result<Vec<PartitionProgress>, StoreError> {
         let rows = sqlx::query(
-            "SELECT watermark, caught_up_since FROM partition_progress WHERE topic = ANY($1)",
+            "SELECT watermark, caught_up_since, updated_at FROM partition_progress WHERE topic = ANY($1)",
         )
         .bind(topics)
         .fetch_all(&mut *self.tx)
@@ -573,6 +573,7 @@ impl StoreTx for PgTx {
             .map(|r| PartitionProgress {
                 watermark: r.get("watermark"),
                 caught_up_since: r.get("caught_up_since"),
+                reported_at: r.get("updated_at"),
             })
             .collect())
     }

@@ -12,14 +12,23 @@ pub struct PartitionProgress {
     pub watermark: Option<DateTime<Utc>>,
     /// Since when the consumer has been at the end of the partition, if it is.
     pub caught_up_since: Option<DateTime<Utc>>,
+    /// When the partition's consumer last reported on it. A consumer at the
+    /// end of a partition keeps reporting; a report that is not renewed (the
+    /// consumer died, or the partition is being handed over) no longer
+    /// vouches that nothing is waiting to be read.
+    pub reported_at: Option<DateTime<Utc>>,
 }
 
 impl PartitionProgress {
-    /// A partition that has been caught up for `idle_timeout` has nothing to
-    /// say about event time and stops holding settlement back.
+    /// A partition whose consumer has been at its end for `idle_timeout`, and
+    /// still says so, has nothing to say about event time and stops holding
+    /// settlement back.
     pub fn is_idle(&self, now: DateTime<Utc>, idle_timeout: Duration) -> bool {
-        self.caught_up_since
-            .is_some_and(|since| now - since >= idle_timeout)
+        let quiet_long_enough = self
+            .caught_up_since
+            .is_some_and(|since| now - since >= idle_timeout);
+        let still_vouched = self.reported_at.is_some_and(|at| now - at < idle_timeout);
+        quiet_long_enough && still_vouched
     }
 }
 
@@ -70,10 +79,12 @@ mod tests {
         let busy = PartitionProgress {
             watermark: Some(at(1_000)),
             caught_up_since: None,
+            reported_at: Some(at(1_990)),
         };
         let quiet = PartitionProgress {
             watermark: Some(at(10)),
             caught_up_since: Some(at(1_900)),
+            reported_at: Some(at(1_990)),
         };
         let idle = Duration::seconds(60);
         assert_eq!(
@@ -84,5 +95,27 @@ mod tests {
             global_watermark(&[busy, quiet], at(2_000), idle),
             Some(at(1_000))
         );
+    }
+
+    #[test]
+    fn a_caught_up_partition_nobody_reports_on_holds_settlement_back() {
+        // Caught up since 100, last reported at 150; then its consumer died.
+        let abandoned = PartitionProgress {
+            watermark: Some(at(10)),
+            caught_up_since: Some(at(100)),
+            reported_at: Some(at(150)),
+        };
+        let idle = Duration::seconds(60);
+        assert!(
+            !abandoned.is_idle(at(159), idle),
+            "not quiet long enough yet"
+        );
+        assert!(abandoned.is_idle(at(160), idle));
+        assert!(abandoned.is_idle(at(209), idle));
+        assert!(
+            !abandoned.is_idle(at(210), idle),
+            "nobody vouches for it any more"
+        );
+        assert_eq!(global_watermark(&[abandoned], at(500), idle), Some(at(10)));
     }
 }
