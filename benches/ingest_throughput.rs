@@ -9,7 +9,7 @@
 //!     cargo bench --bench ingest_throughput
 //! ```
 //!
-//! Optional: `BENCH_EVENTS` (default 50000), `BENCH_PARTITIONS` (default 4),
+//! Optional: `BENCH_EVENTS` (default 50000; 2000 when run by `cargo test`), `BENCH_PARTITIONS` (default 4),
 //! `BENCH_BATCH` (engine batch size, default 1000), `BENCH_BASELINE_EVENTS`
 //! (events the naive baseline processes before its rate is extrapolated,
 //! default min(N, 10000)).
@@ -136,7 +136,10 @@ fn non_empty_env(name: &str) -> Option<String> {
 
 impl Settings {
     fn from_env(database_url: String, brokers: String) -> anyhow::Result<Self> {
-        let events: usize = env_number("BENCH_EVENTS", 50_000)?;
+        // `cargo bench` passes `--bench`; under `cargo test --all-targets` the
+        // binary runs as a quick smoke test of the same code on fewer events.
+        let measuring = std::env::args().any(|a| a == "--bench");
+        let events: usize = env_number("BENCH_EVENTS", if measuring { 50_000 } else { 2_000 })?;
         let partitions: i32 = env_number("BENCH_PARTITIONS", 4)?;
         let batch: usize = env_number("BENCH_BATCH", 1_000)?;
         let baseline_events: usize = env_number("BENCH_BASELINE_EVENTS", events.min(10_000))?;
