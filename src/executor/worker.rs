@@ -116,7 +116,12 @@ impl JobWorker {
         let mut stale = 0;
         for job in leased {
             let id = job.id;
-            match self.drive(job).await {
+            // Provider calls with retries can outlast a lease: keep it renewed
+            // while this worker drives the job, so no other worker takes it.
+            let renewal = self.keep_leased(id, lease);
+            let driven = self.drive(job).await;
+            renewal.abort();
+            match driven {
                 Ok(true) => stale += 1,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(job = %id, error = %e, "job step failed; will retry"),
@@ -125,6 +130,25 @@ impl JobWorker {
         }
         metrics::gauge!("treasury_stale_jobs").set(stale as f64);
         Ok(count)
+    }
+
+    /// Renews the lease on `job` every third of `lease` until aborted.
+    fn keep_leased(&self, job: Uuid, lease: Duration) -> tokio::task::JoinHandle<()> {
+        let jobs = self.jobs.clone();
+        let owner = self.settings.owner.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match jobs.renew(&owner, job, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::error!(%job, alert = true, "lease on a job in hand was lost");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(%job, error = %e, "lease renewal failed; retrying"),
+                }
+            }
+        })
     }
 
     /// Drives one job until it waits or ends; returns whether it is stale.

@@ -50,6 +50,14 @@ pub trait JobStore: Send + Sync {
         limit: i64,
     ) -> Result<Vec<ConversionJob>, StoreError>;
 
+    /// Extends `owner`'s lease on `job`; false if the lease is no longer its own.
+    async fn renew(
+        &self,
+        owner: &str,
+        job: Uuid,
+        lease: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+
     /// Gives a lease back.
     async fn release(&self, owner: &str, job: Uuid) -> Result<(), StoreError>;
 

@@ -587,6 +587,22 @@ impl JobStore for MemoryStore {
         Ok(leased)
     }
 
+    async fn renew(
+        &self,
+        owner: &str,
+        job: Uuid,
+        lease: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().await;
+        match state.jobs.get_mut(&job) {
+            Some(entry) if entry.lease.as_ref().is_some_and(|(who, _)| who == owner) => {
+                entry.lease = Some((owner.to_owned(), std::time::Instant::now() + lease));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn release(&self, owner: &str, job: Uuid) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
         if let Some(entry) = state.jobs.get_mut(&job)

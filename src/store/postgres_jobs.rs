@@ -237,6 +237,25 @@ impl JobStore for PgStore {
         Ok(jobs)
     }
 
+    async fn renew(
+        &self,
+        owner: &str,
+        job: Uuid,
+        lease: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE conversion_jobs SET lease_until = now() + make_interval(secs => $3)
+              WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(job)
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .execute(self.pool())
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     async fn release(&self, owner: &str, job: Uuid) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE conversion_jobs SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
