@@ -26,7 +26,10 @@ async fn only_the_holder_renews_and_an_expired_lease_is_free_again(pool: PgPool)
         cycle_id: "manual".into(),
         created_at: Utc::now(),
     });
-    store.intake("g", &[], &[job.clone()], &[]).await.unwrap();
+    store
+        .intake("g", &[], std::slice::from_ref(&job), &[])
+        .await
+        .unwrap();
     let lease = Duration::from_secs(60);
 
     assert_eq!(store.lease_jobs("a", lease, 10).await.unwrap().len(), 1);
