@@ -24,6 +24,7 @@ fn spawn_worker(
     topics: &Topics,
     group: &str,
     instance: &str,
+    idle_timeout: &str,
 ) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{group}-{instance}.log")))
         .unwrap();
@@ -38,6 +39,7 @@ fn spawn_worker(
         .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("KAFKA_GROUP_INSTANCE_ID", format!("{group}-{instance}"))
         .env("TREASURY_BATCH_SIZE", "25")
+        .env("TREASURY_IDLE_TIMEOUT", idle_timeout)
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
@@ -127,7 +129,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
         if before == 20_000 {
             break;
         }
-        let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
+        let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w", "2s");
         common::wait_until(Duration::from_secs(30), || async {
             common::counted(&pool).await > before
         })
@@ -146,7 +148,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
         mid_stream_kills >= 10,
         "only {mid_stream_kills} kills landed mid-stream"
     );
-    let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w");
+    let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w", "2s");
     let settled = common::wait_until(Duration::from_secs(240), || {
         common::all_settled(&pool, 20_000)
     })
@@ -162,6 +164,11 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
     assert_commands_unique(&pool, &brokers, &topics).await;
 }
 
+/// Long enough that no partition counts as idle while the test is still
+/// producing: an idle partition's watermark moves to the wall clock, which
+/// would close the (historical) windows early and count the rest as late.
+const GROUP_IDLE_TIMEOUT: &str = "20s";
+
 #[sqlx::test]
 async fn workers_joining_and_leaving_the_group_give_the_single_worker_sums(pool: PgPool) {
     let Some(brokers) = common::brokers() else {
@@ -173,11 +180,11 @@ async fn workers_joining_and_leaving_the_group_give_the_single_worker_sums(pool:
     let events = common::generate(22, 12_000, chrono::Duration::hours(1));
     common::produce(&base, &topics, &events[..6_000]).await;
 
-    let mut first = spawn_worker(&pool, &brokers, &topics, "group", "a");
-    let mut second = spawn_worker(&pool, &brokers, &topics, "group", "b");
+    let mut first = spawn_worker(&pool, &brokers, &topics, "group", "a", GROUP_IDLE_TIMEOUT);
+    let mut second = spawn_worker(&pool, &brokers, &topics, "group", "b", GROUP_IDLE_TIMEOUT);
     tokio::time::sleep(Duration::from_secs(3)).await;
     common::produce(&base, &topics, &events[6_000..]).await;
-    let mut third = spawn_worker(&pool, &brokers, &topics, "group", "c");
+    let mut third = spawn_worker(&pool, &brokers, &topics, "group", "c", GROUP_IDLE_TIMEOUT);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         terminate(&mut first).success(),
