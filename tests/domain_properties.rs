@@ -436,12 +436,14 @@ fn seeded_usdc_thresholds_read_as_the_original_engine_did() {
 ///
 /// `needs_review` (the provider did not answer within the conversion timeout,
 /// so a person must look): entered from `provider_submitted` or
-/// `provider_processing`; left to `provider_processing`, `provider_completed`,
+/// `provider_processing`, or from `pending` when a provider that may have
+/// executed the conversion never answered the initiate call; left to `provider_processing`, `provider_completed`,
 /// `failed` or `cancelled`. It is not final.
 const LEGAL: &[(&str, &str)] = &[
     ("pending", "provider_submitted"),
     ("pending", "failed"),
     ("pending", "cancelled"),
+    ("pending", "needs_review"),
     ("provider_submitted", "provider_processing"),
     ("provider_submitted", "provider_completed"),
     ("provider_submitted", "failed"),
@@ -591,7 +593,11 @@ proptest! {
             // Completion always goes through the provider and then the ledger.
             let n = path.len();
             prop_assert_eq!(&path[n - 3..], &[JobStatus::ProviderCompleted, JobStatus::LedgerUpdating, JobStatus::Completed]);
-            prop_assert_eq!(path[1], JobStatus::ProviderSubmitted);
+            // It starts at the provider, or with a person who found it there.
+            prop_assert!(
+                matches!(path[1], JobStatus::ProviderSubmitted | JobStatus::NeedsReview),
+                "completed without the provider: {:?}", path
+            );
         }
     }
 }

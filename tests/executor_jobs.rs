@@ -106,9 +106,8 @@ impl ConversionProvider for Scripted {
             std::future::pending::<()>().await;
         }
         if n <= self.fail_first + self.lose_first {
-            return Err(ProviderError::Retryable {
+            return Err(ProviderError::OutcomeUnknown {
                 reason: format!("scripted lost response #{n}"),
-                retry_after_ms: None,
             });
         }
         answer
@@ -546,22 +545,51 @@ async fn retryable_errors_are_retried_at_the_same_provider(pool: PgPool) {
     assert_eq!(postings(&pool, id).await.len(), 1);
 }
 
+/// Due behind a [`Scripted`] wrapper that loses its first `lose_first`
+/// answers (Due records the conversion at the first call), ZeroHash as a plain
+/// sandbox, and a worker over both.
+struct LosingDue {
+    due: Arc<Scripted>,
+    due_sandbox: SandboxProvider,
+    zerohash: SandboxProvider,
+    worker: JobWorker,
+}
+
+fn due_losing_answers(
+    store: &Arc<PgStore>,
+    lose_first: u32,
+    settings: WorkerSettings,
+) -> LosingDue {
+    let due_sandbox = sandbox(1, "Due");
+    let due = Arc::new(Scripted {
+        lose_first,
+        ..Scripted::new(due_sandbox.clone())
+    });
+    let zerohash = sandbox(2, "ZeroHash");
+    let worker = worker(
+        store,
+        registry(vec![
+            ("Due", due.clone()),
+            ("ZeroHash", Arc::new(zerohash.clone())),
+        ]),
+        settings,
+    );
+    LosingDue {
+        due,
+        due_sandbox,
+        zerohash,
+        worker,
+    }
+}
+
 #[sqlx::test]
 async fn a_lost_response_is_retried_with_the_same_key_and_one_conversion(pool: PgPool) {
     let store = setup(&pool).await;
-    let due_sandbox = sandbox(1, "Due");
-    let due = Arc::new(Scripted {
-        lose_first: 2,
-        ..Scripted::new(due_sandbox.clone())
-    });
-    let w = worker(
-        &store,
-        registry(vec![
-            ("Due", due.clone()),
-            ("ZeroHash", Arc::new(sandbox(2, "ZeroHash"))),
-        ]),
-        settings("w1"),
-    );
+    let LosingDue {
+        due_sandbox,
+        worker: w,
+        ..
+    } = due_losing_answers(&store, 2, settings("w1"));
 
     let id = new_job(&store, &command(3, dec!(5000))).await;
     let done = drive(&w, &store, id).await;
@@ -844,23 +872,28 @@ async fn commands_redelivered_and_replayed_through_kafka_make_one_job(pool: PgPo
 // 6. A worker killed between initiating and recording it
 // ---------------------------------------------------------------------------
 
-#[sqlx::test]
-async fn a_crash_after_initiating_repeats_the_call_with_the_same_key(pool: PgPool) {
-    let store = setup(&pool).await;
+/// A job whose worker died while Due was executing its call: Due holds the
+/// conversion, the job holds Due's name and no answer.
+struct CrashedAtDue {
+    id: Uuid,
+    due_sandbox: SandboxProvider,
+    zerohash: SandboxProvider,
+    providers: Vec<(&'static str, Arc<dyn ConversionProvider>)>,
+}
+
+async fn crash_while_due_executes(store: &Arc<PgStore>, n: u128) -> CrashedAtDue {
     let due_sandbox = sandbox(1, "Due");
     let due = Arc::new(Scripted {
         hang_first: AtomicBool::new(true),
         ..Scripted::new(due_sandbox.clone())
     });
     let zerohash = sandbox(2, "ZeroHash");
-    let providers: Vec<(&str, Arc<dyn ConversionProvider>)> = vec![
-        ("Due", due.clone()),
-        ("ZeroHash", Arc::new(zerohash.clone())),
-    ];
-    let id = new_job(&store, &command(8, dec!(5000))).await;
+    let providers: Vec<(&str, Arc<dyn ConversionProvider>)> =
+        vec![("Due", due), ("ZeroHash", Arc::new(zerohash.clone()))];
+    let id = new_job(store, &command(n, dec!(5000))).await;
 
     // The first worker gets the conversion accepted and dies before recording it.
-    let first = worker(&store, registry(providers.clone()), settings("crashing"));
+    let first = worker(store, registry(providers.clone()), settings("crashing"));
     let task = tokio::spawn(async move { first.run_cycle().await });
     assert!(
         common::wait_until(Duration::from_secs(10), || {
@@ -872,6 +905,34 @@ async fn a_crash_after_initiating_repeats_the_call_with_the_same_key(pool: PgPoo
     );
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
+    CrashedAtDue {
+        id,
+        due_sandbox,
+        zerohash,
+        providers,
+    }
+}
+
+/// Lets the dead worker's lease on `id` lapse now.
+async fn expire_lease(pool: &PgPool, id: Uuid) {
+    sqlx::query(
+        "UPDATE conversion_jobs SET lease_until = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[sqlx::test]
+async fn a_crash_after_initiating_repeats_the_call_with_the_same_key(pool: PgPool) {
+    let store = setup(&pool).await;
+    let CrashedAtDue {
+        id,
+        due_sandbox,
+        zerohash,
+        providers,
+    } = crash_while_due_executes(&store, 8).await;
 
     let stranded = job(&store, id).await;
     assert_eq!(stranded.status, JobStatus::Pending);
@@ -889,13 +950,7 @@ async fn a_crash_after_initiating_repeats_the_call_with_the_same_key(pool: PgPoo
         0,
         "the lease still holds"
     );
-    sqlx::query(
-        "UPDATE conversion_jobs SET lease_until = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(id)
-    .execute(&pool)
-    .await
-    .unwrap();
+    expire_lease(&pool, id).await;
     let done = drive(&second, &store, id).await;
 
     assert_eq!(done.status, JobStatus::Completed, "{done:?}");
@@ -916,6 +971,131 @@ async fn a_crash_after_initiating_repeats_the_call_with_the_same_key(pool: PgPoo
     .await;
     assert_eq!(completions, 1, "completed once");
     assert_eq!(provider(&pool, "Due").await.success, 1);
+}
+
+// ---------------------------------------------------------------------------
+// 6b. No fallback from a provider that may have executed the conversion
+// ---------------------------------------------------------------------------
+
+#[sqlx::test]
+async fn a_provider_that_may_have_executed_is_never_swapped_for_another(pool: PgPool) {
+    let store = setup(&pool).await;
+    // Every answer of the first cycle (1 call + 3 retries) and one more is
+    // lost, although Due recorded the conversion at the first call.
+    let LosingDue {
+        due,
+        due_sandbox,
+        zerohash,
+        worker: w,
+    } = due_losing_answers(&store, 5, settings("w1"));
+    let before = balances(&pool).await;
+    let id = new_job(&store, &command(9, dec!(5000))).await;
+
+    w.run_cycle().await.unwrap();
+    let held = job(&store, id).await;
+    assert_eq!(held.status, JobStatus::Pending, "{held:?}");
+    assert_eq!(held.provider_name.as_deref(), Some("Due"), "held at Due");
+    assert!(
+        held.attempted_providers.is_empty(),
+        "Due is not given up on"
+    );
+    assert_eq!(due.calls(), 4);
+    assert_eq!(due_sandbox.initiated_count(), 1, "Due has the conversion");
+    assert_eq!(
+        zerohash.initiate_calls(),
+        0,
+        "never sent to a second provider"
+    );
+    assert!(
+        status_path(&pool, id).await.iter().all(|s| s == "pending"),
+        "still pending"
+    );
+    assert_eq!(balances(&pool).await, before);
+
+    // Next cycle: the same key again; Due answers on the second call of it.
+    let done = drive(&w, &store, id).await;
+    assert_eq!(done.status, JobStatus::Completed, "{done:?}");
+    assert_eq!(due.calls(), 6);
+    assert_eq!(due_sandbox.initiated_count(), 1, "one conversion, ever");
+    assert_eq!(
+        done.provider_tx_id,
+        due_sandbox.conversion_for_key(id).map(|c| c.provider_tx_id)
+    );
+    assert_eq!(zerohash.initiate_calls(), 0);
+    assert_eq!(postings(&pool, id).await.len(), 1);
+}
+
+#[sqlx::test]
+async fn a_provider_silent_past_the_conversion_timeout_hands_the_job_to_a_person(pool: PgPool) {
+    let store = setup(&pool).await;
+    let LosingDue {
+        due,
+        due_sandbox,
+        zerohash,
+        worker: w,
+    } = due_losing_answers(
+        &store,
+        u32::MAX,
+        WorkerSettings {
+            conversion_timeout: chrono::Duration::zero(),
+            ..settings("w1")
+        },
+    );
+    let before = balances(&pool).await;
+    let id = new_job(&store, &command(10, dec!(5000))).await;
+
+    let done = drive(&w, &store, id).await;
+    assert_eq!(done.status, JobStatus::NeedsReview, "{done:?}");
+    let why = done.error_message.clone().unwrap();
+    assert!(
+        why.contains("Due") && why.contains(&id.to_string()),
+        "the reason names the provider and the key to look for: {why}"
+    );
+    assert_eq!(due_sandbox.initiated_count(), 1);
+    assert_eq!(zerohash.initiate_calls(), 0, "no second conversion");
+    assert!(postings(&pool, id).await.is_empty());
+    assert_eq!(balances(&pool).await, before);
+    assert_eq!(
+        status_path(&pool, id).await.last().map(String::as_str),
+        Some("needs_review")
+    );
+    // Nothing more happens without a person.
+    w.run_cycle().await.unwrap();
+    assert_eq!(due.calls(), 4);
+}
+
+#[sqlx::test]
+async fn a_job_resumed_after_a_crash_stays_with_its_provider_through_an_outage(pool: PgPool) {
+    let store = setup(&pool).await;
+    // The first worker dies while Due is executing its call.
+    let CrashedAtDue {
+        id,
+        due_sandbox,
+        zerohash,
+        providers,
+    } = crash_while_due_executes(&store, 11).await;
+    expire_lease(&pool, id).await;
+
+    // Due is then down (503: nothing done). The call before the crash may have
+    // executed, so the job must not move to ZeroHash.
+    due_sandbox.set_down(true);
+    let second = worker(&store, registry(providers), settings("restarted"));
+    second.run_cycle().await.unwrap();
+    let held = job(&store, id).await;
+    assert_eq!(held.status, JobStatus::Pending);
+    assert_eq!(held.provider_name.as_deref(), Some("Due"));
+    assert_eq!(zerohash.initiate_calls(), 0);
+
+    due_sandbox.set_down(false);
+    let done = drive(&second, &store, id).await;
+    assert_eq!(done.status, JobStatus::Completed, "{done:?}");
+    assert_eq!(
+        due_sandbox.initiated_count(),
+        1,
+        "the conversion from before the crash"
+    );
+    assert_eq!(zerohash.initiate_calls(), 0);
+    assert_eq!(postings(&pool, id).await.len(), 1);
 }
 
 // ---------------------------------------------------------------------------

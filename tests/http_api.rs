@@ -180,15 +180,21 @@ async fn operator_endpoints_need_the_token_and_answer_4xx_json_on_bad_input(pool
 async fn only_jobs_not_at_a_provider_can_be_cancelled(pool: PgPool) {
     let base = serve(&pool, Some("t")).await;
     let http = reqwest::Client::new();
-    for (id, status) in [(1u128, "pending"), (2, "provider_submitted")] {
+    for (id, status, provider) in [
+        (1u128, "pending", None),
+        (2, "provider_submitted", Some("Due")),
+        (3, "pending", Some("Due")),
+    ] {
         sqlx::query(
             "INSERT INTO conversion_jobs (id, idempotency_key, direction, trigger_reason, status, amount,
-                source_account, source_currency, source_amount, destination_account, destination_currency)
+                source_account, source_currency, source_amount, destination_account, destination_currency,
+                provider_name)
              VALUES ($1, $1::text, 'usdc_to_usd', 'manual', $2, 500, 'system_buffer_usdc', 'USDC', 500,
-                     'broker_operational', 'USD')",
+                     'broker_operational', 'USD', $3)",
         )
         .bind(uuid::Uuid::from_u128(id))
         .bind(status)
+        .bind(provider)
         .execute(&pool)
         .await
         .unwrap();
@@ -208,6 +214,12 @@ async fn only_jobs_not_at_a_provider_can_be_cancelled(pool: PgPool) {
         (status, body["error"].as_str()),
         (409, Some("not_cancellable")),
         "money may be at the provider"
+    );
+    let (status, body) = json(cancel(3).await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("not_cancellable")),
+        "a pending job held at a provider may have been executed there: {body}"
     );
     let history: Vec<(Option<String>, String)> = sqlx::query_as(
         "SELECT from_status, to_status FROM conversion_job_history WHERE job_id = $1",

@@ -53,6 +53,23 @@ fn raw(status: u16, body: &str) -> ResponseTemplate {
     ResponseTemplate::new(status).set_body_raw(body.as_bytes().to_vec(), "application/json")
 }
 
+/// A Due that quotes with [`QUOTE_BODY`] and answers transfer creation with
+/// `transfer`.
+async fn due_quoting_then_answering_transfers(transfer: ResponseTemplate) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/transfers/quote"))
+        .respond_with(raw(200, QUOTE_BODY))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/transfers"))
+        .respond_with(transfer)
+        .mount(&server)
+        .await;
+    server
+}
+
 const QUOTE_BODY: &str = r#"{
     "token": "qt_eyJhbGciOiJIUzI1NiJ9.quote",
     "source": {"rail": "ethereum", "currency": "USDC", "amount": "50000.000000", "fee": "10.000000", "totalFee": "15.000000"},
@@ -307,20 +324,11 @@ async fn rate_limit_is_retryable_with_retry_after() {
 
 #[tokio::test]
 async fn bad_request_is_final_with_dues_code() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/transfers/quote"))
-        .respond_with(raw(200, QUOTE_BODY))
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/v1/transfers"))
-        .respond_with(raw(
-            400,
-            r#"{"code": "quote_expired", "message": "Quote has expired"}"#,
-        ))
-        .mount(&server)
-        .await;
+    let server = due_quoting_then_answering_transfers(raw(
+        400,
+        r#"{"code": "quote_expired", "message": "Quote has expired"}"#,
+    ))
+    .await;
     let req = request(ConversionDirection::UsdcToUsd, Currency::Usdc, dec!(50000));
     let err = provider(&server).initiate(&req).await.unwrap_err();
     assert_eq!(
@@ -342,9 +350,10 @@ async fn a_slow_answer_times_out_retryably() {
         .await;
     let err = provider(&server).status("tr_1").await.unwrap_err();
     assert!(
-        matches!(err, ProviderError::Retryable { ref reason, .. } if reason.contains("timeout")),
-        "{err:?}"
+        matches!(err, ProviderError::OutcomeUnknown { ref reason } if reason.contains("timeout")),
+        "a timeout after sending leaves the outcome unknown (and retryable): {err:?}"
     );
+    assert!(err.is_retryable());
 }
 
 #[tokio::test]
@@ -387,4 +396,58 @@ async fn a_request_in_the_wrong_currency_never_reaches_due() {
     let err = provider(&server).initiate(&req).await.unwrap_err();
     assert!(matches!(err, ProviderError::Final { ref code, .. } if code == "invalid_request"));
     assert!(server.received_requests().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_slow_quote_is_retryable_but_a_slow_transfer_leaves_the_outcome_unknown() {
+    let req = request(ConversionDirection::UsdcToUsd, Currency::Usdc, dec!(50000));
+
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/transfers/quote"))
+        .respond_with(raw(200, QUOTE_BODY).set_delay(Duration::from_secs(2)))
+        .mount(&server)
+        .await;
+    let err = provider(&server).initiate(&req).await.unwrap_err();
+    assert!(
+        err.is_retryable() && !err.may_have_acted(),
+        "a quote moves no money: {err:?}"
+    );
+
+    let server = due_quoting_then_answering_transfers(
+        raw(200, TRANSFER_CREATED).set_delay(Duration::from_secs(2)),
+    )
+    .await;
+    let err = provider(&server).initiate(&req).await.unwrap_err();
+    assert!(
+        err.is_retryable() && err.may_have_acted(),
+        "the transfer may exist: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_transfer_answered_with_500_or_without_an_id_leaves_the_outcome_unknown() {
+    let req = request(ConversionDirection::UsdcToUsd, Currency::Usdc, dec!(50000));
+    for (status, body) in [
+        (500, r#"{"message": "internal"}"#),
+        (200, r#"{"ok": true}"#),
+    ] {
+        let server = due_quoting_then_answering_transfers(raw(status, body)).await;
+        let err = provider(&server).initiate(&req).await.unwrap_err();
+        assert!(err.may_have_acted(), "HTTP {status} {body}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retryable_and_sent_nothing() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let provider = DueProvider::new("Due", config(&url)).unwrap();
+    let req = request(ConversionDirection::UsdcToUsd, Currency::Usdc, dec!(50000));
+    let err = provider.initiate(&req).await.unwrap_err();
+    assert!(
+        err.is_retryable() && !err.may_have_acted(),
+        "nothing reached Due: {err:?}"
+    );
 }

@@ -271,6 +271,10 @@ async fn a_lost_response_is_found_again_by_retrying_with_the_same_key() {
     let req = usdc_request(3, dec!(10));
     let err = provider.initiate(&req).await.unwrap_err();
     assert!(err.is_retryable());
+    assert!(
+        err.may_have_acted(),
+        "a lost answer is an unknown outcome: {err:?}"
+    );
     assert_eq!(provider.initiated_count(), 1, "the provider did record it");
     let again = provider.initiate(&req).await.unwrap();
     assert_eq!(

@@ -393,9 +393,10 @@ async fn a_slow_answer_times_out_retryably() {
         .await;
     let err = provider(&server).status("t-1").await.unwrap_err();
     assert!(
-        matches!(err, ProviderError::Retryable { ref reason, .. } if reason.contains("timeout")),
-        "{err:?}"
+        matches!(err, ProviderError::OutcomeUnknown { ref reason } if reason.contains("timeout")),
+        "a timeout after sending leaves the outcome unknown (and retryable): {err:?}"
     );
+    assert!(err.is_retryable());
 }
 
 #[tokio::test]
@@ -410,7 +411,7 @@ async fn a_garbage_body_is_a_protocol_error() {
 }
 
 #[tokio::test]
-async fn an_execute_answer_without_a_trade_id_is_a_protocol_error() {
+async fn an_execute_answer_without_a_trade_id_leaves_the_outcome_unknown() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/liquidity/rfq"))
@@ -434,5 +435,8 @@ async fn an_execute_answer_without_a_trade_id_is_a_protocol_error() {
         amount: Money::new(Currency::Usdc, dec!(100)).unwrap(),
     };
     let err = provider(&server).initiate(&request).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Protocol(_)), "{err:?}");
+    assert!(
+        matches!(err, ProviderError::OutcomeUnknown { .. }),
+        "the trade may have executed: {err:?}"
+    );
 }

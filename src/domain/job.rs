@@ -18,8 +18,9 @@ pub enum JobStatus {
     Completed,
     Failed,
     Cancelled,
-    /// The provider did not answer within `TREASURY_CONVERSION_TIMEOUT`:
-    /// money may have moved, so a person must look before anything else happens.
+    /// The provider did not answer within `TREASURY_CONVERSION_TIMEOUT`, or
+    /// refused after a call it may have acted on went unanswered: money may
+    /// have moved, so a person must look before anything else happens.
     NeedsReview,
 }
 
@@ -72,6 +73,7 @@ impl JobStatus {
             (Pending, ProviderSubmitted)
                 | (Pending, Failed)
                 | (Pending, Cancelled)
+                | (Pending, NeedsReview)
                 | (ProviderSubmitted, ProviderProcessing)
                 | (ProviderSubmitted, ProviderCompleted)
                 | (ProviderSubmitted, Failed)

@@ -6,7 +6,14 @@
 //! - `pending`: choose a provider (stored on the job *before* calling it),
 //!   initiate, retrying retryable errors with exponential backoff up to
 //!   `TREASURY_MAX_RETRIES`, then fall back to the next provider; with none
-//!   left the job is `failed`.
+//!   left the job is `failed`. Fallback happens only when the provider cannot
+//!   have acted on the job: if any call went unanswered (a timeout after
+//!   sending, HTTP 500/502/504, an unreadable answer) or an earlier worker
+//!   called it before dying, the job is *held* at that provider and the same
+//!   call (same idempotency key) is repeated each monitor cycle until it
+//!   answers; a final refusal, or `TREASURY_CONVERSION_TIMEOUT` since the
+//!   command, hands it to a person (`needs_review`). A command is never
+//!   executed at two providers.
 //! - `provider_submitted` / `provider_processing`: poll once per monitor
 //!   cycle; flag stale after `TREASURY_STALE_AFTER`; after
 //!   `TREASURY_CONVERSION_TIMEOUT` move to `needs_review` (money may have
@@ -57,6 +64,16 @@ pub struct JobWorker {
     codec: Codec,
     settings: WorkerSettings,
     wake: Arc<Notify>,
+}
+
+/// Why the initiate calls at one provider gave up.
+struct InitiateFailure {
+    /// The last error.
+    error: ProviderError,
+    /// Calls made.
+    attempts: u32,
+    /// Whether any of the calls may have been acted on by the provider.
+    may_have_acted: bool,
 }
 
 /// What a step did to a job.
@@ -212,12 +229,19 @@ impl JobWorker {
     /// `pending`: pick a provider, record it, initiate (with retries), or fall back.
     async fn submit(&self, job: &mut ConversionJob) -> Result<Progress, StoreError> {
         let rows = self.jobs.providers().await?;
+        // Whether a call for this job may already have reached the chosen
+        // provider (an earlier worker chose it, maybe called it, and stopped).
+        let mut called_before = false;
         let row = match job
             .provider_id
             .and_then(|id| rows.iter().find(|r| r.id == id))
         {
-            // Chosen before a crash: call the same provider again with the same key.
-            Some(row) if !job.attempted_providers.contains(&row.id) => row.clone(),
+            // Chosen before a crash or a hold: call the same provider again
+            // with the same key.
+            Some(row) if !job.attempted_providers.contains(&row.id) => {
+                called_before = true;
+                row.clone()
+            }
             _ => {
                 let candidates: Vec<ProviderRow> = rows
                     .iter()
@@ -272,7 +296,11 @@ impl JobWorker {
         };
         let outcome = match self.provider(&row) {
             Ok(provider) => self.initiate(provider.as_ref(), job).await,
-            Err(e) => Err((e, 0)),
+            Err(error) => Err(InitiateFailure {
+                error,
+                attempts: 0,
+                may_have_acted: false,
+            }),
         };
         match outcome {
             Ok((conversion, attempts)) => {
@@ -295,7 +323,12 @@ impl JobWorker {
                 }
                 self.apply_state(job, conversion).await
             }
-            Err((error, attempts)) => {
+            Err(failure) if called_before || failure.may_have_acted => {
+                self.hold(job, &row, failure).await
+            }
+            Err(InitiateFailure {
+                error, attempts, ..
+            }) => {
                 job.retry_count += attempts.saturating_sub(1) as i32;
                 job.attempted_providers.push(row.id);
                 job.provider_id = None;
@@ -316,19 +349,64 @@ impl JobWorker {
         }
     }
 
+    /// The provider may hold a conversion for this job, so the job stays with
+    /// it: a retryable failure waits for the next monitor cycle (the same call,
+    /// the same key); a final one, or one past the conversion timeout, goes to
+    /// a person.
+    async fn hold(
+        &self,
+        job: &mut ConversionJob,
+        row: &ProviderRow,
+        failure: InitiateFailure,
+    ) -> Result<Progress, StoreError> {
+        let InitiateFailure {
+            error, attempts, ..
+        } = failure;
+        job.retry_count += attempts.saturating_sub(1) as i32;
+        self.jobs.record_provider_failure(row.id).await?;
+        let waited = Utc::now() - job.created_at;
+        if !error.is_retryable() || waited >= self.settings.conversion_timeout {
+            let why = format!(
+                "{} may hold conversion {} (a call went unanswered) but its last answer, {waited} after the command, was: {error}; \
+                 check at {} whether it executed before resolving",
+                row.name, job.id, row.name
+            );
+            return self.needs_review(job, &why).await;
+        }
+        job.error_message = Some(format!("{}: {error}", row.name));
+        metrics::counter!("treasury_jobs_held_total").increment(1);
+        tracing::warn!(job = %job.id, provider = %row.name, %error, attempts,
+            "provider may have acted without answering; holding the job there (no fallback)");
+        let note = format!(
+            "held at {}: outcome unknown after {attempts} attempts ({error}); asking again next cycle",
+            row.name
+        );
+        Ok(
+            if self
+                .save(job, JobStatus::Pending, &note, None, None)
+                .await?
+            {
+                Progress::Waiting
+            } else {
+                Progress::Done
+            },
+        )
+    }
+
     /// Initiates with retries on retryable errors; returns the number of
-    /// attempts with the conversion, or with the error when it gives up.
+    /// attempts with the conversion, or why it gave up.
     async fn initiate(
         &self,
         provider: &dyn ConversionProvider,
         job: &ConversionJob,
-    ) -> Result<(ProviderConversion, u32), (ProviderError, u32)> {
+    ) -> Result<(ProviderConversion, u32), InitiateFailure> {
         let request = ConversionRequest {
             idempotency_key: job.id,
             direction: job.direction,
             amount: job.amount,
         };
         let attempts = std::sync::atomic::AtomicU32::new(0);
+        let unanswered = std::sync::atomic::AtomicBool::new(false);
         let policy = ExponentialBackoff {
             initial_interval: self.settings.retry_initial,
             max_interval: self.settings.retry_initial * 16,
@@ -338,7 +416,11 @@ impl JobWorker {
         let max = self.settings.max_retries + 1;
         let result = backoff::future::retry(policy, || async {
             let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            match provider.initiate(&request).await {
+            let answer = provider.initiate(&request).await;
+            if answer.as_ref().is_err_and(ProviderError::may_have_acted) {
+                unanswered.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            match answer {
                 Ok(c) => Ok(c),
                 Err(e) if e.is_retryable() && n < max => {
                     tracing::info!(job = %job.id, attempt = n, error = %e, "retrying provider call");
@@ -350,7 +432,13 @@ impl JobWorker {
         })
         .await;
         let attempts = attempts.load(std::sync::atomic::Ordering::SeqCst);
-        result.map(|c| (c, attempts)).map_err(|e| (e, attempts))
+        result
+            .map(|c| (c, attempts))
+            .map_err(|error| InitiateFailure {
+                error,
+                attempts,
+                may_have_acted: unanswered.load(std::sync::atomic::Ordering::SeqCst),
+            })
     }
 
     /// `provider_submitted` / `provider_processing`: ask the provider.

@@ -108,8 +108,10 @@ pub async fn set_provider_status(
     Ok(Json(json!({"provider": name, "status": status.as_str()})).into_response())
 }
 
-/// `POST /v1/jobs/{id}/cancel`: only a `pending` job (nothing sent yet) or one
-/// in `needs_review` (a person checked the provider) may be cancelled.
+/// `POST /v1/jobs/{id}/cancel`: only a `pending` job with no provider chosen
+/// (nothing sent yet) or one in `needs_review` (a person checked the provider)
+/// may be cancelled. A pending job held at a provider may already have been
+/// executed there, so it is refused until it reaches `needs_review`.
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -119,19 +121,30 @@ pub async fn cancel_job(
     let id = job_id(&id)?;
     let pool = pg(&state)?.pool();
     let mut tx = pool.begin().await.map_err(internal)?;
-    let from: Option<String> =
-        sqlx::query_scalar("SELECT status FROM conversion_jobs WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(internal)?;
-    let Some(from) = from else {
+    let found: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT status, provider_name FROM conversion_jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(internal)?;
+    let Some((from, provider)) = found else {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             code: "unknown_job",
             message: format!("no job {id}"),
         });
     };
+    if let (true, Some(provider)) = (from == "pending", provider) {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "not_cancellable",
+            message: format!(
+                "job {id} is pending at {provider}, which may already hold the conversion; \
+                 it can be cancelled once it is in needs_review"
+            ),
+        });
+    }
     if from != "pending" && from != "needs_review" {
         return Err(ApiError {
             status: StatusCode::CONFLICT,
@@ -175,6 +188,10 @@ pub enum Resolution {
         fee: rust_decimal::Decimal,
         /// Destination units per source unit.
         rate: rust_decimal::Decimal,
+        /// The provider's id for the conversion, when the job has none yet
+        /// (it was held at a provider that never answered the initiate call).
+        #[serde(default)]
+        provider_tx_id: Option<String>,
     },
     /// It did not happen: no money moved.
     Failed { reason: String },
@@ -226,6 +243,7 @@ pub async fn resolve_job(
             destination_amount,
             fee,
             rate,
+            provider_tx_id,
         } => {
             let received = Money::positive(direction.destination_currency(), destination_amount)
                 .map_err(|e| bad(format!("destination_amount: {e}")))?;
@@ -242,6 +260,7 @@ pub async fn resolve_job(
             sqlx::query(
                 "UPDATE conversion_jobs SET status = 'provider_completed', provider_completed_at = now(),
                         destination_amount = $2, fees_amount = $3, fees_currency = $4, exchange_rate = $5,
+                        provider_tx_id = coalesce($6, provider_tx_id),
                         updated_at = now() WHERE id = $1",
             )
             .bind(id)
@@ -249,6 +268,7 @@ pub async fn resolve_job(
             .bind(charged.value)
             .bind(charged.currency.code())
             .bind(rate.round_dp(crate::codec::records::RATE_SCALE))
+            .bind(provider_tx_id.filter(|t| !t.trim().is_empty()))
             .execute(&mut *tx)
             .await
             .map_err(internal)?;

@@ -334,18 +334,22 @@ impl ConversionProvider for DueProvider {
         request.validate()?;
         let (token, _quote, quote_raw) = self
             .create_quote(request.direction, &request.amount)
-            .await?;
+            .await
+            .map_err(ProviderError::for_call_without_effect)?;
         let body = transfer_request_body(&token, request, &self.config);
         let response = send_json(
             self.request(Method::POST, "/v1/transfers")
                 .header("Idempotency-Key", request.idempotency_key.to_string())
                 .json(&body),
         )
-        .await?;
+        .await
+        .map_err(ProviderError::for_call_with_effect)?;
         // Once Due has given a transfer id, the conversion exists: return it
         // whatever else is odd about the answer, so the job records the id and
         // never starts a second conversion elsewhere.
-        let provider_tx_id = str_at(&response, "/id")?.to_owned();
+        let provider_tx_id = str_at(&response, "/id")
+            .map_err(ProviderError::for_call_with_effect)?
+            .to_owned();
         let state = match map_transfer(&response) {
             Ok(conversion) => conversion.state,
             Err(e) => {

@@ -4,8 +4,10 @@
 //!
 //! | outcome | error |
 //! |---|---|
-//! | connect failure, timeout, broken body | [`ProviderError::Retryable`] |
-//! | 5xx, 408, 429 (`Retry-After` → `retry_after_ms`) | [`ProviderError::Retryable`] |
+//! | connect failure (nothing was sent) | [`ProviderError::Retryable`] |
+//! | timeout after sending, connection lost mid-request, broken body | [`ProviderError::OutcomeUnknown`] |
+//! | 500, 502, 504 (the server may have acted before failing) | [`ProviderError::OutcomeUnknown`] |
+//! | 503, 408, 429 and other 5xx (`Retry-After` → `retry_after_ms`) | [`ProviderError::Retryable`] |
 //! | any other 4xx | [`ProviderError::Final`] with the provider's code and message when the body has them, else `http_<status>` |
 //! | 2xx whose body is not JSON | [`ProviderError::Protocol`] |
 //! | other statuses (1xx, 3xx) | [`ProviderError::Protocol`] |
@@ -109,8 +111,12 @@ pub fn interpret_response(
             let parsed = parse_lossless(body).ok();
             let (code, message) = parsed.as_ref().map(extract_error).unwrap_or_default();
             let detail = message.or(code).unwrap_or_else(|| excerpt(body));
+            let reason = format!("HTTP {status}: {detail}");
+            if matches!(status, 500 | 502 | 504) {
+                return Err(ProviderError::OutcomeUnknown { reason });
+            }
             Err(ProviderError::Retryable {
-                reason: format!("HTTP {status}: {detail}"),
+                reason,
                 retry_after_ms: retry_after.and_then(|v| parse_retry_after(v, now)),
             })
         }
@@ -132,23 +138,28 @@ pub fn interpret_response(
     }
 }
 
-/// A transport failure (nothing or only part of an answer arrived). Timeouts
-/// and connection errors are retryable; a request that could not even be
-/// built (bad URL) is a configuration error.
+/// A transport failure (nothing or only part of an answer arrived). A failed
+/// connection sent nothing, so it is [`ProviderError::Retryable`]; any later
+/// failure (a timeout after the request went out, a connection lost before the
+/// whole answer arrived) leaves the outcome unknown. A request that could not
+/// even be built (bad URL) is a configuration error.
 pub fn transport_error(err: &reqwest::Error) -> ProviderError {
     if err.is_builder() {
         return ProviderError::Configuration(format!("invalid provider request: {err}"));
     }
+    if err.is_connect() {
+        return ProviderError::Retryable {
+            reason: format!("connection failed: {err}"),
+            retry_after_ms: None,
+        };
+    }
     let kind = if err.is_timeout() {
         "timeout"
-    } else if err.is_connect() {
-        "connection failed"
     } else {
         "transport error"
     };
-    ProviderError::Retryable {
+    ProviderError::OutcomeUnknown {
         reason: format!("{kind}: {err}"),
-        retry_after_ms: None,
     }
 }
 
@@ -253,6 +264,14 @@ mod tests {
         for status in [500, 502, 503, 504, 408] {
             let err = interpret_response(status, None, b"", now()).unwrap_err();
             assert!(err.is_retryable(), "{status}: {err:?}");
+        }
+        for status in [500, 502, 504] {
+            let err = interpret_response(status, None, b"", now()).unwrap_err();
+            assert!(err.may_have_acted(), "{status} leaves the outcome unknown");
+        }
+        for status in [503, 408, 429] {
+            let err = interpret_response(status, None, b"", now()).unwrap_err();
+            assert!(!err.may_have_acted(), "{status} means nothing was done");
         }
         let err = interpret_response(429, Some("7"), b"{}", now()).unwrap_err();
         assert_eq!(

@@ -127,6 +127,16 @@ pub enum ProviderError {
         /// Provider-suggested wait (e.g. `Retry-After`), in milliseconds.
         retry_after_ms: Option<u64>,
     },
+    /// The request may have reached the provider but no usable answer came
+    /// back (timed out after sending, connection lost mid-request, HTTP 500,
+    /// 502 or 504). Repeating the call with the same idempotency key is safe;
+    /// moving the conversion to another provider is not, because this one may
+    /// have executed it.
+    #[error("provider outcome unknown (it may have acted on the request): {reason}")]
+    OutcomeUnknown {
+        /// What happened.
+        reason: String,
+    },
     /// Trying again will not help (4xx, refused, unsupported).
     #[error("provider refused: {reason} (code {code})")]
     Final {
@@ -146,7 +156,41 @@ pub enum ProviderError {
 impl ProviderError {
     /// Whether the same call may succeed if repeated.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ProviderError::Retryable { .. })
+        matches!(
+            self,
+            ProviderError::Retryable { .. } | ProviderError::OutcomeUnknown { .. }
+        )
+    }
+
+    /// Whether the provider may have acted on the request even though the call
+    /// failed. Clients report an unreadable answer to a call that moves money
+    /// as [`ProviderError::OutcomeUnknown`] too (see [`Self::for_call_with_effect`]).
+    pub fn may_have_acted(&self) -> bool {
+        matches!(self, ProviderError::OutcomeUnknown { .. })
+    }
+
+    /// The same failure, for a call that moves money (creating a transfer,
+    /// executing a trade): an answer that cannot be read leaves the outcome
+    /// unknown.
+    pub fn for_call_with_effect(self) -> Self {
+        match self {
+            ProviderError::Protocol(reason) => ProviderError::OutcomeUnknown {
+                reason: format!("unreadable answer: {reason}"),
+            },
+            other => other,
+        }
+    }
+
+    /// The same failure, for a call that moves no money (a quote or RFQ): its
+    /// unknown outcome is only a retryable error.
+    pub fn for_call_without_effect(self) -> Self {
+        match self {
+            ProviderError::OutcomeUnknown { reason } => ProviderError::Retryable {
+                reason,
+                retry_after_ms: None,
+            },
+            other => other,
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! `fee_bps` plus `fee_fixed`, charged in the source currency; a rate of
 //! `1 − spread_bps / 10000` destination units per source unit; probabilities of
 //! a retryable error on initiate (nothing recorded), of a lost response
-//! (recorded, but the caller sees a retryable error), of a refusal (final
+//! (recorded, but the caller sees [`ProviderError::OutcomeUnknown`]), of a refusal (final
 //! error), of a conversion that ends `Failed`, and of a retryable error on a
 //! status poll; and how many `status` polls a conversion needs to finish.
 //!
@@ -61,7 +61,7 @@ pub struct SandboxBehaviour {
     /// Chance that an initiate call fails retryably before anything is recorded.
     pub retryable_error_probability: f64,
     /// Chance that a new conversion is recorded but the response is lost
-    /// (the caller sees a retryable error; a retry returns the conversion).
+    /// (the caller sees an unknown outcome; a retry returns the conversion).
     pub lost_response_probability: f64,
     /// Chance that a new conversion is refused with a final error.
     pub refusal_probability: f64,
@@ -433,10 +433,9 @@ impl SandboxProvider {
         if chance(&mut rng, behaviour.lost_response_probability) {
             return (
                 latency,
-                Err(ProviderError::Retryable {
+                Err(ProviderError::OutcomeUnknown {
                     reason: "sandbox: simulated lost response (the conversion was recorded)"
                         .to_owned(),
-                    retry_after_ms: None,
                 }),
             );
         }

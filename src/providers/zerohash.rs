@@ -529,12 +529,14 @@ impl ConversionProvider for ZeroHashProvider {
         let rfq_id = Uuid::new_v5(&RFQ_REQUEST_NAMESPACE, key.as_bytes());
         let (quote_id, _) = self
             .rfq(request.direction, &request.amount, Some(rfq_id))
-            .await?;
+            .await
+            .map_err(ProviderError::for_call_without_effect)?;
         let body = execute_request_body(&quote_id);
         let response =
             send_json(self.signed(Method::POST, "/liquidity/execute", Some(&body), Some(key))?)
-                .await?;
-        map_execute(&response)
+                .await
+                .map_err(ProviderError::for_call_with_effect)?;
+        map_execute(&response).map_err(ProviderError::for_call_with_effect)
     }
 
     async fn status(&self, provider_tx_id: &str) -> Result<ProviderConversion, ProviderError> {
