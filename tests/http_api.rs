@@ -395,3 +395,43 @@ async fn a_person_resolves_a_job_in_review_and_the_engine_posts_it(pool: PgPool)
         ]
     );
 }
+
+#[sqlx::test]
+async fn a_resolution_records_the_transaction_a_person_found_at_the_provider(pool: PgPool) {
+    let base = serve(&pool, Some("t")).await;
+    // Held at Due after unanswered calls: Due's id for it was never seen.
+    let id = uuid::Uuid::from_u128(43);
+    sqlx::query(
+        "INSERT INTO conversion_jobs (id, idempotency_key, direction, trigger_reason, status, amount,
+            source_account, source_currency, source_amount, destination_account, destination_currency,
+            provider_id, provider_name)
+         VALUES ($1, $1::text, 'usdc_to_usd', 'emergency', 'needs_review', 1000, 'system_buffer_usdc', 'USDC',
+                 1000, 'broker_operational', 'USD', (SELECT id FROM conversion_providers WHERE name = 'Due'), 'Due')",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs/{id}/resolve"))
+        .bearer_auth("t")
+        .json(
+            &serde_json::json!({"outcome": "completed", "destination_amount": "998.00",
+            "fee": "1", "rate": "0.999", "provider_tx_id": "tr_found_by_hand"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(response).await;
+    assert_eq!(status, 200, "{body}");
+    let (job_status, tx): (String, Option<String>) =
+        sqlx::query_as("SELECT status, provider_tx_id FROM conversion_jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (job_status.as_str(), tx.as_deref()),
+        ("provider_completed", Some("tr_found_by_hand"))
+    );
+}
