@@ -169,12 +169,17 @@ pub struct ActiveJob {
     pub provider_name: Option<String>,
     pub provider_tx_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The job's last error: why it waits (held at a provider whose outcome
+    /// is unknown, retried, or in `needs_review`).
+    pub note: Option<String>,
 }
 
 async fn active_jobs(store: &PgStore) -> anyhow::Result<Vec<ActiveJob>> {
     Ok(sqlx::query_as(
-        "SELECT id, direction, trigger_reason, status, amount, provider_name, provider_tx_id, created_at
-           FROM v_active_conversion_jobs ORDER BY created_at",
+        "SELECT v.id, v.direction, v.trigger_reason, v.status, v.amount, v.provider_name,
+                v.provider_tx_id, v.created_at, j.error_message AS note
+           FROM v_active_conversion_jobs v JOIN conversion_jobs j USING (id)
+          ORDER BY v.created_at",
     )
     .fetch_all(store.pool())
     .await?)
@@ -186,18 +191,29 @@ pub fn render_jobs(jobs: &[ActiveJob]) -> String {
         return "no conversion jobs in flight\n".into();
     }
     let mut out = format!(
-        "{:<36} {:<12} {:<20} {:>16} {:<12} {:<20}\n",
-        "JOB", "DIRECTION", "STATUS", "AMOUNT", "PROVIDER", "CREATED"
+        "{:<36} {:<12} {:<20} {:>16} {:<12} {:<20} {}\n",
+        "JOB", "DIRECTION", "STATUS", "AMOUNT", "PROVIDER", "CREATED", "NOTE"
     );
     for j in jobs {
+        let note = j.note.as_deref().map_or_else(
+            || "-".to_owned(),
+            |n| {
+                let mut short: String = n.chars().take(80).collect();
+                if n.chars().count() > 80 {
+                    short.push('…');
+                }
+                short
+            },
+        );
         out.push_str(&format!(
-            "{:<36} {:<12} {:<20} {:>16} {:<12} {:<20}\n",
+            "{:<36} {:<12} {:<20} {:>16} {:<12} {:<20} {}\n",
             j.id,
             j.direction,
             j.status,
             j.amount.normalize().to_string(),
             j.provider_name.as_deref().unwrap_or("-"),
-            j.created_at.format("%Y-%m-%d %H:%M:%S")
+            j.created_at.format("%Y-%m-%d %H:%M:%S"),
+            note
         ));
     }
     out
