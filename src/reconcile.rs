@@ -75,6 +75,18 @@ pub async fn check(
         .await?,
     );
     add(
+        "job_held_at_provider",
+        sqlx::query_as(
+            "SELECT id::text, 'pending at ' || provider_name || ' since ' || created_at::text || ': '
+                    || coalesce(error_message, 'no answer yet')
+               FROM conversion_jobs
+              WHERE status = 'pending' AND provider_name IS NOT NULL AND created_at < $1",
+        )
+        .bind(now - tolerances.in_transit)
+        .fetch_all(pool)
+        .await?,
+    );
+    add(
         "job_needs_review",
         sqlx::query_as(
             "SELECT id::text, coalesce(error_message, 'no message') FROM conversion_jobs WHERE status = 'needs_review'",
