@@ -93,6 +93,7 @@ pub struct GroupConsumer {
     consumer: StreamConsumer<RebalanceLog>,
     store: Arc<dyn Store>,
     group: String,
+    topics: Vec<String>,
     positions: HashMap<TopicPartition, Position>,
     assigned: HashSet<TopicPartition>,
     /// Partitions read to their end (librdkafka names only the partition
@@ -116,6 +117,7 @@ impl GroupConsumer {
             consumer,
             store,
             group: group.to_owned(),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
             positions: HashMap::new(),
             assigned: HashSet::new(),
             at_end: HashSet::new(),
@@ -138,6 +140,33 @@ impl GroupConsumer {
             self.assigned.insert(tp.clone());
         }
         Rebalanced { assigned, revoked }
+    }
+
+    /// Every partition of the subscribed topics, whoever is assigned them,
+    /// from the broker's metadata. A topic the broker does not know (yet) has
+    /// none; any other metadata error is returned.
+    pub fn topic_partitions(&self, timeout: Duration) -> Result<Vec<TopicPartition>, KafkaError> {
+        let mut all = Vec::new();
+        for topic in &self.topics {
+            let metadata = self.consumer.fetch_metadata(Some(topic), timeout)?;
+            for t in metadata.topics() {
+                match t.error() {
+                    None => all.extend(t.partitions().iter().map(|p| TopicPartition {
+                        topic: t.name().to_owned(),
+                        partition: p.id(),
+                    })),
+                    Some(
+                        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+                    ) => {
+                        tracing::warn!(topic = %t.name(), "input topic does not exist yet");
+                    }
+                    Some(code) => {
+                        return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::from(code)));
+                    }
+                }
+            }
+        }
+        Ok(all)
     }
 
     /// Partitions currently assigned to this consumer.

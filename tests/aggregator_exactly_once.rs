@@ -476,3 +476,83 @@ async fn rebuilding_into_an_empty_database_gives_the_same_windows_and_commands(p
         "the same command ids and amounts"
     );
 }
+
+/// A partition assigned to a group member that has not counted anything yet
+/// (a peer still starting) has no progress of its own; it must hold
+/// settlement back, not be overlooked because nobody reported on it.
+#[sqlx::test]
+async fn partitions_held_by_a_peer_that_has_not_counted_hold_settlement_back(pool: PgPool) {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let topics = common::unique_topics("peer");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 4).await;
+    let events = common::generate(24, 2_000, chrono::Duration::minutes(30));
+    common::produce(&base, &topics, &events).await;
+
+    // The peer joins the group and keeps its partitions, counting nothing.
+    let peer: StreamConsumer = treasury::kafka::consumer_config(&base, "peer")
+        .create()
+        .unwrap();
+    peer.subscribe(&[&topics.funding, &topics.withdrawals])
+        .unwrap();
+    let peer = tokio::spawn(async move {
+        loop {
+            let _ = peer.recv().await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // This worker reads its share to the end and goes idle (2 s) while the
+    // peer's partitions stay unread.
+    let closed_any = common::run_aggregator(
+        &pool,
+        &brokers,
+        &topics,
+        "peer",
+        spec(),
+        Duration::from_secs(20),
+        || async {
+            let closed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM settlement_windows WHERE status = 'closed'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            closed > 0
+        },
+    )
+    .await;
+    let counted = common::counted(&pool).await;
+    assert!(
+        counted > 0 && counted < 2_000,
+        "the worker counted only its own share ({counted} of 2000)"
+    );
+    assert!(
+        !closed_any,
+        "no window closes while a peer's partitions are unread"
+    );
+
+    // The peer leaves; the worker takes everything over and settles exactly.
+    peer.abort();
+    let _ = peer.await;
+    assert!(
+        common::run_aggregator(
+            &pool,
+            &brokers,
+            &topics,
+            "peer",
+            spec(),
+            Duration::from_secs(120),
+            || common::all_settled(&pool, 2_000),
+        )
+        .await
+    );
+    assert_same_tallies(
+        &common::expected_tallies(&spec(), &events),
+        &common::stored_tallies(&pool).await,
+    );
+}

@@ -17,7 +17,7 @@ use crate::codec::{Codec, wire};
 use crate::consumer::{GroupConsumer, RawMessage};
 use crate::domain::{FlowEvent, FlowKind};
 use crate::shutdown::Shutdown;
-use crate::store::{ProgressUpdate, Store, StoreError, TopicPartition};
+use crate::store::{LockMode, ProgressUpdate, Store, StoreError, TopicPartition};
 use crate::window::WindowSpec;
 
 /// Settings of the ingest driver.
@@ -47,6 +47,13 @@ pub struct IngestTotals {
 /// counts as idle (see [`crate::window::PartitionProgress::is_idle`]).
 pub const CAUGHT_UP_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How often the input topics' partitions are listed again (partitions
+/// added to a topic hold settlement back from then on).
+pub const PARTITION_REFRESH: Duration = Duration::from_secs(60);
+
+/// How long one metadata request may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The ingest driver.
 pub struct Ingest {
     consumer: GroupConsumer,
@@ -55,6 +62,8 @@ pub struct Ingest {
     settings: IngestSettings,
     reported_caught_up: HashSet<TopicPartition>,
     last_report: tokio::time::Instant,
+    /// When every input partition was last registered with settlement.
+    partitions_registered_at: Option<tokio::time::Instant>,
     totals: IngestTotals,
 }
 
@@ -79,6 +88,7 @@ impl Ingest {
             settings,
             reported_caught_up: HashSet::new(),
             last_report: tokio::time::Instant::now(),
+            partitions_registered_at: None,
             totals: IngestTotals::default(),
         })
     }
@@ -112,6 +122,10 @@ impl Ingest {
     /// Fills one batch and commits it. Messages read but not committed are
     /// read again from the stored offsets.
     pub async fn step(&mut self) -> Result<(), StoreError> {
+        if !self.register_partitions().await? {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return Ok(());
+        }
         self.apply_rebalances().await?;
         let raw = self
             .consumer
@@ -202,6 +216,46 @@ impl Ingest {
             messages = messages.len(),
             "batch committed"
         );
+    }
+
+    /// Registers every partition of the input topics with settlement, so a
+    /// partition that no consumer has read yet (assigned to a peer that has
+    /// not started, or to nobody) holds settlement back instead of being
+    /// overlooked. Nothing is counted before the first registration succeeds;
+    /// afterwards it is refreshed every [`PARTITION_REFRESH`] to pick up added
+    /// partitions, and a failed refresh is only logged. Returns whether the
+    /// partitions have been registered at least once.
+    async fn register_partitions(&mut self) -> Result<bool, StoreError> {
+        if self
+            .partitions_registered_at
+            .is_some_and(|at| at.elapsed() < PARTITION_REFRESH)
+        {
+            return Ok(true);
+        }
+        let first = self.partitions_registered_at.is_none();
+        let partitions = match self.consumer.topic_partitions(METADATA_TIMEOUT) {
+            Ok(p) => p,
+            Err(e) if first => {
+                tracing::warn!(error = %e, "cannot list the input partitions yet; waiting before counting anything");
+                return Ok(false);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not refresh the input partitions; keeping the known ones");
+                self.partitions_registered_at = Some(tokio::time::Instant::now());
+                return Ok(true);
+            }
+        };
+        let mut tx = self.store.begin(LockMode::Shared).await?;
+        tx.register_partitions(&partitions).await?;
+        tx.commit().await?;
+        if first {
+            tracing::info!(
+                partitions = partitions.len(),
+                "input partitions registered with settlement"
+            );
+        }
+        self.partitions_registered_at = Some(tokio::time::Instant::now());
+        Ok(true)
     }
 
     /// Newly assigned and revoked partitions are recorded as not caught up:

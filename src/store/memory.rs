@@ -367,6 +367,23 @@ impl StoreTx for MemoryTx {
         Ok(())
     }
 
+    async fn register_partitions(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<(), StoreError> {
+        for tp in partitions {
+            self.work
+                .progress
+                .entry(tp.clone())
+                .or_insert(PartitionProgress {
+                    watermark: None,
+                    caught_up_since: None,
+                    reported_at: None,
+                });
+        }
+        Ok(())
+    }
+
     async fn enqueue(&mut self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
         for m in messages {
             if !self.work.outbox.iter().any(|(o, _)| o.id == m.id) {

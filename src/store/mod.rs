@@ -187,6 +187,13 @@ pub trait StoreTx: Send {
     ) -> Result<(), StoreError>;
     /// Records input partitions' progress.
     async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError>;
+    /// Makes sure every partition in `partitions` is known to settlement, with
+    /// no progress yet if it has none; partitions already known are left as
+    /// they are. A known partition that nobody has read holds settlement back.
+    async fn register_partitions(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<(), StoreError>;
     /// Queues messages for the relay.
     async fn enqueue(&mut self, messages: &[OutboxMessage]) -> Result<(), StoreError>;
 

@@ -510,6 +510,24 @@ impl StoreTx for PgTx {
         Ok(())
     }
 
+    async fn register_partitions(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<(), StoreError> {
+        let topics: Vec<&str> = partitions.iter().map(|tp| tp.topic.as_str()).collect();
+        let numbers: Vec<i32> = partitions.iter().map(|tp| tp.partition).collect();
+        sqlx::query(
+            "INSERT INTO partition_progress (topic, partition, watermark, caught_up, caught_up_since, updated_at)
+             SELECT t, p, NULL, FALSE, NULL, now() FROM unnest($1::text[], $2::int[]) AS u(t, p)
+             ON CONFLICT (topic, partition) DO NOTHING",
+        )
+        .bind(&topics)
+        .bind(&numbers)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     async fn enqueue(&mut self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
         for m in messages {
             let headers: serde_json::Map<String, serde_json::Value> = m
