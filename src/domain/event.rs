@@ -2,7 +2,7 @@
 //! each kind of event does to the buffers and to conversion demand.
 
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
+use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -44,8 +44,7 @@ pub struct FlowEvent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufferDelta {
     pub account: BufferAccount,
-    /// Signed change in the buffer's currency. USDC moves credited to the
-    /// broker at par keep their exact USDC precision.
+    /// Signed change in the buffer's own currency, at that currency's scale.
     pub delta: Decimal,
 }
 
@@ -117,7 +116,12 @@ pub fn flow_effect(kind: FlowKind, currency: Currency) -> Option<FlowEffect> {
 
 impl FlowEvent {
     /// The buffer deltas this event causes: the primary buffer gains a deposit
-    /// (loses a withdrawal), the counterpart moves the other way.
+    /// (loses a withdrawal), the counterpart moves the other way at par.
+    ///
+    /// Each delta is in its buffer's own currency and scale: a USDC amount
+    /// carried at par into a USD buffer is rounded to the cent, half to even
+    /// (so a deposit and a withdrawal of the same amount cancel exactly). The
+    /// two legs of one event then differ by at most half a cent.
     pub fn buffer_deltas(&self) -> [BufferDelta; 2] {
         let effect = flow_effect(self.kind, self.amount.currency)
             .expect("FLOW_TABLE covers every (kind, currency) pair");
@@ -125,6 +129,10 @@ impl FlowEvent {
             FlowKind::Deposit => self.amount.value,
             FlowKind::Withdrawal => -self.amount.value,
         };
+        let at_par = (-signed).round_dp_with_strategy(
+            effect.counterpart.currency().scale(),
+            RoundingStrategy::MidpointNearestEven,
+        );
         [
             BufferDelta {
                 account: effect.primary,
@@ -132,7 +140,7 @@ impl FlowEvent {
             },
             BufferDelta {
                 account: effect.counterpart,
-                delta: -signed,
+                delta: at_par,
             },
         ]
     }
