@@ -367,9 +367,12 @@ impl JobWorker {
         let waited = Utc::now() - job.created_at;
         if !error.is_retryable() || waited >= self.settings.conversion_timeout {
             let why = format!(
-                "{} may hold conversion {} (a call went unanswered) but its last answer, {waited} after the command, was: {error}; \
+                "{} may hold conversion {} (a call went unanswered) but its last answer, {} after the command, was: {error}; \
                  check at {} whether it executed before resolving",
-                row.name, job.id, row.name
+                row.name,
+                job.id,
+                readable(waited),
+                row.name
             );
             return self.needs_review(job, &why).await;
         }
@@ -551,7 +554,7 @@ impl JobWorker {
         let waited = Utc::now() - submitted;
         if waited >= self.settings.conversion_timeout {
             return self
-                .needs_review(job, &format!("no final answer from the provider after {waited}; check at the provider before acting"))
+                .needs_review(job, &format!("no final answer from the provider after {}; check at the provider before acting", readable(waited)))
                 .await;
         }
         if waited >= self.settings.stale_after && job.stale_flagged_at.is_none() {
@@ -626,4 +629,10 @@ impl JobWorker {
         }
         Ok(Progress::Done)
     }
+}
+
+/// A duration for people, to the second ("31m 4s").
+fn readable(d: chrono::Duration) -> String {
+    let seconds = d.num_seconds().max(0).unsigned_abs();
+    humantime::format_duration(Duration::from_secs(seconds)).to_string()
 }
