@@ -150,14 +150,19 @@ fn registry(providers: Vec<(&str, Arc<dyn ConversionProvider>)>) -> ProviderRegi
     registry
 }
 
+/// A registry serving `due` as Due and `zerohash` as ZeroHash.
+fn due_and_zerohash(
+    due: Arc<dyn ConversionProvider>,
+    zerohash: &SandboxProvider,
+) -> ProviderRegistry {
+    registry(vec![("Due", due), ("ZeroHash", Arc::new(zerohash.clone()))])
+}
+
 /// Due and ZeroHash served by two independent sandboxes.
 fn two_sandboxes() -> (SandboxProvider, SandboxProvider, ProviderRegistry) {
     let due = sandbox(1, "Due");
     let zerohash = sandbox(2, "ZeroHash");
-    let registry = registry(vec![
-        ("Due", Arc::new(due.clone())),
-        ("ZeroHash", Arc::new(zerohash.clone())),
-    ]);
+    let registry = due_and_zerohash(Arc::new(due.clone()), &zerohash);
     (due, zerohash, registry)
 }
 
@@ -517,10 +522,7 @@ async fn retryable_errors_are_retried_at_the_same_provider(pool: PgPool) {
     });
     let w = worker(
         &store,
-        registry(vec![
-            ("Due", due.clone()),
-            ("ZeroHash", Arc::new(zerohash.clone())),
-        ]),
+        due_and_zerohash(due.clone(), &zerohash),
         settings("w1"),
     );
     let due_before = provider(&pool, "Due").await;
@@ -566,14 +568,7 @@ fn due_losing_answers(
         ..Scripted::new(due_sandbox.clone())
     });
     let zerohash = sandbox(2, "ZeroHash");
-    let worker = worker(
-        store,
-        registry(vec![
-            ("Due", due.clone()),
-            ("ZeroHash", Arc::new(zerohash.clone())),
-        ]),
-        settings,
-    );
+    let worker = worker(store, due_and_zerohash(due.clone(), &zerohash), settings);
     LosingDue {
         due,
         due_sandbox,
@@ -1219,10 +1214,7 @@ async fn a_conversion_failed_at_the_provider_fails_the_job_and_leaves_flight(poo
     let zerohash = sandbox(2, "ZeroHash");
     let w = worker(
         &store,
-        registry(vec![
-            ("Due", Arc::new(due.clone())),
-            ("ZeroHash", Arc::new(zerohash.clone())),
-        ]),
+        due_and_zerohash(Arc::new(due.clone()), &zerohash),
         settings("w1"),
     );
     let before = balances(&pool).await;
@@ -1336,10 +1328,7 @@ async fn dues_daily_cap_counts_jobs_in_flight(pool: PgPool) {
     let zerohash = sandbox(2, "ZeroHash");
     let w = worker(
         &store,
-        registry(vec![
-            ("Due", Arc::new(due.clone())),
-            ("ZeroHash", Arc::new(zerohash.clone())),
-        ]),
+        due_and_zerohash(Arc::new(due.clone()), &zerohash),
         settings("w1"),
     );
     set_due(

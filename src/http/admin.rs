@@ -135,7 +135,9 @@ pub async fn cancel_job(
             message: format!("no job {id}"),
         });
     };
-    if let (true, Some(provider)) = (from == "pending", provider) {
+    if from == "pending"
+        && let Some(provider) = provider
+    {
         return Err(ApiError {
             status: StatusCode::CONFLICT,
             code: "not_cancellable",

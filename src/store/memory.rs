@@ -347,15 +347,7 @@ impl StoreTx for MemoryTx {
 
     async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError> {
         for u in updates {
-            let entry = self
-                .work
-                .progress
-                .entry(u.tp.clone())
-                .or_insert(PartitionProgress {
-                    watermark: None,
-                    caught_up_since: None,
-                    reported_at: None,
-                });
+            let entry = self.work.progress.entry(u.tp.clone()).or_default();
             entry.reported_at = Some(u.now);
             entry.watermark = entry.watermark.max(u.max_event_time);
             entry.caught_up_since = if u.caught_up {
@@ -372,14 +364,7 @@ impl StoreTx for MemoryTx {
         partitions: &[TopicPartition],
     ) -> Result<(), StoreError> {
         for tp in partitions {
-            self.work
-                .progress
-                .entry(tp.clone())
-                .or_insert(PartitionProgress {
-                    watermark: None,
-                    caught_up_since: None,
-                    reported_at: None,
-                });
+            self.work.progress.entry(tp.clone()).or_default();
         }
         Ok(())
     }

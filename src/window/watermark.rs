@@ -5,8 +5,9 @@ use chrono::{DateTime, Duration, Utc};
 
 use super::WindowSpec;
 
-/// One input partition's progress, as the store keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One input partition's progress, as the store keeps it. The default is a
+/// partition known but not yet reported on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PartitionProgress {
     /// Largest event time counted from the partition (None: nothing yet).
     pub watermark: Option<DateTime<Utc>>,
