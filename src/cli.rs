@@ -12,7 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::Config;
 use crate::runtime::{self, Role};
 use crate::store::postgres::PgStore;
-use crate::store::{BufferReport, Store, TopicPartition};
+use crate::store::{Store, TopicPartition};
 use crate::{demo, kafka};
 
 /// Treasury Engine: keeps the USDC and USD buffers funded by netting deposit
@@ -116,7 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }))?
                 );
             } else {
-                print!("{}", render_status(&report));
+                print!("{}", crate::report::render_status(&report));
                 print!("\n{}", render_jobs(&jobs));
             }
             Ok(())
@@ -135,27 +135,6 @@ async fn connect(config: &Config) -> anyhow::Result<PgStore> {
     PgStore::connect(config.require_database_url()?)
         .await
         .context("connecting to PostgreSQL (DATABASE_URL)")
-}
-
-/// The buffer table printed by `treasury status`.
-pub fn render_status(report: &[BufferReport]) -> String {
-    let mut out = format!(
-        "{:<20} {:<5} {:>16} {:>12} {:>12} {:>12}  {}\n",
-        "ACCOUNT", "CCY", "BALANCE", "MIN", "TARGET", "MAX", "STATUS"
-    );
-    for r in report {
-        out.push_str(&format!(
-            "{:<20} {:<5} {:>16} {:>12} {:>12} {:>12}  {}\n",
-            r.account.as_str(),
-            r.currency,
-            r.balance.to_string(),
-            r.min.to_string(),
-            r.target.to_string(),
-            r.max.to_string(),
-            r.status
-        ));
-    }
-    out
 }
 
 /// A conversion job that is not final, from `v_active_conversion_jobs`.
@@ -231,7 +210,7 @@ async fn reconcile(config: &Config, providers: bool, json: bool) -> anyhow::Resu
         use crate::store::jobs::JobStore;
         let registry = crate::providers::registry::ProviderRegistry::from_process_env(None);
         for row in store.providers().await? {
-            if row.status != crate::providers::registry::ProviderStatus::Active {
+            if row.status != crate::providers::ProviderStatus::Active {
                 continue;
             }
             for currency in [crate::domain::Currency::Usd, crate::domain::Currency::Usdc] {

@@ -8,6 +8,7 @@
 //! Avro in the Confluent wire format.
 
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod consumer;
@@ -23,6 +24,7 @@ pub mod planner;
 pub mod providers;
 pub mod reconcile;
 pub mod relay;
+pub mod report;
 pub mod runtime;
 pub mod settlement;
 pub mod shutdown;

@@ -57,7 +57,7 @@ pub async fn refresh_gauges(
         }
     }
     for provider in jobs.providers().await? {
-        let degraded = provider.status != crate::providers::registry::ProviderStatus::Active;
+        let degraded = provider.status != crate::providers::ProviderStatus::Active;
         metrics::gauge!("treasury_provider_degraded", "provider" => provider.name)
             .set(if degraded { 1.0 } else { 0.0 });
     }

@@ -278,7 +278,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     print!(
         "\n{}",
-        crate::cli::render_status(&shared.buffer_report().await?)
+        crate::report::render_status(&shared.buffer_report().await?)
     );
     if totals.counted == produced.valid && counted_in_windows as u64 == produced.valid {
         println!("\nevery valid event counted exactly once");

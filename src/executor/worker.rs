@@ -33,11 +33,11 @@ use crate::codec::Codec;
 use crate::codec::records::encode_posting;
 use crate::domain::{ConversionJob, JobStatus};
 use crate::ledger::{self, Settlement};
-use crate::providers::registry::{ProviderRegistry, ProviderRow};
 use crate::providers::selection::{HealthRule, select_providers};
 use crate::providers::{
     ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState,
 };
+use crate::providers::{ProviderRegistry, ProviderRow};
 use crate::shutdown::Shutdown;
 use crate::store::jobs::{JobStore, JobUpdate};
 use crate::store::{OutboxMessage, StoreError};

@@ -13,7 +13,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, authorize, internal};
-use crate::providers::registry::ProviderStatus;
+use crate::providers::ProviderStatus;
 
 fn job_id(text: &str) -> Result<Uuid, ApiError> {
     text.parse().map_err(|_| ApiError {

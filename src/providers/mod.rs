@@ -8,7 +8,7 @@
 //! Layout: [`http`] and [`json`] are the shared plumbing (timeouts, status →
 //! [`ProviderError`] mapping, exact decimal parsing); [`due`], [`zerohash`] and
 //! [`sandbox`] implement [`ConversionProvider`]; [`registry`] builds them from
-//! [`registry::ProviderRow`]s; [`selection`] is the pure choice of providers
+//! [`row::ProviderRow`]s; [`selection`] is the pure choice of providers
 //! for a conversion.
 
 #![warn(missing_docs)]
@@ -17,11 +17,13 @@ pub mod due;
 pub mod http;
 pub mod json;
 pub mod registry;
+pub mod row;
 pub mod sandbox;
 pub mod selection;
 pub mod zerohash;
 
-pub use registry::{ProviderRegistry, ProviderRow, ProviderStatus};
+pub use registry::ProviderRegistry;
+pub use row::{ProviderRow, ProviderStatus};
 pub use sandbox::{SandboxBehaviour, SandboxProvider};
 pub use selection::{HealthRule, Rejection, Selection, select_providers};
 

@@ -36,7 +36,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::registry::ProviderRow;
+use super::row::ProviderRow;
 use super::{
     ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState, Quote,
 };

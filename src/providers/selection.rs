@@ -24,7 +24,7 @@ use rust_decimal_macros::dec;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::registry::{ProviderRow, ProviderStatus};
+use super::row::{ProviderRow, ProviderStatus};
 use crate::domain::ConversionDirection;
 
 /// When a provider's track record makes it ineligible.

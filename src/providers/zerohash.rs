@@ -54,7 +54,7 @@ use super::http::{HttpSettings, build_client, send_json};
 use super::json::{
     amount_text, decimal_at, optional_str_at, parse_currency, provider_money, str_at,
 };
-use super::registry::{ProviderRow, base_url, optional_env, required_env};
+use super::row::{ProviderRow, base_url, optional_env, required_env};
 use super::{
     ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState, Quote,
 };

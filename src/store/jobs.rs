@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{OffsetRange, OutboxMessage, StoreError};
 use crate::domain::{ConversionJob, JobStatus, LedgerPosting};
-use crate::providers::registry::ProviderRow;
+use crate::providers::ProviderRow;
 
 /// A change to a job, applied only if the job is still in `from`.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use crate::domain::{
     BufferAccount, ConversionDirection, ConversionJob, JobStatus, LedgerPosting, Thresholds,
 };
 use crate::planner::{AmountLimits, BufferPosition};
-use crate::providers::registry::{ProviderRow, ProviderStatus};
+use crate::providers::{ProviderRow, ProviderStatus};
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
 
 #[derive(Debug, Clone)]

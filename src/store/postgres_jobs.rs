@@ -12,7 +12,7 @@ use super::jobs::{JobStore, JobUpdate};
 use super::postgres::PgStore;
 use super::{OffsetRange, OutboxMessage, StoreError, StoreTx};
 use crate::domain::{ConversionJob, Currency, JobStatus, LedgerPosting, Money};
-use crate::providers::registry::{ProviderRow, ProviderStatus};
+use crate::providers::{ProviderRow, ProviderStatus};
 
 const JOB_COLUMNS: &str =
     "id, idempotency_key, direction, trigger_reason, status, amount, source_account,
