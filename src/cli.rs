@@ -1,4 +1,4 @@
-//! The command line: `treasury run | demo | migrate | status | trigger | replay | config`.
+//! The command line: `treasury run | demo | simulate | migrate | status | trigger | replay | reconcile | config`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -39,6 +39,10 @@ pub enum Command {
     /// Kafka mock cluster, an in-memory (NOT durable) store, generated events
     /// and short windows. Stops by itself, or on Ctrl-C.
     Demo(demo::DemoArgs),
+    /// Run the engine's own decisions (windows, planner, provider selection,
+    /// postings) on a simulated clock over a month of flows, beside
+    /// baselines and a lower bound. No servers needed.
+    Simulate(crate::simulate::cli::SimulateArgs),
     /// Apply the database migrations (safe to run twice).
     Migrate,
     /// Print each buffer's balance, thresholds and status (from v_buffer_status).
@@ -94,9 +98,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         return demo::run(args).await;
     }
     let config = Config::from_env()?;
+    if let Command::Simulate(args) = cli.command {
+        return crate::simulate::cli::run(args, config.planner);
+    }
     match cli.command {
         Command::Run { roles } => runtime::run(config, &roles).await,
-        Command::Demo(_) => unreachable!("handled above"),
+        Command::Demo(_) | Command::Simulate(_) => unreachable!("handled above"),
         Command::Migrate => {
             let store = connect(&config).await?;
             store.migrate().await?;

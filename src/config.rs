@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::planner::PlannerSettings;
+
 /// A setting that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", describe(self))]
@@ -98,6 +100,8 @@ pub struct Config {
     pub http_addr: String,
     /// Bearer token for operator endpoints (`TREASURY_ADMIN_TOKEN`); shown masked.
     pub admin_token: Option<String>,
+    /// The planner's rule (`TREASURY_PLANNER_*`).
+    pub planner: PlannerSettings,
 }
 
 /// Serializes durations as humantime text ("5m").
@@ -173,6 +177,26 @@ impl Config {
             schema_registry_url: env.url("SCHEMA_REGISTRY_URL")?,
             http_addr: env.socket_addr("TREASURY_HTTP_ADDR", "0.0.0.0:8080")?,
             admin_token: env.text("TREASURY_ADMIN_TOKEN"),
+            planner: PlannerSettings {
+                safety_factor: env.parsed(
+                    "TREASURY_PLANNER_SAFETY_FACTOR",
+                    "2",
+                    "a decimal number 0..=10",
+                    |z: &rust_decimal::Decimal| {
+                        (rust_decimal::Decimal::ZERO..=rust_decimal::Decimal::TEN).contains(z)
+                    },
+                )?,
+                lookback_windows: env.parsed(
+                    "TREASURY_PLANNER_LOOKBACK_WINDOWS",
+                    "288",
+                    "a whole number 1..=10000",
+                    |n: &u32| (1..=10_000).contains(n),
+                )?,
+                default_lead_time: chrono::Duration::from_std(
+                    env.duration("TREASURY_PLANNER_DEFAULT_LEAD_TIME", "30m")?,
+                )
+                .unwrap_or(chrono::Duration::minutes(30)),
+            },
         };
         if config.idle_timeout < Duration::from_secs(2) {
             return Err(ConfigError {

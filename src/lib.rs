@@ -28,6 +28,7 @@ pub mod report;
 pub mod runtime;
 pub mod settlement;
 pub mod shutdown;
+pub mod simulate;
 pub mod store;
 pub mod telemetry;
 pub mod window;

@@ -70,6 +70,7 @@ pub fn settlement_settings(config: &Config) -> SettlementSettings {
         auto_rebalance: config.enable_auto_rebalance,
         dedup_retention: chrono::Duration::from_std(config.dedup_retention)
             .expect("retention fits"),
+        planner: config.planner,
     }
 }
 

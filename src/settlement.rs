@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::codec::Codec;
 use crate::codec::records::encode_command;
 use crate::domain::{BufferAccount, ConversionCommand};
-use crate::planner::{Plan, PlanInput, plan};
+use crate::planner::{FlowHistory, Plan, PlanInput, PlannerSettings, fill_windows, plan};
 use crate::shutdown::Shutdown;
 use crate::store::{LockMode, OutboxMessage, PlannedCommand, Store, StoreError, StoreTx};
 use crate::window::{WindowSpec, WindowTally, global_watermark, last_closable};
@@ -34,6 +34,8 @@ pub struct SettlementSettings {
     pub auto_rebalance: bool,
     /// Event ids are kept this long for duplicate detection (`TREASURY_DEDUP_RETENTION`).
     pub dedup_retention: chrono::Duration,
+    /// The planner's rule.
+    pub planner: PlannerSettings,
 }
 
 /// One closed window or handled trigger, as the cycle reports it.
@@ -164,11 +166,23 @@ impl Settlement {
         at: DateTime<Utc>,
         tally: WindowTally,
     ) -> Result<CycleResult, StoreError> {
+        let settings = self.settings.planner;
+        let lookback = self.settings.spec.length * settings.lookback_windows as i32;
+        let current = self.settings.spec.window_start(at - self.settings.spec.length);
+        let since = current - lookback + self.settings.spec.length;
+        let mut records = tx.planning_records(since).await?;
+        if tally.events > 0 || !tally.flows.is_empty() {
+            records.windows.insert(current, tally.clone());
+        }
+        let recent = fill_windows(&records.windows, since, current, self.settings.spec.length);
         let input = PlanInput {
             cycle_id: cycle_id.clone(),
             now: at,
             positions: tx.buffer_positions().await?,
-            limits: tx.amount_limits().await?,
+            providers: records.providers,
+            window: self.settings.spec.length,
+            history: FlowHistory::from_windows(&recent, &records.lead_times, self.settings.spec.length),
+            settings,
         };
         let planned = plan(&input);
         let emitted = self.settings.auto_rebalance && !tx.auto_rebalance_paused().await?;

@@ -278,6 +278,7 @@ async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
             commands_topic: topics.commands.clone(),
             auto_rebalance: true,
             dedup_retention: chrono::Duration::days(7),
+            planner: Default::default(),
         },
     );
     settlement

@@ -9,7 +9,12 @@ use treasury::domain::{
     BufferAccount, ConversionDirection, ConversionTrigger, Currency, FlowEvent, FlowKind, Money,
     Thresholds,
 };
-use treasury::planner::{AmountLimits, BufferPosition, PlanInput, plan, split};
+use treasury::planner::{
+    AmountLimits, BufferPosition, FlowHistory, FlowStats, PlanInput, PlannerSettings, plan, split,
+};
+use treasury::providers::ProviderRow;
+use treasury::simulate::invariants::check_plan;
+use treasury::simulate::scenario::provider_row;
 use treasury::window::{WindowSpec, WindowTallies};
 
 fn t0() -> DateTime<Utc> {
@@ -119,55 +124,78 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
         1u32..1_000,
         1u32..2_000_000,
         0u32..1_000_000,
+        prop::collection::vec((-200_000i64..200_000, 0i64..100_000), 3),
+        prop::option::of(0i64..7_200),
     )
-        .prop_map(|(a, b, c, min, span, cycle)| {
-            let limits = AmountLimits {
-                min: Decimal::from(min),
-                max: Decimal::from(min + span),
+        .prop_map(|(a, b, c, min, span, cycle, flows, lead_seconds)| {
+            let provider = ProviderRow {
+                min_amount: Decimal::from(min),
+                max_amount: Decimal::from(min + span),
+                ..provider_row("P", 1)
             };
+            let mut history = FlowHistory::default();
+            for (account, (mean, sd)) in BufferAccount::ALL.into_iter().zip(flows) {
+                history.flows.insert(
+                    account,
+                    FlowStats {
+                        mean: Decimal::from(mean),
+                        std_dev: Decimal::from(sd),
+                        recent_mean: Decimal::from(mean / 2),
+                        windows: 288,
+                    },
+                );
+            }
+            history.lead_time_p95 = lead_seconds.map(Duration::seconds);
             PlanInput {
                 cycle_id: format!("window:{cycle}"),
                 now: t0(),
                 positions: vec![a, b, c],
-                limits: BTreeMap::from([
-                    (ConversionDirection::UsdcToUsd, limits),
-                    (ConversionDirection::UsdToUsdc, limits),
-                ]),
+                providers: vec![provider],
+                window: Duration::minutes(5),
+                history,
+                settings: PlannerSettings::default(),
             }
         })
 }
 
 proptest! {
     #[test]
-    fn plans_never_take_a_source_below_its_minimum_and_are_deterministic(input in input_strategy()) {
+    fn plans_are_consistent_funded_and_deterministic(input in input_strategy()) {
         let planned = plan(&input);
         prop_assert_eq!(&planned, &plan(&input), "same input, same plan");
-        let mut projected: BTreeMap<BufferAccount, Decimal> =
-            input.positions.iter().map(|p| (p.account, p.projected())).collect();
-        let limits = input.limits[&ConversionDirection::UsdcToUsd];
+        let checks = check_plan(&input.positions, &planned.commands);
+        prop_assert!(!checks.opposite_directions, "opposite conversions in one cycle: {:?}", planned.commands);
+        prop_assert!(checks.below_minimum.is_empty(), "{:?}", checks.below_minimum);
+        let limits = &input.providers[0];
+        let mut moved: BTreeMap<BufferAccount, Decimal> = BTreeMap::new();
         for c in &planned.commands {
-            prop_assert!(c.amount.value > Decimal::ZERO);
-            prop_assert!(c.amount.value <= limits.max, "within the largest provider maximum");
+            prop_assert!(c.amount.value >= limits.min_amount && c.amount.value <= limits.max_amount, "within provider limits");
             prop_assert_eq!(c.amount.currency, c.direction.source_currency());
+            prop_assert_eq!(c.source_account.currency(), c.direction.source_currency());
+            prop_assert_eq!(c.destination_account.currency(), c.direction.destination_currency());
             prop_assert!(c.amount.value.scale() <= c.amount.currency.scale());
-            prop_assert_eq!(c.direction, ConversionDirection::refilling(c.destination_account));
-            prop_assert_eq!(c.source_account, ConversionDirection::source_for(c.destination_account));
-            *projected.get_mut(&c.source_account).unwrap() -= c.amount.value;
-            *projected.get_mut(&c.destination_account).unwrap() += c.amount.value;
+            *moved.entry(c.source_account).or_default() -= c.amount.value;
+            *moved.entry(c.destination_account).or_default() += c.amount.value;
         }
-        for p in &input.positions {
-            let sent: Decimal = planned.commands.iter().filter(|c| c.source_account == p.account).map(|c| c.amount.value).sum();
-            if sent > Decimal::ZERO {
-                prop_assert!(projected[&p.account] >= p.thresholds.min(), "{} left below its minimum", p.account);
+        prop_assert_eq!(moved.values().copied().sum::<Decimal>(), Decimal::ZERO, "money moves, it is not made");
+        for c in &planned.commands {
+            prop_assert!(
+                !planned.commands.iter().any(|o| o.source_account == c.destination_account),
+                "{} both receives and gives", c.destination_account
+            );
+            let p = input.positions.iter().find(|p| p.account == c.destination_account).unwrap();
+            let l = planned.levels[&p.account];
+            let needs = p.projected() < l.trigger;
+            prop_assert!(needs || c.trigger == ConversionTrigger::ScheduledRebalance,
+                "only a buffer below its trigger is refilled; others receive sweeps or routed money");
+            if c.trigger == ConversionTrigger::Emergency {
+                prop_assert!(p.projected() < p.thresholds.min());
             }
-            let received = planned.commands.iter().any(|c| c.destination_account == p.account);
-            if received {
-                let below_min = p.projected() < p.thresholds.min();
-                let big_gap = p.thresholds.target() - p.projected() >= p.batch_size;
-                prop_assert!(below_min || big_gap, "only buffers that need it are refilled");
-                let trigger = planned.commands.iter().find(|c| c.destination_account == p.account).unwrap().trigger;
-                prop_assert_eq!(trigger == ConversionTrigger::Emergency, below_min);
-            }
+        }
+        for (account, l) in &planned.levels {
+            let p = input.positions.iter().find(|p| p.account == *account).unwrap();
+            prop_assert!(l.trigger >= p.thresholds.min() && l.trigger <= p.thresholds.target());
+            prop_assert!(l.return_point >= p.thresholds.target() && l.return_point <= p.thresholds.max());
         }
         let ids: std::collections::BTreeSet<_> = planned.commands.iter().map(|c| c.command_id).collect();
         prop_assert_eq!(ids.len(), planned.commands.len(), "command ids are distinct");

@@ -34,6 +34,7 @@ fn settlement(pool: &PgPool, auto_rebalance: bool) -> Settlement {
             commands_topic: "commands".into(),
             auto_rebalance,
             dedup_retention: chrono::Duration::days(7),
+            planner: Default::default(),
         },
     )
 }

@@ -162,6 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             commands_topic: topics.commands.clone(),
             auto_rebalance: true,
             dedup_retention: chrono::Duration::days(7),
+            planner: Default::default(),
         },
     );
     let producer: FutureProducer = crate::kafka::idempotent_producer(&base)?;

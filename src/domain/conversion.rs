@@ -43,8 +43,8 @@ impl ConversionDirection {
         }
     }
 
-    /// The direction that refills `account` (the original engine's routing):
-    /// the USDC buffer from USD, the USD buffers from USDC.
+    /// The direction that refills `account`: the USDC buffer from USD, the
+    /// USD buffers from USDC.
     pub const fn refilling(account: BufferAccount) -> ConversionDirection {
         match account {
             BufferAccount::SystemBufferUsdc => ConversionDirection::UsdToUsdc,
@@ -54,13 +54,14 @@ impl ConversionDirection {
         }
     }
 
-    /// The buffer a refill of `account` is paid from.
-    pub const fn source_for(account: BufferAccount) -> BufferAccount {
-        match account {
-            BufferAccount::SystemBufferUsdc => BufferAccount::SystemBufferFiat,
-            BufferAccount::SystemBufferFiat | BufferAccount::BrokerOperational => {
-                BufferAccount::SystemBufferUsdc
-            }
+    /// The direction that moves money from `source` to `destination`, when
+    /// they hold different currencies (None for two USD buffers: that is a
+    /// transfer, not a conversion).
+    pub const fn between(source: BufferAccount, destination: BufferAccount) -> Option<Self> {
+        match (source.currency(), destination.currency()) {
+            (Currency::Usd, Currency::Usdc) => Some(ConversionDirection::UsdToUsdc),
+            (Currency::Usdc, Currency::Usd) => Some(ConversionDirection::UsdcToUsd),
+            _ => None,
         }
     }
 }

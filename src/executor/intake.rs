@@ -143,12 +143,14 @@ impl Intake {
             .decode_cached(bytes, SchemaKind::ConversionCommand)
             .map_err(|e| e.to_string())?;
         let command = command_from_value(&value).map_err(|e| e.to_string())?;
-        if command.source_account
-            != crate::domain::ConversionDirection::source_for(command.destination_account)
+        if crate::domain::ConversionDirection::between(
+            command.source_account,
+            command.destination_account,
+        ) != Some(command.direction)
         {
             return Err(format!(
-                "{} is not the source that refills {}",
-                command.source_account, command.destination_account
+                "{} from {} to {} is not a conversion between their currencies",
+                command.direction, command.source_account, command.destination_account
             ));
         }
         Ok(ConversionJob::from_command(&command))

@@ -20,7 +20,8 @@ use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use crate::domain::{
-    ConversionJob, Currency, EntrySide, LedgerEntry, LedgerPosting, Money, PostingError,
+    BufferAccount, ConversionJob, Currency, EntrySide, LedgerEntry, LedgerPosting, Money,
+    PostingError,
 };
 
 /// Namespace of posting ids: UUIDv5 over the job id (one posting set per job).
@@ -157,6 +158,24 @@ pub fn posting_for(
     Ok(posting)
 }
 
+/// What a posting does to the buffer balances: one signed change per buffer
+/// entry (a debit is money that arrived in the buffer, a credit money that
+/// left it). Clearing and fee accounts are not buffers and are left out.
+pub fn buffer_movements(posting: &LedgerPosting) -> Vec<(BufferAccount, Decimal)> {
+    posting
+        .entries
+        .iter()
+        .filter_map(|entry| {
+            let account: BufferAccount = entry.account.parse().ok()?;
+            let delta = match entry.side {
+                EntrySide::Debit => entry.amount.value,
+                EntrySide::Credit => -entry.amount.value,
+            };
+            Some((account, delta))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +208,23 @@ mod tests {
         assert_eq!(
             posting,
             posting_for(&job(), &settled, posting.posted_at).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_posting_moves_the_source_down_and_the_destination_up() {
+        let settled = Settlement {
+            destination_amount: Money::positive(Currency::Usd, dec!(49947.50)).unwrap(),
+            fee: Money::positive(Currency::Usdc, dec!(50)).unwrap(),
+            rate: dec!(0.99995),
+        };
+        let posting = posting_for(&job(), &settled, Utc::now()).unwrap();
+        assert_eq!(
+            buffer_movements(&posting),
+            vec![
+                (BufferAccount::SystemBufferUsdc, dec!(-50000)),
+                (BufferAccount::BrokerOperational, dec!(49947.50)),
+            ]
         );
     }
 

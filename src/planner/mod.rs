@@ -1,22 +1,21 @@
-//! The settlement planner: projects every buffer (balance plus in-flight
-//! conversions) against its thresholds and decides which conversions to run.
+//! The settlement planner: from every buffer's position (balance plus
+//! in-flight conversions), its thresholds and the recent flows, the
+//! conversions of one cycle.
 //!
-//! Rules, in order:
-//! - A buffer projected below its minimum is refilled to its target
-//!   (`emergency`). A buffer below target by at least its
-//!   `conversion_batch_size` is topped up to target (`buffer_replenishment`);
-//!   smaller gaps wait, so flows net over several windows into few conversions.
-//! - Routing: `system_buffer_usdc` is refilled from `system_buffer_fiat`
-//!   (`usd_to_usdc`); the USD buffers from `system_buffer_usdc` (`usdc_to_usd`).
-//! - A source is never taken below its own minimum; a buffer that itself needs
-//!   refilling has nothing to give, so opposite conversions never both run.
-//! - Amounts respect the providers' smallest minimum and are split into pieces
-//!   no larger than the largest maximum.
-//! - Emergencies first, then larger deficits; ties by account. Each command's
-//!   id derives from (cycle, direction, sequence): same inputs, same commands.
+//! - [`levels`]: each buffer's trigger level and return point, from the
+//!   observed flow volatility and the providers' observed lead time, within
+//!   the configured min/target/max.
+//! - [`routing`]: who pays whom — any buffer holding more than it needs
+//!   gives (USD from either USD buffer, USDC to either), a buffer that needs
+//!   gives nothing, money in flight toward a buffer is not spendable, a
+//!   buffer above its max sweeps its excess, one direction per cycle.
+//! - Here: amounts fitted to the active providers (smallest minimum, daily
+//!   capacity left, pieces no larger than the largest maximum), and commands
+//!   with ids derived from (cycle, direction, sequence): the same inputs
+//!   always give the same commands, so a replay plans nothing new.
 //!
-//! Pure: the settlement cycle reads the inputs from the store and writes the
-//! result back.
+//! Pure: the live settlement cycle and `treasury simulate` build a
+//! [`PlanInput`] and call [`plan`]; nothing here reads a clock or a store.
 
 use std::collections::BTreeMap;
 
@@ -24,10 +23,18 @@ use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
 
+mod history;
+pub mod levels;
+pub mod routing;
+
+pub use history::{FlowHistory, FlowStats, fill_windows, quantile, variance};
+pub use levels::{BufferLevels, levels as buffer_levels};
+
 use crate::domain::{
     BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionTrigger, Money,
     Thresholds,
 };
+use crate::providers::{ProviderRow, ProviderStatus};
 
 /// What the planner knows about one buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,14 +64,82 @@ pub struct AmountLimits {
     pub max: Decimal,
 }
 
+/// The amount range per direction over the active providers that support it
+/// (the smallest minimum, the largest maximum); a direction none supports is absent.
+pub fn amount_limits(
+    providers: &[crate::providers::ProviderRow],
+) -> BTreeMap<ConversionDirection, AmountLimits> {
+    let mut limits: BTreeMap<ConversionDirection, AmountLimits> = BTreeMap::new();
+    for row in providers
+        .iter()
+        .filter(|r| r.status == ProviderStatus::Active)
+    {
+        for direction in [ConversionDirection::UsdcToUsd, ConversionDirection::UsdToUsdc] {
+            if !row.supports(direction) {
+                continue;
+            }
+            limits
+                .entry(direction)
+                .and_modify(|l| {
+                    l.min = l.min.min(row.min_amount);
+                    l.max = l.max.max(row.max_amount);
+                })
+                .or_insert(AmountLimits {
+                    min: row.min_amount,
+                    max: row.max_amount,
+                });
+        }
+    }
+    limits
+}
+
+/// The planner's tunable rule (see the module doc), with defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PlannerSettings {
+    /// Standard deviations of flow over the lead time kept as safety stock
+    /// above the minimum (`TREASURY_PLANNER_SAFETY_FACTOR`).
+    pub safety_factor: Decimal,
+    /// Closed windows the flow statistics look back over
+    /// (`TREASURY_PLANNER_LOOKBACK_WINDOWS`).
+    pub lookback_windows: u32,
+    /// Lead time assumed until jobs have completed
+    /// (`TREASURY_PLANNER_DEFAULT_LEAD_TIME`).
+    #[serde(with = "humantime_chrono")]
+    pub default_lead_time: chrono::Duration,
+}
+
+impl Default for PlannerSettings {
+    fn default() -> Self {
+        Self {
+            safety_factor: Decimal::from(2),
+            lookback_windows: 288,
+            default_lead_time: chrono::Duration::minutes(30),
+        }
+    }
+}
+
+mod humantime_chrono {
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &chrono::Duration, s: S) -> Result<S::Ok, S::Error> {
+        let std = d.to_std().unwrap_or_default();
+        s.serialize_str(&humantime::format_duration(std).to_string())
+    }
+}
+
 /// Everything one planning cycle looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanInput {
     pub cycle_id: String,
     pub now: DateTime<Utc>,
     pub positions: Vec<BufferPosition>,
-    /// Per direction; a direction no active provider supports is absent.
-    pub limits: BTreeMap<ConversionDirection, AmountLimits>,
+    /// Every provider row (the planner uses the active ones' limits and costs).
+    pub providers: Vec<ProviderRow>,
+    /// The settlement window length (flows are per window).
+    pub window: chrono::Duration,
+    /// Recent flows and lead times.
+    pub history: FlowHistory,
+    pub settings: PlannerSettings,
 }
 
 /// A buffer the planner looked at and did not (fully) refill, and why.
@@ -82,137 +157,152 @@ pub struct Plan {
     /// Projected status of each buffer before and after the planned conversions.
     pub status_before: BTreeMap<BufferAccount, BufferStatus>,
     pub status_after: BTreeMap<BufferAccount, BufferStatus>,
-}
-
-struct Need {
-    account: BufferAccount,
-    trigger: ConversionTrigger,
-    deficit: Decimal,
+    /// Each buffer's trigger level and return point this cycle.
+    pub levels: BTreeMap<BufferAccount, BufferLevels>,
 }
 
 /// Plans the conversions for one cycle.
 pub fn plan(input: &PlanInput) -> Plan {
-    let mut projected: BTreeMap<BufferAccount, Decimal> = input
+    let lead = input
+        .history
+        .lead_time_p95
+        .unwrap_or(input.settings.default_lead_time);
+    let levels: BTreeMap<BufferAccount, BufferLevels> = input
         .positions
         .iter()
-        .map(|p| (p.account, p.projected()))
-        .collect();
-    let position = |account: BufferAccount| input.positions.iter().find(|p| p.account == account);
-    let status_of = |projected: &BTreeMap<BufferAccount, Decimal>| {
-        input
-            .positions
-            .iter()
-            .map(|p| (p.account, p.thresholds.status(projected[&p.account])))
-            .collect::<BTreeMap<_, _>>()
-    };
-    let status_before = status_of(&projected);
-
-    let mut needs: Vec<Need> = input
-        .positions
-        .iter()
-        .filter_map(|p| {
-            let level = p.projected();
-            let deficit = p.thresholds.target() - level;
-            if level < p.thresholds.min() {
-                Some(Need {
-                    account: p.account,
-                    trigger: ConversionTrigger::Emergency,
-                    deficit,
-                })
-            } else if deficit > Decimal::ZERO && deficit >= p.batch_size {
-                Some(Need {
-                    account: p.account,
-                    trigger: ConversionTrigger::BufferReplenishment,
-                    deficit,
-                })
-            } else {
-                None
-            }
+        .map(|p| {
+            let stats = input.history.stats(p.account);
+            (
+                p.account,
+                buffer_levels(p, stats, lead, input.window, &input.settings),
+            )
         })
         .collect();
-    needs.sort_by(|a, b| {
-        let urgency = |n: &Need| n.trigger != ConversionTrigger::Emergency;
-        urgency(a)
-            .cmp(&urgency(b))
-            .then(b.deficit.cmp(&a.deficit))
-            .then(a.account.cmp(&b.account))
-    });
-
+    let (movements, mut notes) = routing::route(&input.positions, &levels);
+    let limits = amount_limits(&input.providers);
+    let capacity = daily_capacity(&input.providers);
     let mut commands = Vec::new();
-    let mut notes = Vec::new();
     let mut sequence: BTreeMap<ConversionDirection, u32> = BTreeMap::new();
-    for need in needs {
-        let direction = ConversionDirection::refilling(need.account);
-        let source = ConversionDirection::source_for(need.account);
-        let currency = direction.source_currency();
-        let scale = currency.scale();
-        let Some(limits) = input.limits.get(&direction) else {
+    let mut used: BTreeMap<ConversionDirection, Decimal> = BTreeMap::new();
+    let mut moved: BTreeMap<BufferAccount, Decimal> = BTreeMap::new();
+    for m in merge(&movements) {
+        let currency = m.direction.source_currency();
+        let Some(limit) = limits.get(&m.direction) else {
             notes.push(PlanNote {
-                account: need.account,
-                note: format!("no active provider supports {direction}"),
+                account: m.destination,
+                note: format!("no active provider supports {}", m.direction),
             });
             continue;
         };
-        let Some(source_position) = position(source) else {
-            continue;
-        };
-        let available = (projected[&source] - source_position.thresholds.min())
-            .round_dp_with_strategy(scale, RoundingStrategy::ToZero);
-        let wanted = need
-            .deficit
-            .round_dp_with_strategy(scale, RoundingStrategy::AwayFromZero);
-        let mut amount = wanted.min(available);
-        if amount < limits.min {
-            if available >= limits.min {
-                amount = limits.min;
-            } else {
-                notes.push(PlanNote {
-                    account: need.account,
-                    note: format!(
-                        "needs {wanted} {currency} but {source} can give {} without going below its minimum (provider minimum {})",
-                        available.max(Decimal::ZERO),
-                        limits.min
-                    ),
-                });
-                continue;
-            }
-        }
-        if amount < wanted {
+        let left = capacity
+            .get(&m.direction)
+            .copied()
+            .flatten()
+            .map(|c| c - used.get(&m.direction).copied().unwrap_or_default());
+        let mut amount = m.amount;
+        if let Some(left) = left
+            && amount > left
+        {
             notes.push(PlanNote {
-                account: need.account,
+                account: m.destination,
                 note: format!(
-                    "refilled {amount} of {wanted} {currency}: {source} is at its minimum"
+                    "{} {amount} {currency} capped at the {left} the providers can still convert today",
+                    m.direction
                 ),
             });
+            amount = left.max(Decimal::ZERO);
         }
-        for piece in split(amount, limits, scale) {
-            let seq = sequence.entry(direction).or_insert(0);
+        if amount < limit.min {
+            notes.push(PlanNote {
+                account: m.destination,
+                note: format!(
+                    "{} of {amount} {currency} from {} waits: below the providers' minimum {}",
+                    m.direction, m.source, limit.min
+                ),
+            });
+            continue;
+        }
+        *used.entry(m.direction).or_default() += amount;
+        *moved.entry(m.source).or_default() -= amount;
+        *moved.entry(m.destination).or_default() += amount;
+        for piece in split(amount, limit, currency.scale()) {
+            let seq = sequence.entry(m.direction).or_insert(0);
+            let Ok(money) = Money::positive(currency, piece) else {
+                continue;
+            };
             commands.push(ConversionCommand {
-                command_id: ConversionCommand::derive_id(&input.cycle_id, direction, *seq),
-                direction,
-                trigger: need.trigger,
-                amount: Money {
-                    currency,
-                    value: piece,
-                },
-                source_account: source,
-                destination_account: need.account,
+                command_id: ConversionCommand::derive_id(&input.cycle_id, m.direction, *seq),
+                direction: m.direction,
+                trigger: m.trigger,
+                amount: money,
+                source_account: m.source,
+                destination_account: m.destination,
                 cycle_id: input.cycle_id.clone(),
                 created_at: input.now,
             });
             *seq += 1;
         }
-        *projected.get_mut(&source).expect("source has a position") -= amount;
-        *projected
-            .get_mut(&need.account)
-            .expect("need comes from a position") += amount;
     }
+    let status = |delta: &BTreeMap<BufferAccount, Decimal>| {
+        input
+            .positions
+            .iter()
+            .map(|p| {
+                let level = p.projected() + delta.get(&p.account).copied().unwrap_or_default();
+                (p.account, p.thresholds.status(level))
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
     Plan {
         commands,
         notes,
-        status_before,
-        status_after: status_of(&projected),
+        status_before: status(&BTreeMap::new()),
+        status_after: status(&moved),
+        levels,
     }
+}
+
+/// Movements with the same source, destination and direction as one, with
+/// the most urgent trigger among them, in the order they were first planned.
+fn merge(movements: &[routing::Movement]) -> Vec<routing::Movement> {
+    let mut merged: Vec<routing::Movement> = Vec::new();
+    for m in movements {
+        match merged
+            .iter_mut()
+            .find(|x| x.source == m.source && x.destination == m.destination)
+        {
+            Some(x) => {
+                x.amount += m.amount;
+                if m.trigger == ConversionTrigger::Emergency {
+                    x.trigger = m.trigger;
+                }
+            }
+            None => merged.push(*m),
+        }
+    }
+    merged
+}
+
+/// What the active providers can still convert today per direction (None:
+/// some provider has no daily cap).
+pub fn daily_capacity(providers: &[ProviderRow]) -> BTreeMap<ConversionDirection, Option<Decimal>> {
+    let mut capacity: BTreeMap<ConversionDirection, Option<Decimal>> = BTreeMap::new();
+    for row in providers.iter().filter(|r| r.status == ProviderStatus::Active) {
+        for direction in [ConversionDirection::UsdcToUsd, ConversionDirection::UsdToUsdc] {
+            if !row.supports(direction) {
+                continue;
+            }
+            let left = row
+                .daily_volume_limit
+                .map(|l| (l - row.daily_volume_used).max(Decimal::ZERO));
+            let entry = capacity.entry(direction).or_insert(Some(Decimal::ZERO));
+            *entry = match (*entry, left) {
+                (Some(a), Some(b)) => Some(a + b),
+                _ => None,
+            };
+        }
+    }
+    capacity
 }
 
 /// Splits `amount` into the fewest pieces no larger than `limits.max`, as equal

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::jobs::{JobStore, JobUpdate};
 use super::{
+    PlanningRecords,
     BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
     Store, StoreError, StoreTx, TopicPartition, WindowRecord,
 };
@@ -56,6 +57,8 @@ struct MemoryJob {
     job: ConversionJob,
     lease: Option<(String, std::time::Instant)>,
     history: Vec<(Option<JobStatus>, JobStatus, String)>,
+    /// When the job completed (its posting's time).
+    completed_at: Option<DateTime<Utc>>,
 }
 
 /// Two sandbox providers shaped like the seeded Due and ZeroHash rows.
@@ -453,6 +456,35 @@ impl StoreTx for MemoryTx {
             .collect())
     }
 
+    async fn planning_records(
+        &mut self,
+        since: DateTime<Utc>,
+    ) -> Result<PlanningRecords, StoreError> {
+        let windows = self
+            .work
+            .windows
+            .iter()
+            .filter(|(start, row)| row.closed && **start >= since)
+            .map(|(start, row)| (*start, row.tally.clone()))
+            .collect();
+        let mut completed: Vec<_> = self
+            .work
+            .jobs
+            .values()
+            .filter_map(|j| Some((j.completed_at?, j.job.created_at)))
+            .filter(|(done, _)| *done >= since)
+            .collect();
+        completed.sort();
+        Ok(PlanningRecords {
+            providers: self.work.providers.clone(),
+            windows,
+            lead_times: completed
+                .into_iter()
+                .map(|(done, created)| done - created)
+                .collect(),
+        })
+    }
+
     async fn amount_limits(
         &mut self,
     ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError> {
@@ -555,6 +587,7 @@ impl JobStore for MemoryStore {
                     job: job.clone(),
                     lease: None,
                     history: vec![(None, JobStatus::Pending, "created from command".into())],
+                    completed_at: None,
                 },
             );
             created.push(job.id);
@@ -681,6 +714,7 @@ impl JobStore for MemoryStore {
             status: JobStatus::Completed,
             ..job.clone()
         };
+        entry.completed_at = Some(posting.posted_at);
         entry.history.push((
             Some(JobStatus::ProviderCompleted),
             JobStatus::LedgerUpdating,

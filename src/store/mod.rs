@@ -238,6 +238,25 @@ pub trait StoreTx: Send {
         result: &serde_json::Value,
     ) -> Result<(), StoreError>;
 
+    /// What the planner reads from the past: every provider row, the closed
+    /// windows starting at or after `since`, and the lead times of jobs
+    /// completed since then.
+    async fn planning_records(
+        &mut self,
+        since: DateTime<Utc>,
+    ) -> Result<PlanningRecords, StoreError>;
+
     /// Commits everything done in this transaction.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// What the planner reads from the past, in the settlement transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanningRecords {
+    /// Every provider row.
+    pub providers: Vec<crate::providers::ProviderRow>,
+    /// Closed windows by start (a window without events is absent).
+    pub windows: BTreeMap<DateTime<Utc>, WindowTally>,
+    /// Command-to-completion time of each recently completed job, oldest first.
+    pub lead_times: Vec<chrono::Duration>,
 }

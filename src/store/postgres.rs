@@ -13,6 +13,7 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
+    PlanningRecords,
     BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
     Store, StoreError, StoreTx, TopicPartition, WindowRecord,
 };
@@ -693,6 +694,57 @@ impl StoreTx for PgTx {
             .collect::<Result<Vec<_>, StoreError>>()?;
         positions.sort_by_key(|p| p.account);
         Ok(positions)
+    }
+
+    async fn planning_records(
+        &mut self,
+        since: DateTime<Utc>,
+    ) -> Result<PlanningRecords, StoreError> {
+        let providers = sqlx::query("SELECT * FROM conversion_providers ORDER BY priority, name")
+            .fetch_all(&mut *self.tx)
+            .await?
+            .iter()
+            .map(super::postgres_jobs::provider_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut windows: BTreeMap<DateTime<Utc>, WindowTally> = BTreeMap::new();
+        for r in sqlx::query(
+            "SELECT f.window_start, f.account_type, f.inflow, f.outflow
+               FROM window_flows f JOIN settlement_windows w USING (window_start)
+              WHERE w.status = 'closed' AND f.window_start >= $1",
+        )
+        .bind(since)
+        .fetch_all(&mut *self.tx)
+        .await?
+        {
+            windows
+                .entry(r.get("window_start"))
+                .or_default()
+                .flows
+                .insert(
+                    parse(r.get::<&str, _>("account_type"))?,
+                    Flow {
+                        inflow: r.get::<Decimal, _>("inflow").normalize(),
+                        outflow: r.get::<Decimal, _>("outflow").normalize(),
+                    },
+                );
+        }
+        let lead_times = sqlx::query(
+            "SELECT (EXTRACT(EPOCH FROM completed_at - created_at) * 1000)::BIGINT AS ms
+               FROM conversion_jobs
+              WHERE status = 'completed' AND completed_at >= $1
+              ORDER BY completed_at",
+        )
+        .bind(since)
+        .fetch_all(&mut *self.tx)
+        .await?
+        .iter()
+        .map(|r| chrono::Duration::milliseconds(r.get::<Option<i64>, _>("ms").unwrap_or(0).max(0)))
+        .collect();
+        Ok(PlanningRecords {
+            providers,
+            windows,
+            lead_times,
+        })
     }
 
     async fn amount_limits(

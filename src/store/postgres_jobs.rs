@@ -74,7 +74,7 @@ fn job_from_row(r: &PgRow) -> Result<ConversionJob, StoreError> {
     })
 }
 
-fn provider_from_row(r: &PgRow) -> Result<ProviderRow, StoreError> {
+pub(super) fn provider_from_row(r: &PgRow) -> Result<ProviderRow, StoreError> {
     Ok(ProviderRow {
         id: r.get("id"),
         name: r.get("name"),

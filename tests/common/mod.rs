@@ -306,6 +306,7 @@ where
             commands_topic: topics.commands.clone(),
             auto_rebalance: true,
             dedup_retention: chrono::Duration::days(7),
+            planner: Default::default(),
         },
     );
     let relay = Relay::new(

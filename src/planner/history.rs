@@ -1,0 +1,160 @@
+//! What the recent past says about the next few cycles: each buffer's net
+//! flow per cycle (mean and standard deviation over the latest closed
+//! windows) and how long conversions take to land (the 95th percentile of
+//! recent jobs from command to completion).
+//!
+//! Pure: the settlement cycle reads the windows and job times from the store,
+//! the simulator from its own run; both build the history here.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::{Decimal, MathematicalOps};
+use serde::Serialize;
+
+use crate::domain::BufferAccount;
+use crate::window::WindowTally;
+
+/// Windows that make up the "recent" flow a burst shows in.
+pub const RECENT_WINDOWS: usize = 3;
+
+/// One buffer's recent flow, per settlement cycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FlowStats {
+    /// Mean net flow per cycle (negative: the buffer drains).
+    pub mean: Decimal,
+    /// Standard deviation of the net flow per cycle.
+    pub std_dev: Decimal,
+    /// Mean net flow per cycle over the latest few windows (a burst shows
+    /// here first).
+    pub recent_mean: Decimal,
+    /// Windows the figures come from.
+    pub windows: usize,
+}
+
+/// The recent past, as the planner uses it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FlowHistory {
+    pub flows: BTreeMap<BufferAccount, FlowStats>,
+    /// 95th percentile of recent jobs' time from command to completion, if
+    /// any job completed recently.
+    pub lead_time_p95: Option<Duration>,
+    /// The settlement window length the flows are per.
+    #[serde(skip)]
+    pub cycle: Duration,
+}
+
+/// The population variance of `values` (zero for fewer than two).
+pub fn variance(values: &[Decimal]) -> Decimal {
+    if values.len() < 2 {
+        return Decimal::ZERO;
+    }
+    let n = Decimal::from(values.len() as u64);
+    let mean = values.iter().sum::<Decimal>() / n;
+    values
+        .iter()
+        .map(|v| {
+            let d = *v - mean;
+            d.checked_mul(d).unwrap_or(Decimal::MAX)
+        })
+        .fold(Decimal::ZERO, |acc, x| acc.saturating_add(x))
+        / n
+}
+
+/// The `q`-quantile (0..=1, nearest rank) of `durations`.
+pub fn quantile(durations: &[Duration], q: Decimal) -> Option<Duration> {
+    if durations.is_empty() {
+        return None;
+    }
+    let mut sorted = durations.to_vec();
+    sorted.sort();
+    let rank = (q * Decimal::from(sorted.len() as u64)).ceil();
+    let index = usize::try_from(rank.mantissa()).unwrap_or(usize::MAX);
+    let index = index.saturating_sub(1).min(sorted.len() - 1);
+    Some(sorted[index])
+}
+
+/// The windows from `from` to `to` (both window starts, inclusive) in order,
+/// with each window absent from `closed` (no events) as an empty tally. At
+/// most the windows since the earliest one in `closed` are returned: a fresh
+/// installation's quiet past is not evidence of calm.
+pub fn fill_windows(
+    closed: &BTreeMap<DateTime<Utc>, WindowTally>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    length: Duration,
+) -> Vec<WindowTally> {
+    let Some(first) = closed.keys().next().copied() else {
+        return Vec::new();
+    };
+    if length <= Duration::zero() {
+        return Vec::new();
+    }
+    let mut start = from.max(first);
+    let mut out = Vec::new();
+    while start <= to {
+        out.push(closed.get(&start).cloned().unwrap_or_default());
+        start += length;
+    }
+    out
+}
+
+impl FlowHistory {
+    /// The history from the latest closed windows (oldest first) and the
+    /// latest jobs' lead times.
+    pub fn from_windows(windows: &[WindowTally], lead_times: &[Duration], cycle: Duration) -> Self {
+        let flows = BufferAccount::ALL
+            .into_iter()
+            .map(|account| {
+                let nets: Vec<Decimal> = windows.iter().map(|w| w.net(account)).collect();
+                let mean = if nets.is_empty() {
+                    Decimal::ZERO
+                } else {
+                    nets.iter().sum::<Decimal>() / Decimal::from(nets.len() as u64)
+                };
+                let std_dev = variance(&nets).sqrt().unwrap_or_default();
+                let recent = &nets[nets.len().saturating_sub(RECENT_WINDOWS)..];
+                let recent_mean = if recent.is_empty() {
+                    Decimal::ZERO
+                } else {
+                    recent.iter().sum::<Decimal>() / Decimal::from(recent.len() as u64)
+                };
+                (
+                    account,
+                    FlowStats {
+                        mean,
+                        std_dev,
+                        recent_mean,
+                        windows: nets.len(),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            flows,
+            lead_time_p95: quantile(lead_times, Decimal::new(95, 2)),
+            cycle,
+        }
+    }
+
+    /// The figures for one buffer (zeros with no history).
+    pub fn stats(&self, account: BufferAccount) -> FlowStats {
+        self.flows.get(&account).copied().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn variance_and_quantile() {
+        assert_eq!(variance(&[dec!(1), dec!(3)]), dec!(1));
+        assert_eq!(variance(&[dec!(5)]), Decimal::ZERO);
+        let d: Vec<Duration> = (1..=100).map(Duration::seconds).collect();
+        assert_eq!(quantile(&d, dec!(0.95)), Some(Duration::seconds(95)));
+        assert_eq!(quantile(&d, dec!(1)), Some(Duration::seconds(100)));
+        assert_eq!(quantile(&[], dec!(0.5)), None);
+    }
+}

@@ -1,0 +1,157 @@
+//! Each buffer's trigger level and return point: when to refill, and to what.
+//!
+//! A refill takes a lead time `T` to land: the providers' observed 95th
+//! percentile from command to completion (the configured default until jobs
+//! have completed), plus one window for the decision itself. Over `n = T /
+//! window` windows a buffer whose net flow per window has mean `μ` and
+//! standard deviation `σ` over the look-back (and mean `μ₃` over the last
+//! three windows, where a burst shows first) is expected to lose
+//! `drain = max(0, −min(μ, μ₃))·n`, and rarely more than `z·σ·√n` beyond
+//! that (`z` is `TREASURY_PLANNER_SAFETY_FACTOR`). So:
+//!
+//! - **trigger** = `min + drain + z·σ·√n`, at least `target − batch_size`
+//!   (the configured batch rule) and at most `target`: below it (projected,
+//!   in-flight included) the buffer is refilled;
+//! - **return point** = `max(target, trigger + batch_size) + drain`, at most
+//!   `max`: a refill brings the projected balance there, so that after the
+//!   drain expected while it travels the next one is still a batch away;
+//! - **ceiling** = `max`: above it the buffer sweeps its excess.
+//!
+//! `min`, `target` and `max` stay hard limits: the trigger never falls below
+//! `min`, the return point never passes `max`.
+
+use chrono::Duration;
+use rust_decimal::{Decimal, MathematicalOps};
+use serde::Serialize;
+
+use super::history::FlowStats;
+use super::{BufferPosition, PlannerSettings};
+
+/// When and how far one buffer is refilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BufferLevels {
+    /// Projected below this, the buffer is refilled.
+    pub trigger: Decimal,
+    /// A refill brings the projected balance up to this; a sweep down to it.
+    pub return_point: Decimal,
+    /// Above this the buffer sweeps its excess to others.
+    pub ceiling: Decimal,
+    /// What the buffer is expected to lose while a refill travels.
+    pub drain: Decimal,
+    /// Windows a refill is expected to take, decision included.
+    pub lead_windows: u32,
+}
+
+/// The windows a refill takes: the lead time in windows, rounded up, plus one.
+pub fn lead_windows(lead_time: Duration, window: Duration) -> u32 {
+    let window_ms = window.num_milliseconds().max(1);
+    let lead_ms = lead_time.num_milliseconds().max(0);
+    let windows = (lead_ms + window_ms - 1) / window_ms;
+    u32::try_from(windows).unwrap_or(u32::MAX).saturating_add(1)
+}
+
+/// The levels of `position` given its recent flow and the lead time.
+pub fn levels(
+    position: &BufferPosition,
+    stats: FlowStats,
+    lead_time: Duration,
+    window: Duration,
+    settings: &PlannerSettings,
+) -> BufferLevels {
+    let t = position.thresholds;
+    let n = lead_windows(lead_time, window);
+    let n_dec = Decimal::from(n);
+    let drain = (-stats.mean.min(stats.recent_mean))
+        .max(Decimal::ZERO)
+        .saturating_mul(n_dec);
+    let safety = settings
+        .safety_factor
+        .saturating_mul(stats.std_dev)
+        .saturating_mul(n_dec.sqrt().unwrap_or(Decimal::ONE));
+    let by_flow = t.min().saturating_add(drain).saturating_add(safety);
+    let by_batch = t.target() - position.batch_size;
+    let trigger = by_flow.max(by_batch).clamp(t.min(), t.target());
+    let return_point = t
+        .target()
+        .max(trigger.saturating_add(position.batch_size))
+        .saturating_add(drain)
+        .min(t.max());
+    BufferLevels {
+        trigger,
+        return_point,
+        ceiling: t.max(),
+        drain,
+        lead_windows: n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{BufferAccount, Thresholds};
+    use rust_decimal_macros::dec;
+
+    fn position() -> BufferPosition {
+        BufferPosition {
+            account: BufferAccount::SystemBufferUsdc,
+            thresholds: Thresholds::new(dec!(10000), dec!(50000), dec!(100000)).unwrap(),
+            batch_size: dec!(20000),
+            balance: dec!(50000),
+            incoming: Decimal::ZERO,
+            outgoing: Decimal::ZERO,
+        }
+    }
+
+    #[test]
+    fn calm_flows_keep_the_batch_rule() {
+        let l = levels(
+            &position(),
+            FlowStats::default(),
+            Duration::minutes(20),
+            Duration::minutes(5),
+            &PlannerSettings::default(),
+        );
+        assert_eq!(l.lead_windows, 5);
+        assert_eq!(l.trigger, dec!(30000));
+        assert_eq!(l.return_point, dec!(50000));
+    }
+
+    #[test]
+    fn volatility_and_drain_raise_the_trigger_within_the_hard_limits() {
+        let stats = FlowStats {
+            mean: dec!(-2000),
+            std_dev: dec!(3000),
+            recent_mean: dec!(-1000),
+            windows: 288,
+        };
+        let l = levels(
+            &position(),
+            stats,
+            Duration::minutes(15),
+            Duration::minutes(5),
+            &PlannerSettings::default(),
+        );
+        // n = 4: 10000 + drain 4·2000 + 2·3000·√4 = 30000, the batch floor;
+        // the return point adds the drain to target.
+        assert_eq!(l.drain, dec!(8000));
+        assert_eq!(l.trigger, dec!(30000));
+        assert_eq!(l.return_point, dec!(58000));
+        let wild = FlowStats {
+            std_dev: dec!(30000),
+            ..stats
+        };
+        let l = levels(
+            &position(),
+            wild,
+            Duration::minutes(15),
+            Duration::minutes(5),
+            &PlannerSettings::default(),
+        );
+        assert_eq!(l.trigger, dec!(50000), "never above target");
+        assert_eq!(
+            l.return_point,
+            dec!(78000),
+            "a batch above the target when it lands, plus the drain"
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! `treasury simulate`: arguments and the report it prints.
+
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, TimeZone, Utc};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rust_decimal::Decimal;
+
+use super::compare::{Compared, compare, engine_only, with_faults};
+use super::generate::{Scenario, generate};
+use super::plot::{BufferSeries, ConversionMark, plot};
+use super::scenario::World;
+use super::trace::{read_trace, write_trace};
+use crate::domain::FlowEvent;
+use crate::planner::PlannerSettings;
+
+/// Arguments of `treasury simulate`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["trace", "generate"])))]
+pub struct SimulateArgs {
+    /// A trace to backtest: CSV (`event_id,kind,currency,amount,occurred_at`)
+    /// or JSON Lines with the same fields; `.gz` accepted.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Count and list bad trace rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// A built-in flow generator: normal, bank-run, quiet or drift.
+    #[arg(long, value_name = "SCENARIO")]
+    pub generate: Option<Scenario>,
+    /// Seed of the generator and of the simulated providers.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Run the engine over many seeds with faults injected (provider
+    /// failures, lost answers, an outage) and name every seed whose
+    /// invariants fail, e.g. `--seeds 1..200`.
+    #[arg(long, value_name = "A..B", value_parser = parse_seeds)]
+    pub seeds: Option<RangeInclusive<u64>>,
+    /// Write the generated (or read) trace to this file (CSV or JSON Lines, `.gz` too).
+    #[arg(long, value_name = "FILE")]
+    pub export_trace: Option<PathBuf>,
+    /// The world: buffers, providers, costs (TOML; every key optional).
+    #[arg(long, value_name = "FILE.toml")]
+    pub scenario: Option<PathBuf>,
+    /// Multiplies every min/target/max/batch size/opening balance (overrides the file).
+    #[arg(long, value_name = "K")]
+    pub capital_scale: Option<Decimal>,
+    /// Print JSON (one object per policy) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw each buffer's balance against its band, with conversions marked (.png or .svg).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Measure decision invariants instead of stopping at the first violation.
+    #[arg(long)]
+    pub keep_going: bool,
+}
+
+fn parse_seeds(text: &str) -> Result<RangeInclusive<u64>, String> {
+    let (a, b) = text
+        .split_once("..")
+        .ok_or_else(|| format!("{text:?}: expected A..B, e.g. 1..200"))?;
+    let a: u64 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u64 = b.trim().trim_start_matches('=').parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if b < a {
+        return Err(format!("{text:?}: the range is empty"));
+    }
+    Ok(a..=b)
+}
+
+/// Where generated traces start: a Monday at midnight UTC.
+pub fn generated_start() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 5, 0, 0, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Runs `treasury simulate`.
+pub fn run(args: SimulateArgs, settings: PlannerSettings) -> anyhow::Result<()> {
+    let world = match &args.scenario {
+        Some(path) => World::from_file(path, args.capital_scale)?,
+        None => match args.capital_scale {
+            Some(k) => World::default().scaled(k)?,
+            None => World::default(),
+        },
+    };
+    if let Some(seeds) = args.seeds.clone() {
+        return run_seeds(&args, &world, seeds, settings);
+    }
+    let (events, label) = input(&args, args.seed)?;
+    if let Some(path) = &args.export_trace {
+        write_trace(path, &events)?;
+        eprintln!("wrote {} events to {}", events.len(), path.display());
+    }
+    let started = Instant::now();
+    let spinner = progress(1, "simulating 4 policies");
+    let compared = compare(&world, &events, &label, args.seed, settings, !args.keep_going)?;
+    spinner.finish_and_clear();
+    let elapsed = started.elapsed();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&compared.comparison.to_json())?);
+    } else {
+        print!("{}", compared.comparison.table());
+    }
+    if let Some(path) = &args.plot {
+        draw(path, &label, &world, &compared)?;
+        eprintln!("wrote {}", path.display());
+    }
+    eprintln!(
+        "simulated {} events with 4 policies in {:.1} s",
+        events.len(),
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn input(args: &SimulateArgs, seed: u64) -> anyhow::Result<(Vec<FlowEvent>, String)> {
+    if let Some(path) = &args.trace {
+        let trace = read_trace(path, args.skip_bad)?;
+        if !trace.skipped.is_empty() {
+            eprintln!("skipped {} bad rows:", trace.skipped.len());
+            for row in trace.skipped.iter().take(20) {
+                eprintln!("  {row}");
+            }
+        }
+        return Ok((trace.events, path.display().to_string()));
+    }
+    let Some(scenario) = args.generate else {
+        bail!("give --trace FILE or --generate SCENARIO");
+    };
+    Ok((
+        generate(scenario, seed, generated_start()),
+        format!("generated {scenario}"),
+    ))
+}
+
+fn run_seeds(
+    args: &SimulateArgs,
+    world: &World,
+    seeds: RangeInclusive<u64>,
+    settings: PlannerSettings,
+) -> anyhow::Result<()> {
+    let fixed = match &args.trace {
+        Some(_) => Some(input(args, 0)?.0),
+        None => None,
+    };
+    let bar = progress(seeds.clone().count() as u64, "seeds");
+    let mut failing = Vec::new();
+    for seed in seeds.clone() {
+        let events = match &fixed {
+            Some(events) => events.clone(),
+            None => input(args, seed)?.0,
+        };
+        if let Err(violation) = engine_only(&with_faults(world, seed), &events, seed, settings) {
+            bar.suspend(|| eprintln!("{violation}"));
+            failing.push(seed);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let total = seeds.count();
+    if failing.is_empty() {
+        println!("{total} seeds with faults injected: every invariant held");
+        Ok(())
+    } else {
+        bail!(
+            "{} of {total} seeds broke an invariant: {}",
+            failing.len(),
+            failing
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+fn draw(path: &PathBuf, label: &str, world: &World, compared: &Compared) -> anyhow::Result<()> {
+    let series: Vec<BufferSeries> = world
+        .buffers
+        .iter()
+        .map(|(account, setup)| BufferSeries {
+            account: *account,
+            min: setup.thresholds.min(),
+            target: setup.thresholds.target(),
+            max: setup.thresholds.max(),
+            balance: compared
+                .engine
+                .balances
+                .get(account)
+                .cloned()
+                .unwrap_or_default(),
+            conversions: compared
+                .engine
+                .conversions
+                .iter()
+                .filter(|c| c.source == *account || c.destination == *account)
+                .map(|c| ConversionMark {
+                    at: c.at,
+                    direction: c.direction,
+                    amount: c.amount,
+                    incoming: c.destination == *account,
+                })
+                .collect(),
+        })
+        .collect();
+    plot(path, &format!("engine policy — {label}"), &series)
+        .with_context(|| format!("drawing {}", path.display()))
+}

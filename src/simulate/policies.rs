@@ -1,0 +1,303 @@
+//! The decision policies the simulator compares: the engine's own planner
+//! (the very function the live settlement cycle calls) and three baselines —
+//! per-event conversion, the original engine's rule, and a Miller–Orr band.
+//!
+//! A policy sees what the live engine would see at a settlement: the book
+//! balances with what is in flight, the provider rows, the recent windows'
+//! flows and the recent jobs' completion times. It answers with commands.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::{Decimal, MathematicalOps, RoundingStrategy};
+
+use crate::domain::{
+    BufferAccount, ConversionCommand, ConversionDirection, ConversionTrigger, FlowEvent,
+    Money,
+};
+use crate::planner::{self, BufferPosition, FlowHistory, PlanInput, PlannerSettings};
+use crate::providers::ProviderRow;
+use crate::window::WindowTally;
+
+/// What a policy sees at one settlement.
+#[derive(Debug, Clone)]
+pub struct CycleView<'a> {
+    pub cycle_id: String,
+    pub now: DateTime<Utc>,
+    /// Book balances with in-flight conversions, one per buffer.
+    pub positions: Vec<BufferPosition>,
+    pub providers: &'a [ProviderRow],
+    /// The latest closed windows, oldest first.
+    pub recent: &'a [WindowTally],
+    /// How long recent jobs took from command to completion, oldest first.
+    pub lead_times: &'a [Duration],
+    /// The settlement window length.
+    pub cycle: Duration,
+}
+
+/// A way of deciding conversions.
+pub trait Policy {
+    /// The name in reports.
+    fn name(&self) -> &'static str;
+    /// Commands for one settlement.
+    fn on_cycle(&mut self, view: &CycleView<'_>) -> Vec<ConversionCommand>;
+    /// Commands for one event, for policies that act per event.
+    fn on_event(&mut self, _event: &FlowEvent, _now: DateTime<Utc>) -> Vec<ConversionCommand> {
+        Vec::new()
+    }
+    /// Whether its conversions bypass provider limits (a hypothetical baseline).
+    fn ignores_limits(&self) -> bool {
+        false
+    }
+}
+
+/// The engine's planner, exactly as the live settlement cycle runs it.
+#[derive(Debug, Clone, Default)]
+pub struct EnginePolicy {
+    pub settings: PlannerSettings,
+}
+
+impl Policy for EnginePolicy {
+    fn name(&self) -> &'static str {
+        "engine"
+    }
+
+    fn on_cycle(&mut self, view: &CycleView<'_>) -> Vec<ConversionCommand> {
+        let input = PlanInput {
+            cycle_id: view.cycle_id.clone(),
+            now: view.now,
+            positions: view.positions.clone(),
+            providers: view.providers.to_vec(),
+            window: view.cycle,
+            history: FlowHistory::from_windows(view.recent, view.lead_times, view.cycle),
+            settings: self.settings,
+        };
+        planner::plan(&input).commands
+    }
+}
+
+fn command(
+    cycle_id: &str,
+    sequence: u32,
+    direction: ConversionDirection,
+    trigger: ConversionTrigger,
+    amount: Decimal,
+    source: BufferAccount,
+    destination: BufferAccount,
+    now: DateTime<Utc>,
+) -> Option<ConversionCommand> {
+    let currency = direction.source_currency();
+    let value = amount.round_dp_with_strategy(currency.scale(), RoundingStrategy::AwayFromZero);
+    Some(ConversionCommand {
+        command_id: ConversionCommand::derive_id(cycle_id, direction, sequence),
+        direction,
+        trigger,
+        amount: Money::positive(currency, value).ok()?,
+        source_account: source,
+        destination_account: destination,
+        cycle_id: cycle_id.to_owned(),
+        created_at: now,
+    })
+}
+
+/// Every USDC event converted on its own, the moment it happens: the cost a
+/// platform pays with no netting at all.
+#[derive(Debug, Clone, Default)]
+pub struct PerEventPolicy;
+
+impl Policy for PerEventPolicy {
+    fn name(&self) -> &'static str {
+        "per-event"
+    }
+
+    fn on_cycle(&mut self, _view: &CycleView<'_>) -> Vec<ConversionCommand> {
+        Vec::new()
+    }
+
+    fn on_event(&mut self, event: &FlowEvent, now: DateTime<Utc>) -> Vec<ConversionCommand> {
+        let Some((direction, amount)) = event.demand() else {
+            return Vec::new();
+        };
+        let (source, destination) = match direction {
+            ConversionDirection::UsdcToUsd => {
+                (BufferAccount::SystemBufferUsdc, BufferAccount::BrokerOperational)
+            }
+            ConversionDirection::UsdToUsdc => {
+                (BufferAccount::BrokerOperational, BufferAccount::SystemBufferUsdc)
+            }
+        };
+        let cycle_id = format!("event:{}", event.event_id);
+        command(
+            &cycle_id,
+            0,
+            direction,
+            ConversionTrigger::BufferReplenishment,
+            amount,
+            source,
+            destination,
+            now,
+        )
+        .into_iter()
+        .collect()
+    }
+
+    fn ignores_limits(&self) -> bool {
+        true
+    }
+}
+
+/// The original engine's rule: every cycle, each buffer whose balance is
+/// below its minimum is refilled to its target — the USDC buffer from
+/// `system_buffer_fiat`, the USD buffers from the USDC buffer — with
+/// conversions in flight not counted.
+#[derive(Debug, Clone, Default)]
+pub struct OriginalRulePolicy;
+
+impl Policy for OriginalRulePolicy {
+    fn name(&self) -> &'static str {
+        "original-rule"
+    }
+
+    fn on_cycle(&mut self, view: &CycleView<'_>) -> Vec<ConversionCommand> {
+        let mut commands = Vec::new();
+        for p in &view.positions {
+            if p.balance >= p.thresholds.min() {
+                continue;
+            }
+            let source = match p.account {
+                BufferAccount::SystemBufferUsdc => BufferAccount::SystemBufferFiat,
+                _ => BufferAccount::SystemBufferUsdc,
+            };
+            let Some(direction) = ConversionDirection::between(source, p.account) else {
+                continue;
+            };
+            let sequence = commands.len() as u32;
+            commands.extend(command(
+                &view.cycle_id,
+                sequence,
+                direction,
+                ConversionTrigger::Emergency,
+                p.thresholds.target() - p.balance,
+                source,
+                p.account,
+                view.now,
+            ));
+        }
+        commands
+    }
+}
+
+/// A Miller–Orr band per buffer: lower limit L (the minimum), return point
+/// Z = L + (3·b·σ²/4·i)^(1/3), upper limit H = 3Z − 2L, with b the cost of
+/// one conversion of a batch at the cheapest provider, σ² the variance of the
+/// buffer's net flow per cycle over the recent windows, and i the opportunity
+/// cost per cycle. Below L the buffer is refilled to Z; above H it gives
+/// down to Z. Refills come from the other currency's buffer furthest above
+/// its own return point.
+#[derive(Debug, Clone)]
+pub struct BandPolicy {
+    /// Yearly opportunity cost of idle capital.
+    pub opportunity_cost_rate: Decimal,
+    /// Batch sizes per buffer (the size a conversion cost is quoted for).
+    pub batch_sizes: BTreeMap<BufferAccount, Decimal>,
+}
+
+/// One buffer's band.
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    low: Decimal,
+    ret: Decimal,
+    high: Decimal,
+}
+
+impl BandPolicy {
+    fn band(&self, view: &CycleView<'_>, p: &BufferPosition) -> Band {
+        let nets: Vec<Decimal> = view.recent.iter().map(|t| t.net(p.account)).collect();
+        let variance = planner::variance(&nets);
+        let batch = self.batch_sizes.get(&p.account).copied().unwrap_or_default();
+        let b = view
+            .providers
+            .iter()
+            .map(|r| {
+                r.fee_fixed
+                    + batch * (r.fee_percentage + r.spread_bps / Decimal::from(10_000))
+            })
+            .min()
+            .unwrap_or(Decimal::ONE)
+            .max(Decimal::new(1, 2));
+        let cycles_per_year =
+            Decimal::from(365 * 86_400) / Decimal::from(view.cycle.num_seconds().max(1));
+        let i = (self.opportunity_cost_rate / cycles_per_year).max(Decimal::new(1, 12));
+        let spread = (Decimal::from(3) * b * variance / (Decimal::from(4) * i))
+            .checked_powd(Decimal::ONE / Decimal::from(3))
+            .unwrap_or_default();
+        let low = p.thresholds.min();
+        let ret = low + spread;
+        Band {
+            low,
+            ret,
+            high: Decimal::from(3) * ret - Decimal::from(2) * low,
+        }
+    }
+}
+
+impl Policy for BandPolicy {
+    fn name(&self) -> &'static str {
+        "band"
+    }
+
+    fn on_cycle(&mut self, view: &CycleView<'_>) -> Vec<ConversionCommand> {
+        let bands: BTreeMap<BufferAccount, Band> = view
+            .positions
+            .iter()
+            .map(|p| (p.account, self.band(view, p)))
+            .collect();
+        let level: BTreeMap<BufferAccount, Decimal> = view
+            .positions
+            .iter()
+            .map(|p| (p.account, p.projected()))
+            .collect();
+        let mut commands = Vec::new();
+        for p in &view.positions {
+            let band = bands[&p.account];
+            let x = level[&p.account];
+            let (amount, source, destination) = if x < band.low {
+                let source = view
+                    .positions
+                    .iter()
+                    .filter(|q| q.account.currency() != p.account.currency())
+                    .max_by_key(|q| level[&q.account] - bands[&q.account].ret)
+                    .map(|q| q.account);
+                (band.ret - x, source, Some(p.account))
+            } else if x > band.high {
+                let destination = view
+                    .positions
+                    .iter()
+                    .filter(|q| q.account.currency() != p.account.currency())
+                    .min_by_key(|q| level[&q.account] - bands[&q.account].ret)
+                    .map(|q| q.account);
+                (x - band.ret, Some(p.account), destination)
+            } else {
+                continue;
+            };
+            let (Some(source), Some(destination)) = (source, destination) else {
+                continue;
+            };
+            let Some(direction) = ConversionDirection::between(source, destination) else {
+                continue;
+            };
+            let sequence = commands.len() as u32;
+            commands.extend(command(
+                &view.cycle_id,
+                sequence,
+                direction,
+                ConversionTrigger::BufferReplenishment,
+                amount,
+                source,
+                destination,
+                view.now,
+            ));
+        }
+        commands
+    }
+}
