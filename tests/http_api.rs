@@ -370,7 +370,11 @@ async fn a_person_resolves_a_job_in_review_and_the_engine_posts_it(pool: PgPool)
             monitor_interval: std::time::Duration::from_secs(1),
             stale_after: chrono::Duration::minutes(30),
             conversion_timeout: chrono::Duration::minutes(30),
+            lease: std::time::Duration::from_secs(60),
+            call_timeout: std::time::Duration::from_secs(30),
+            health_window: chrono::Duration::hours(1),
         },
+        treasury::clock::SystemClock::shared(),
     );
     worker.run_cycle().await.unwrap();
     let (status, postings): (String, i64) = sqlx::query_as(
