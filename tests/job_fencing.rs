@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,22 +31,25 @@ use treasury::store::jobs::JobStore;
 use treasury::store::postgres::PgStore;
 use uuid::Uuid;
 
-/// A sandbox whose first initiate call for a chosen key executes the
-/// conversion and then waits until the test opens that key's gate (a slow
-/// answer). Later calls for the key answer at once.
+/// A sandbox with scripted trouble for chosen keys: a *gated* key's first
+/// initiate call executes the conversion and then waits until the test
+/// opens the gate (a slow answer); a key with answers to *lose* executes
+/// and reports an unknown outcome that many times.
 #[derive(Clone)]
-struct Gated {
+struct Scripted {
     inner: SandboxProvider,
     gates: Arc<Mutex<HashMap<Uuid, watch::Sender<bool>>>>,
     calls: Arc<Mutex<HashMap<Uuid, u32>>>,
+    lose: Arc<Mutex<HashMap<Uuid, u32>>>,
 }
 
-impl Gated {
+impl Scripted {
     fn new(inner: SandboxProvider) -> Self {
         Self {
             inner,
             gates: Arc::default(),
             calls: Arc::default(),
+            lose: Arc::default(),
         }
     }
 
@@ -63,10 +65,16 @@ impl Gated {
             gate.send_replace(true);
         }
     }
+
+    /// Loses the answers to the next `n` calls for `key`.
+    fn losing(self, key: Uuid, n: u32) -> Self {
+        self.lose.lock().unwrap().insert(key, n);
+        self
+    }
 }
 
 #[async_trait]
-impl ConversionProvider for Gated {
+impl ConversionProvider for Scripted {
     fn name(&self) -> &str {
         self.inner.name()
     }
@@ -88,6 +96,18 @@ impl ConversionProvider for Gated {
             .flatten();
         if let Some(mut gate) = gate {
             let _ = gate.wait_for(|open| *open).await;
+        }
+        let lost = self
+            .lose
+            .lock()
+            .unwrap()
+            .get_mut(&key)
+            .and_then(|n| n.checked_sub(1).map(|left| *n = left))
+            .is_some();
+        if lost {
+            return Err(ProviderError::OutcomeUnknown {
+                reason: "scripted lost answer".into(),
+            });
         }
         answer
     }
@@ -238,7 +258,7 @@ async fn a_lapsed_lease_never_executes_a_command_at_a_second_provider(pool: PgPo
     let store = setup(&pool).await;
     let due_sandbox = sandbox(1, "Due");
     let zerohash = sandbox(2, "ZeroHash");
-    let due = Gated::new(due_sandbox.clone());
+    let due = Scripted::new(due_sandbox.clone());
     let providers = || {
         registry(vec![
             ("Due", Arc::new(due.clone()) as Arc<dyn ConversionProvider>),
@@ -332,7 +352,7 @@ async fn a_worker_whose_lease_lapses_mid_call_makes_no_further_call_and_no_write
     let clock = Arc::new(ManualClock::new(Utc::now()));
     let due_sandbox = sandbox(1, "Due");
     let zerohash = sandbox(2, "ZeroHash");
-    let due = Gated::new(due_sandbox.clone());
+    let due = Scripted::new(due_sandbox.clone());
     let providers = || {
         registry(vec![
             ("Due", Arc::new(due.clone()) as Arc<dyn ConversionProvider>),
@@ -478,7 +498,7 @@ async fn a_held_job_stays_at_its_provider_when_it_is_set_inactive_or_unhealthy(p
     let due_sandbox = sandbox(1, "Due");
     let zerohash = sandbox(2, "ZeroHash");
     let id = new_job(&store, 6).await;
-    let due = Arc::new(LosesAnswers::new(due_sandbox.clone(), id, 4));
+    let due = Arc::new(Scripted::new(due_sandbox.clone()).losing(id, 4));
     let w = worker(
         &store,
         registry(vec![("Due", due), ("ZeroHash", Arc::new(zerohash.clone()))]),
@@ -507,69 +527,6 @@ async fn a_held_job_stays_at_its_provider_when_it_is_set_inactive_or_unhealthy(p
 // ---------------------------------------------------------------------------
 // Provider health
 // ---------------------------------------------------------------------------
-
-/// A sandbox that loses its answers to the first `lost` calls for one key
-/// (the conversion is recorded; the caller sees an unknown outcome).
-struct LosesAnswers {
-    inner: SandboxProvider,
-    key: Uuid,
-    lost: AtomicU32,
-}
-
-impl LosesAnswers {
-    fn new(inner: SandboxProvider, key: Uuid, lost: u32) -> Self {
-        Self {
-            inner,
-            key,
-            lost: AtomicU32::new(lost),
-        }
-    }
-}
-
-#[async_trait]
-impl ConversionProvider for LosesAnswers {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    async fn initiate(
-        &self,
-        request: &ConversionRequest,
-    ) -> Result<ProviderConversion, ProviderError> {
-        let answer = self.inner.initiate(request).await;
-        let lose = request.idempotency_key == self.key
-            && self
-                .lost
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        if lose {
-            return Err(ProviderError::OutcomeUnknown {
-                reason: "scripted lost answer".into(),
-            });
-        }
-        answer
-    }
-
-    async fn status(&self, provider_tx_id: &str) -> Result<ProviderConversion, ProviderError> {
-        self.inner.status(provider_tx_id).await
-    }
-
-    async fn quote(
-        &self,
-        direction: ConversionDirection,
-        amount: Money,
-    ) -> Result<Quote, ProviderError> {
-        self.inner.quote(direction, amount).await
-    }
-
-    async fn balance(&self, currency: Currency) -> Result<Money, ProviderError> {
-        self.inner.balance(currency).await
-    }
-
-    async fn health_check(&self) -> Result<(), ProviderError> {
-        self.inner.health_check().await
-    }
-}
 
 /// Stores `successes` and `failures` job attempts at `provider`, `age` ago,
 /// each for a job of its own (finished, so no worker drives it).
@@ -623,7 +580,7 @@ async fn held_jobs_do_not_lower_a_providers_health(pool: PgPool) {
     let due_sandbox = sandbox(1, "Due");
     let zerohash = sandbox(2, "ZeroHash");
     let held = new_job(&store, 7).await;
-    let due = Arc::new(LosesAnswers::new(due_sandbox.clone(), held, u32::MAX));
+    let due = Arc::new(Scripted::new(due_sandbox.clone()).losing(held, u32::MAX));
     let w = worker(
         &store,
         registry(vec![("Due", due), ("ZeroHash", Arc::new(zerohash.clone()))]),

@@ -271,16 +271,9 @@ impl JobWorker {
                 Decision::RecordProcessing => {
                     let raw = conversion_raw(last);
                     job.status = JobStatus::ProviderProcessing;
-                    self.save(
-                        lease,
-                        &job,
-                        JobStatus::ProviderSubmitted,
-                        "provider processing",
-                        raw,
-                        None,
-                        None,
-                    )
-                    .await?
+                    let change = Change::note("provider processing").response(raw);
+                    self.save(lease, &job, JobStatus::ProviderSubmitted, change)
+                        .await?
                 }
                 Decision::RecordCompleted => {
                     let Happened::Polled(Ok(conversion)) = last else {
@@ -295,20 +288,13 @@ impl JobWorker {
                     return Ok(Driven::Done);
                 }
                 Decision::Fail { reason } => {
-                    let raw = conversion_raw(last);
-                    let outcome = job.provider_id.map(|provider| Outcome {
-                        provider,
-                        succeeded: false,
-                    });
                     tracing::error!(job = %job.id, %reason, alert = true, "conversion failed at the provider");
-                    self.fail(
-                        &mut job,
-                        lease,
-                        format!("provider failed: {reason}"),
-                        raw,
-                        outcome,
-                    )
-                    .await?;
+                    let why = format!("provider failed: {reason}");
+                    let change = Change::note(&why)
+                        .response(conversion_raw(last))
+                        .outcome(failed_attempt(&job));
+                    self.end(&mut job, lease, JobStatus::Failed, &why, change)
+                        .await?;
                     return Ok(Driven::Done);
                 }
                 Decision::FallBack => {
@@ -330,7 +316,7 @@ impl JobWorker {
                 Decision::FlagStale => {
                     job.stale_flagged_at = Some(self.clock.now());
                     tracing::warn!(job = %job.id, provider = ?job.provider_name, alert = true, "conversion job is stale");
-                    self.save(lease, &job, job.status, "flagged stale", None, None, None)
+                    self.save(lease, &job, job.status, Change::note("flagged stale"))
                         .await?;
                     return Ok(Driven::Waiting { stale: true });
                 }
@@ -344,11 +330,9 @@ impl JobWorker {
                 }
                 Decision::NeedsReview(review) => {
                     let why = review_reason(&job, review, &last);
-                    let outcome = job.provider_id.map(|provider| Outcome {
-                        provider,
-                        succeeded: false,
-                    });
-                    self.needs_review(&mut job, lease, &why, outcome).await?;
+                    let change = Change::note(&why).outcome(failed_attempt(&job));
+                    self.end(&mut job, lease, JobStatus::NeedsReview, &why, change)
+                        .await?;
                     return Ok(Driven::Done);
                 }
                 Decision::Stop => {
@@ -400,17 +384,14 @@ impl JobWorker {
         Ok((row, client))
     }
 
-    /// Stores a change under the lease; [`Step::Stop`] when it is refused.
-    #[allow(clippy::too_many_arguments)]
+    /// Stores `job` (read in status `from`) under the lease, with `change`
+    /// for the history; [`Step::Stop`] when the write is refused.
     async fn save(
         &self,
         lease: &Lease,
         job: &ConversionJob,
         from: JobStatus,
-        note: &str,
-        response: Option<serde_json::Value>,
-        reason: Option<String>,
-        outcome: Option<Outcome>,
+        change: Change<'_>,
     ) -> Result<Step, StoreError> {
         let saved = self
             .jobs
@@ -419,10 +400,10 @@ impl JobWorker {
                 now: self.clock.now(),
                 job,
                 from,
-                note,
-                provider_response: response,
-                selection_reason: reason,
-                outcome,
+                note: change.note,
+                provider_response: change.response,
+                selection_reason: change.reason,
+                outcome: change.outcome,
             })
             .await?;
         if saved {
@@ -475,23 +456,16 @@ impl JobWorker {
                 why.push_str(&format!("; last error: {last}"));
             }
             tracing::error!(job = %job.id, reason = %why, alert = true, "conversion job failed");
-            self.fail(job, lease, why, None, None).await?;
+            self.end(job, lease, JobStatus::Failed, &why, Change::note(&why))
+                .await?;
             return Ok(Step::Stop);
         };
         tracing::info!(job = %job.id, provider = %chosen.row.name, reason = %summary, "provider selected");
         job.provider_id = Some(chosen.row.id);
         job.provider_name = Some(chosen.row.name.clone());
         job.provider_called_at = None;
-        self.save(
-            lease,
-            job,
-            JobStatus::Pending,
-            "provider selected",
-            None,
-            Some(summary),
-            None,
-        )
-        .await
+        let change = Change::note("provider selected").reason(summary);
+        self.save(lease, job, JobStatus::Pending, change).await
     }
 
     /// Records the call under the lease, then calls initiate (bounded by
@@ -565,16 +539,8 @@ impl JobWorker {
             job.provider_name.as_deref().unwrap_or("?"),
             conversion.provider_tx_id
         );
-        self.save(
-            lease,
-            job,
-            JobStatus::Pending,
-            &note,
-            Some(conversion.raw.clone()),
-            None,
-            None,
-        )
-        .await
+        let change = Change::note(&note).response(Some(conversion.raw.clone()));
+        self.save(lease, job, JobStatus::Pending, change).await
     }
 
     async fn provider_completed(
@@ -603,8 +569,13 @@ impl JobWorker {
         job.status = JobStatus::ProviderCompleted;
         let note =
             format!("provider completed: {destination_amount} received, fee {fee}, rate {rate}");
-        self.save(lease, job, from, &note, Some(conversion.raw), None, None)
-            .await
+        self.save(
+            lease,
+            job,
+            from,
+            Change::note(&note).response(Some(conversion.raw)),
+        )
+        .await
     }
 
     /// The provider did nothing with the job: give it up and choose the next.
@@ -616,10 +587,7 @@ impl JobWorker {
         calls: u32,
     ) -> Result<Step, StoreError> {
         let name = job.provider_name.clone().unwrap_or_default();
-        let outcome = job.provider_id.map(|provider| Outcome {
-            provider,
-            succeeded: false,
-        });
+        let outcome = failed_attempt(job);
         job.retry_count += calls.saturating_sub(1) as i32;
         job.attempted_providers.extend(job.provider_id);
         job.provider_id = None;
@@ -629,8 +597,13 @@ impl JobWorker {
         tracing::warn!(job = %job.id, provider = %name, %error, calls,
             "provider gave up; falling back to the next one");
         let note = format!("{name} failed after {calls} attempts: {error}");
-        self.save(lease, job, JobStatus::Pending, &note, None, None, outcome)
-            .await
+        self.save(
+            lease,
+            job,
+            JobStatus::Pending,
+            Change::note(&note).outcome(outcome),
+        )
+        .await
     }
 
     /// The provider may hold a conversion for this job, so the job stays
@@ -651,39 +624,39 @@ impl JobWorker {
         let note = format!(
             "held at {name}: outcome unknown after {calls} attempts ({error}); asking again next cycle"
         );
-        self.save(lease, job, JobStatus::Pending, &note, None, None, None)
+        self.save(lease, job, JobStatus::Pending, Change::note(&note))
             .await
     }
 
-    async fn needs_review(
+    /// Ends the job's drive in `status` (`failed`, or `needs_review` for a
+    /// person), with `why` as its error message and note.
+    async fn end(
         &self,
         job: &mut ConversionJob,
         lease: &Lease,
+        status: JobStatus,
         why: &str,
-        outcome: Option<Outcome>,
+        change: Change<'_>,
     ) -> Result<Step, StoreError> {
         let from = job.status;
-        job.status = JobStatus::NeedsReview;
+        job.status = status;
         job.error_message = Some(why.to_owned());
-        metrics::counter!("treasury_jobs_needs_review_total").increment(1);
-        tracing::error!(job = %job.id, reason = why, alert = true, "conversion job needs a person");
-        self.save(lease, job, from, why, None, None, outcome).await
-    }
-
-    async fn fail(
-        &self,
-        job: &mut ConversionJob,
-        lease: &Lease,
-        why: String,
-        response: Option<serde_json::Value>,
-        outcome: Option<Outcome>,
-    ) -> Result<Step, StoreError> {
-        let from = job.status;
-        job.status = JobStatus::Failed;
-        job.error_message = Some(why.clone());
-        metrics::counter!("treasury_jobs_failed_total").increment(1);
-        self.save(lease, job, from, &why, response, None, outcome)
-            .await
+        if status == JobStatus::NeedsReview {
+            metrics::counter!("treasury_jobs_needs_review_total").increment(1);
+            tracing::error!(job = %job.id, reason = why, alert = true, "conversion job needs a person");
+        } else {
+            metrics::counter!("treasury_jobs_failed_total").increment(1);
+        }
+        self.save(
+            lease,
+            job,
+            from,
+            Change {
+                note: why,
+                ..change
+            },
+        )
+        .await
     }
 
     /// `provider_completed`: the posting, balances and completion, in one transaction.
@@ -734,6 +707,44 @@ impl JobWorker {
     }
 }
 
+/// What a stored step says for the audit trail and provider health.
+struct Change<'a> {
+    /// The history note.
+    note: &'a str,
+    /// The provider's answer, kept on the job.
+    response: Option<serde_json::Value>,
+    /// Why the provider was chosen.
+    reason: Option<String>,
+    /// How the job's attempt at its provider ended, if it did.
+    outcome: Option<Outcome>,
+}
+
+impl<'a> Change<'a> {
+    fn note(note: &'a str) -> Self {
+        Self {
+            note,
+            response: None,
+            reason: None,
+            outcome: None,
+        }
+    }
+
+    fn response(self, response: Option<serde_json::Value>) -> Self {
+        Self { response, ..self }
+    }
+
+    fn reason(self, reason: String) -> Self {
+        Self {
+            reason: Some(reason),
+            ..self
+        }
+    }
+
+    fn outcome(self, outcome: Option<Outcome>) -> Self {
+        Self { outcome, ..self }
+    }
+}
+
 /// Stops renewing a lease when dropped.
 struct Renewal(tokio::task::JoinHandle<()>);
 
@@ -754,6 +765,14 @@ enum Step {
 fn lost(lease: &Lease) {
     tracing::warn!(job = %lease.job, owner = %lease.owner, epoch = lease.epoch,
         "job write refused: the lease lapsed, another worker took the job, or it changed; stopping before any further provider call");
+}
+
+/// A failed attempt at the job's provider, for its health.
+fn failed_attempt(job: &ConversionJob) -> Option<Outcome> {
+    job.provider_id.map(|provider| Outcome {
+        provider,
+        succeeded: false,
+    })
 }
 
 /// The provider's raw answer carried by the last input, for the audit trail.

@@ -75,6 +75,15 @@ impl MemoryJob {
         self.lease.as_ref().is_none_or(|(_, until)| *until <= now)
     }
 
+    /// Extends `lease` to `now + by` if it is the job's current, unexpired lease.
+    fn extend(&mut self, lease: &Lease, now: DateTime<Utc>, by: std::time::Duration) -> bool {
+        if !self.fenced(lease, now) {
+            return false;
+        }
+        self.lease = Some((lease.owner.clone(), now + chrono_duration(by)));
+        true
+    }
+
     /// `lease` is the job's current, unexpired lease at `now`.
     fn fenced(&self, lease: &Lease, now: DateTime<Utc>) -> bool {
         self.epoch == lease.epoch
@@ -666,13 +675,10 @@ impl JobStore for MemoryStore {
         extend: std::time::Duration,
     ) -> Result<bool, StoreError> {
         let mut state = self.state.lock().await;
-        match state.jobs.get_mut(&lease.job) {
-            Some(entry) if entry.fenced(lease, now) => {
-                entry.lease = Some((lease.owner.clone(), now + chrono_duration(extend)));
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(state
+            .jobs
+            .get_mut(&lease.job)
+            .is_some_and(|entry| entry.extend(lease, now, extend)))
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
@@ -696,18 +702,15 @@ impl JobStore for MemoryStore {
         extend: std::time::Duration,
     ) -> Result<bool, StoreError> {
         let mut state = self.state.lock().await;
-        match state.jobs.get_mut(&lease.job) {
-            Some(entry)
-                if entry.fenced(lease, now)
-                    && entry.job.status == JobStatus::Pending
-                    && entry.job.provider_id.is_some() =>
-            {
-                entry.job.provider_called_at = Some(now);
-                entry.lease = Some((lease.owner.clone(), now + chrono_duration(extend)));
-                Ok(true)
-            }
-            _ => Ok(false),
+        let Some(entry) = state.jobs.get_mut(&lease.job) else {
+            return Ok(false);
+        };
+        let callable = entry.job.status == JobStatus::Pending && entry.job.provider_id.is_some();
+        if !callable || !entry.extend(lease, now, extend) {
+            return Ok(false);
         }
+        entry.job.provider_called_at = Some(now);
+        Ok(true)
     }
 
     async fn providers(&self) -> Result<Vec<ProviderRow>, StoreError> {

@@ -206,6 +206,35 @@ fn status_timestamp(status: JobStatus) -> Option<&'static str> {
     }
 }
 
+impl PgStore {
+    /// Extends an unexpired `lease` to `now + extend` (setting `set` too, for
+    /// rows that also match `only`); false if it is no longer held.
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
+        set: &str,
+        only: &str,
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE conversion_jobs SET lease_until = $4 + make_interval(secs => $5){set}
+              WHERE id = $1 AND {} {only}",
+            fence(2, 3, 4)
+        );
+        Ok(sqlx::query(&sql)
+            .bind(lease.job)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .bind(now)
+            .bind(extend.as_secs_f64())
+            .execute(self.pool())
+            .await?
+            .rows_affected()
+            == 1)
+    }
+}
+
 #[async_trait]
 impl JobStore for PgStore {
     async fn intake(
@@ -310,21 +339,7 @@ impl JobStore for PgStore {
         now: DateTime<Utc>,
         extend: std::time::Duration,
     ) -> Result<bool, StoreError> {
-        let sql = format!(
-            "UPDATE conversion_jobs SET lease_until = $4 + make_interval(secs => $5)
-              WHERE id = $1 AND {}",
-            fence(2, 3, 4)
-        );
-        Ok(sqlx::query(&sql)
-            .bind(lease.job)
-            .bind(&lease.owner)
-            .bind(lease.epoch)
-            .bind(now)
-            .bind(extend.as_secs_f64())
-            .execute(self.pool())
-            .await?
-            .rows_affected()
-            == 1)
+        self.extend_lease(lease, now, extend, "", "").await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
@@ -346,22 +361,9 @@ impl JobStore for PgStore {
         now: DateTime<Utc>,
         extend: std::time::Duration,
     ) -> Result<bool, StoreError> {
-        let sql = format!(
-            "UPDATE conversion_jobs
-                SET provider_called_at = $4, lease_until = $4 + make_interval(secs => $5)
-              WHERE id = $1 AND status = 'pending' AND provider_id IS NOT NULL AND {}",
-            fence(2, 3, 4)
-        );
-        Ok(sqlx::query(&sql)
-            .bind(lease.job)
-            .bind(&lease.owner)
-            .bind(lease.epoch)
-            .bind(now)
-            .bind(extend.as_secs_f64())
-            .execute(self.pool())
-            .await?
-            .rows_affected()
-            == 1)
+        let set = ", provider_called_at = $4";
+        let only = "AND status = 'pending' AND provider_id IS NOT NULL";
+        self.extend_lease(lease, now, extend, set, only).await
     }
 
     async fn providers(&self) -> Result<Vec<ProviderRow>, StoreError> {
