@@ -438,6 +438,19 @@ proptest! {
             Decision::Hold => prop_assert!(job.called_before || calls.unanswered),
             _ => {}
         }
+        // The worker relies on each recording decision coming with its answer.
+        match &decision {
+            Decision::RecordSubmitted => {
+                prop_assert!(matches!(h, Happened::Initiated(Ok(_))), "{:?}", h);
+            }
+            Decision::RecordCompleted => {
+                prop_assert!(matches!(h, Happened::Polled(Ok(ProviderState::Completed { .. }))), "{:?}", h);
+            }
+            Decision::FallBack | Decision::Hold => {
+                prop_assert!(matches!(h, Happened::Initiated(Err(_))), "{:?}", h);
+            }
+            _ => {}
+        }
         if job.status.is_final() || job.status == JobStatus::NeedsReview {
             prop_assert_eq!(decision, Decision::Stop, "a final job or one with a person is left alone");
         }

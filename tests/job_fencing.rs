@@ -425,8 +425,11 @@ async fn a_provider_slower_than_the_lease_renewal_keeps_its_job_through_a_status
     let due = SandboxProvider::new(
         1,
         SandboxBehaviour {
-            latency_min_ms: 900,
-            latency_max_ms: 900,
+            latency_min_ms: 3000,
+            latency_max_ms: 3000,
+            // Finished when it answers: pod A holds the job until it is
+            // completed, so pod B never has a legitimate turn.
+            polls_to_complete: 0,
             ..behaviour()
         },
     )
@@ -438,10 +441,10 @@ async fn a_provider_slower_than_the_lease_renewal_keeps_its_job_through_a_status
             ("ZeroHash", Arc::new(zerohash.clone())),
         ])
     };
-    // Leases of 300 ms, renewed every 100 ms; each Due call takes 900 ms.
+    // Leases of 2 s, renewed every 667 ms; each Due call takes 3 s.
     let short = |owner| WorkerSettings {
-        lease: Duration::from_millis(300),
-        call_timeout: Duration::from_secs(5),
+        lease: Duration::from_secs(2),
+        call_timeout: Duration::from_secs(10),
         ..settings(owner)
     };
     let first = new_job(&store, 4).await;
