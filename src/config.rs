@@ -63,6 +63,10 @@ pub struct Config {
     /// After this a job at a provider is flagged stale (`TREASURY_STALE_AFTER`).
     #[serde(with = "humantime_serde_compat")]
     pub stale_after: Duration,
+    /// Provider health is judged on the job attempts that ended within this
+    /// window (`TREASURY_PROVIDER_HEALTH_WINDOW`).
+    #[serde(with = "humantime_serde_compat")]
+    pub provider_health_window: Duration,
     /// Retries of a retryable provider error before falling back (`TREASURY_MAX_RETRIES`).
     pub max_retries: u32,
     /// Whether planned conversions are emitted (`TREASURY_ENABLE_AUTO_REBALANCE`).
@@ -135,6 +139,7 @@ impl Config {
             monitor_interval: env.duration("TREASURY_MONITOR_INTERVAL", "1m")?,
             conversion_timeout: env.duration("TREASURY_CONVERSION_TIMEOUT", "30m")?,
             stale_after: env.duration("TREASURY_STALE_AFTER", "30m")?,
+            provider_health_window: env.duration("TREASURY_PROVIDER_HEALTH_WINDOW", "1h")?,
             max_retries: env.parsed(
                 "TREASURY_MAX_RETRIES",
                 "3",

@@ -148,7 +148,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             monitor_interval: Duration::from_millis(500),
             stale_after: chrono::Duration::minutes(30),
             conversion_timeout: chrono::Duration::minutes(30),
+            lease: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(30),
+            health_window: chrono::Duration::hours(1),
         },
+        crate::clock::SystemClock::shared(),
     );
     let executor_tasks =
         crate::executor::spawn(crate::executor::ExecutorParts { intake, worker }, &stop);

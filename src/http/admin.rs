@@ -25,8 +25,16 @@ fn job_id(text: &str) -> Result<Uuid, ApiError> {
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        code: "bad_request",
+        // 413 for a body over the limit, 415 without a JSON content type.
+        status: match e.status() {
+            s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+            _ => StatusCode::BAD_REQUEST,
+        },
+        code: match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_request",
+        },
         message: e.body_text(),
     })
 }

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod due;
+pub mod health;
 pub mod http;
 pub mod json;
 pub mod registry;

@@ -13,7 +13,7 @@ use rust_decimal_macros::dec;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
-use super::jobs::{JobStore, JobUpdate};
+use super::jobs::{JobStore, JobUpdate, Lease, LeasedJob, Outcome};
 use super::{
     BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
     Store, StoreError, StoreTx, TopicPartition, WindowRecord,
@@ -22,6 +22,7 @@ use crate::domain::{
     BufferAccount, ConversionDirection, ConversionJob, JobStatus, LedgerPosting, Thresholds,
 };
 use crate::planner::{AmountLimits, BufferPosition};
+use crate::providers::health::AttemptOutcome;
 use crate::providers::{ProviderRow, ProviderStatus};
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
 
@@ -49,13 +50,75 @@ struct State {
     jobs: BTreeMap<Uuid, MemoryJob>,
     providers: Vec<ProviderRow>,
     postings: BTreeMap<Uuid, LedgerPosting>,
+    /// One outcome per (job, provider).
+    outcomes: BTreeMap<(Uuid, Uuid), AttemptOutcome>,
 }
 
 #[derive(Debug, Clone)]
 struct MemoryJob {
     job: ConversionJob,
-    lease: Option<(String, std::time::Instant)>,
+    /// Owner and expiry (at the callers' clock).
+    lease: Option<(String, DateTime<Utc>)>,
+    /// Incremented on every new lease (the fencing token).
+    epoch: i64,
     history: Vec<(Option<JobStatus>, JobStatus, String)>,
+}
+
+impl MemoryJob {
+    /// Unfinished and not waiting for a person.
+    fn drivable(&self) -> bool {
+        !self.job.status.is_final() && self.job.status != JobStatus::NeedsReview
+    }
+
+    /// Nobody holds an unexpired lease at `now`.
+    fn lease_free(&self, now: DateTime<Utc>) -> bool {
+        self.lease.as_ref().is_none_or(|(_, until)| *until <= now)
+    }
+
+    /// Extends `lease` to `now + by` if it is the job's current, unexpired lease.
+    fn extend(&mut self, lease: &Lease, now: DateTime<Utc>, by: std::time::Duration) -> bool {
+        if !self.fenced(lease, now) {
+            return false;
+        }
+        self.lease = Some((lease.owner.clone(), now + chrono_duration(by)));
+        true
+    }
+
+    /// `lease` is the job's current, unexpired lease at `now`.
+    fn fenced(&self, lease: &Lease, now: DateTime<Utc>) -> bool {
+        self.epoch == lease.epoch
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|(who, until)| *who == lease.owner && *until > now)
+    }
+}
+
+impl State {
+    /// One outcome per job and provider (a later one replaces it), and the
+    /// provider's lifetime counters.
+    fn record_outcome(&mut self, job: Uuid, outcome: Outcome, now: DateTime<Utc>) {
+        self.outcomes.insert(
+            (job, outcome.provider),
+            AttemptOutcome {
+                provider: outcome.provider,
+                at: now,
+                succeeded: outcome.succeeded,
+            },
+        );
+        if let Some(p) = self.providers.iter_mut().find(|p| p.id == outcome.provider) {
+            if outcome.succeeded {
+                p.success_count += 1;
+            } else {
+                p.failure_count += 1;
+            }
+        }
+    }
+}
+
+/// A lease length as a chrono duration (lengths beyond chrono's range are a day).
+fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::days(1))
 }
 
 /// Two sandbox providers shaped like the seeded Due and ZeroHash rows.
@@ -133,6 +196,7 @@ impl State {
             jobs: BTreeMap::new(),
             providers: sandbox_providers(),
             postings: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
         }
     }
 }
@@ -554,6 +618,7 @@ impl JobStore for MemoryStore {
                 MemoryJob {
                     job: job.clone(),
                     lease: None,
+                    epoch: 0,
                     history: vec![(None, JobStatus::Pending, "created from command".into())],
                 },
             );
@@ -562,61 +627,109 @@ impl JobStore for MemoryStore {
         Ok(created)
     }
 
-    async fn lease_jobs(
+    async fn open_jobs(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let state = self.state.lock().await;
+        let mut open: Vec<&MemoryJob> = state
+            .jobs
+            .values()
+            .filter(|j| j.drivable() && j.lease_free(now))
+            .collect();
+        open.sort_by_key(|j| (j.job.created_at, j.job.id));
+        Ok(open
+            .into_iter()
+            .take(limit.max(0) as usize)
+            .map(|j| j.job.id)
+            .collect())
+    }
+
+    async fn lease_job(
         &self,
+        job: Uuid,
         owner: &str,
+        now: DateTime<Utc>,
         lease: std::time::Duration,
-        limit: i64,
-    ) -> Result<Vec<ConversionJob>, StoreError> {
+    ) -> Result<Option<LeasedJob>, StoreError> {
         let mut state = self.state.lock().await;
-        let now = std::time::Instant::now();
-        let mut leased = Vec::new();
-        for entry in state.jobs.values_mut() {
-            if leased.len() as i64 >= limit {
-                break;
-            }
-            let open = !entry.job.status.is_final() && entry.job.status != JobStatus::NeedsReview;
-            let free = entry
-                .lease
-                .as_ref()
-                .is_none_or(|(who, until)| *until < now || who == owner);
-            if open && free {
-                entry.lease = Some((owner.to_owned(), now + lease));
-                leased.push(entry.job.clone());
-            }
+        let Some(entry) = state.jobs.get_mut(&job) else {
+            return Ok(None);
+        };
+        if !entry.drivable() || !entry.lease_free(now) {
+            return Ok(None);
         }
-        leased.sort_by_key(|j| j.created_at);
-        Ok(leased)
+        entry.epoch += 1;
+        entry.lease = Some((owner.to_owned(), now + chrono_duration(lease)));
+        Ok(Some(LeasedJob {
+            job: entry.job.clone(),
+            lease: Lease {
+                job,
+                owner: owner.to_owned(),
+                epoch: entry.epoch,
+            },
+        }))
     }
 
     async fn renew(
         &self,
-        owner: &str,
-        job: Uuid,
-        lease: std::time::Duration,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
     ) -> Result<bool, StoreError> {
         let mut state = self.state.lock().await;
-        match state.jobs.get_mut(&job) {
-            Some(entry) if entry.lease.as_ref().is_some_and(|(who, _)| who == owner) => {
-                entry.lease = Some((owner.to_owned(), std::time::Instant::now() + lease));
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(state
+            .jobs
+            .get_mut(&lease.job)
+            .is_some_and(|entry| entry.extend(lease, now, extend)))
     }
 
-    async fn release(&self, owner: &str, job: Uuid) -> Result<(), StoreError> {
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
-        if let Some(entry) = state.jobs.get_mut(&job)
-            && entry.lease.as_ref().is_some_and(|(who, _)| who == owner)
+        if let Some(entry) = state.jobs.get_mut(&lease.job)
+            && entry.epoch == lease.epoch
+            && entry
+                .lease
+                .as_ref()
+                .is_some_and(|(who, _)| *who == lease.owner)
         {
             entry.lease = None;
         }
         Ok(())
     }
 
+    async fn record_call(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(&lease.job) else {
+            return Ok(false);
+        };
+        let callable = entry.job.status == JobStatus::Pending && entry.job.provider_id.is_some();
+        if !callable || !entry.extend(lease, now, extend) {
+            return Ok(false);
+        }
+        entry.job.provider_called_at = Some(now);
+        Ok(true)
+    }
+
     async fn providers(&self) -> Result<Vec<ProviderRow>, StoreError> {
         Ok(self.state.lock().await.providers.clone())
+    }
+
+    async fn provider_outcomes(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<AttemptOutcome>, StoreError> {
+        let state = self.state.lock().await;
+        let mut outcomes: Vec<AttemptOutcome> = state
+            .outcomes
+            .values()
+            .filter(|o| o.at > since)
+            .copied()
+            .collect();
+        outcomes.sort_by_key(|o| o.at);
+        Ok(outcomes)
     }
 
     async fn in_flight_by_provider(&self) -> Result<HashMap<Uuid, Decimal>, StoreError> {
@@ -637,7 +750,7 @@ impl JobStore for MemoryStore {
         let Some(entry) = state.jobs.get_mut(&update.job.id) else {
             return Ok(false);
         };
-        if entry.job.status != update.from {
+        if entry.job.status != update.from || !entry.fenced(update.lease, update.now) {
             return Ok(false);
         }
         if update.job.status != update.from {
@@ -650,19 +763,16 @@ impl JobStore for MemoryStore {
         entry
             .history
             .push((Some(update.from), update.job.status, update.note.to_owned()));
-        Ok(true)
-    }
-
-    async fn record_provider_failure(&self, provider: Uuid) -> Result<(), StoreError> {
-        let mut state = self.state.lock().await;
-        if let Some(p) = state.providers.iter_mut().find(|p| p.id == provider) {
-            p.failure_count += 1;
+        if let Some(outcome) = update.outcome {
+            state.record_outcome(update.job.id, outcome, update.now);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn complete_job(
         &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
         job: &ConversionJob,
         posting: &LedgerPosting,
         message: &OutboxMessage,
@@ -674,7 +784,7 @@ impl JobStore for MemoryStore {
         let Some(entry) = state.jobs.get_mut(&job.id) else {
             return Ok(false);
         };
-        if entry.job.status != JobStatus::ProviderCompleted {
+        if entry.job.status != JobStatus::ProviderCompleted || !entry.fenced(lease, now) {
             return Ok(false);
         }
         entry.job = ConversionJob {
@@ -703,13 +813,15 @@ impl JobStore for MemoryStore {
         if let Some(b) = state.buffers.get_mut(&job.destination_account) {
             b.2 += destination.value;
         }
-        if let Some(p) = state
-            .providers
-            .iter_mut()
-            .find(|p| Some(p.id) == job.provider_id)
-        {
-            p.success_count += 1;
-            p.daily_volume_used += job.amount.value;
+        if let Some(provider) = job.provider_id {
+            if let Some(p) = state.providers.iter_mut().find(|p| p.id == provider) {
+                p.daily_volume_used += job.amount.value;
+            }
+            let outcome = Outcome {
+                provider,
+                succeeded: true,
+            };
+            state.record_outcome(job.id, outcome, now);
         }
         state.outbox.push((message.clone(), false));
         Ok(true)
