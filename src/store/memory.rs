@@ -19,7 +19,8 @@ use super::{
     Store, StoreError, StoreTx, TopicPartition, WindowRecord,
 };
 use crate::domain::{
-    BufferAccount, ConversionDirection, ConversionJob, JobStatus, LedgerPosting, Thresholds,
+    BufferAccount, BufferStatus, ConversionDirection, ConversionJob, JobStatus, LedgerPosting,
+    Thresholds,
 };
 use crate::planner::{AmountLimits, BufferPosition};
 use crate::providers::{ProviderRow, ProviderStatus};
@@ -49,6 +50,7 @@ struct State {
     jobs: BTreeMap<Uuid, MemoryJob>,
     providers: Vec<ProviderRow>,
     postings: BTreeMap<Uuid, LedgerPosting>,
+    announced: BTreeMap<BufferAccount, BufferStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +135,7 @@ impl State {
             jobs: BTreeMap::new(),
             providers: sandbox_providers(),
             postings: BTreeMap::new(),
+            announced: BTreeMap::new(),
         }
     }
 }
@@ -284,6 +287,20 @@ impl Store for MemoryStore {
                 .insert((group.to_owned(), tp.clone()), *offset);
         }
         Ok(())
+    }
+
+    async fn jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(JobStatus::ALL
+            .map(|status| {
+                let n = state
+                    .jobs
+                    .values()
+                    .filter(|j| j.job.status == status)
+                    .count();
+                (status, n as i64)
+            })
+            .to_vec())
     }
 }
 
@@ -514,6 +531,29 @@ impl StoreTx for MemoryTx {
         if let Some(t) = self.work.triggers.iter_mut().find(|(i, _)| *i == id) {
             t.1 = Some(result.clone());
         }
+        Ok(())
+    }
+
+    async fn planned_command(&mut self, id: Uuid) -> Result<Option<PlannedCommand>, StoreError> {
+        Ok(self
+            .work
+            .planned
+            .iter()
+            .find(|p| p.command.command_id == id)
+            .cloned())
+    }
+
+    async fn announced_statuses(
+        &mut self,
+    ) -> Result<BTreeMap<BufferAccount, BufferStatus>, StoreError> {
+        Ok(self.work.announced.clone())
+    }
+
+    async fn record_announced(
+        &mut self,
+        statuses: &BTreeMap<BufferAccount, BufferStatus>,
+    ) -> Result<(), StoreError> {
+        self.work.announced.extend(statuses);
         Ok(())
     }
 
