@@ -7,8 +7,10 @@
 
 pub mod jobs;
 pub mod memory;
+pub mod operator;
 pub mod postgres;
 mod postgres_jobs;
+pub mod seeds;
 
 use std::collections::{BTreeMap, HashSet};
 

@@ -14,6 +14,7 @@ use crate::clock::SharedClock;
 use crate::domain::{ConversionJob, LedgerPosting};
 use crate::providers::ProviderRow;
 use crate::store::jobs::{JobStore, JobUpdate};
+use crate::store::operator::{OperatorAction, OperatorOutcome};
 use crate::store::{OffsetRange, OutboxMessage, StoreError};
 
 /// A [`JobStore`] that times jobs as they end.
@@ -112,5 +113,19 @@ impl JobStore for Timed {
 
     async fn job(&self, id: Uuid) -> Result<Option<ConversionJob>, StoreError> {
         self.inner.job(id).await
+    }
+
+    async fn operator_change(
+        &self,
+        id: Uuid,
+        action: &OperatorAction,
+    ) -> Result<OperatorOutcome, StoreError> {
+        let outcome = self.inner.operator_change(id, action).await?;
+        if let OperatorOutcome::Done { job, .. } = &outcome
+            && job.status.is_final()
+        {
+            self.observe(job);
+        }
+        Ok(outcome)
     }
 }
