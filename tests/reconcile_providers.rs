@@ -164,3 +164,46 @@ async fn the_fiat_buffer_is_compared_with_the_providers_balances(pool: PgPool) {
             .any(|f| f.check == "buffer_balance_mismatch")
     );
 }
+
+#[sqlx::test]
+async fn treasury_reconcile_providers_reports_a_mismatch_and_exits_1(pool: PgPool) {
+    // Both seeded rows served by sandboxes: each reports its opening balance
+    // (10,000,000 USD) against a fiat buffer of 100,000.
+    sqlx::query("UPDATE conversion_providers SET provider_type = 'sandbox'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let server = &base[..base.rfind('/').unwrap()];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_treasury"))
+        .args(["reconcile", "--providers", "--json"])
+        .env("DATABASE_URL", format!("{server}/{db}"))
+        .env("TREASURY_RECONCILE_TOLERANCE", "5.00")
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run treasury reconcile");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).expect("JSON on stdout");
+    let mismatch = json["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "buffer_balance_mismatch")
+        .unwrap_or_else(|| panic!("{json:#}"));
+    assert_eq!(mismatch["subject"], "system_buffer_fiat");
+    assert!(
+        mismatch["detail"]
+            .as_str()
+            .unwrap()
+            .contains("tolerance 5.00"),
+        "{mismatch}"
+    );
+    assert_eq!(
+        json["balance_comparisons"][0]["reported"],
+        serde_json::json!("20000000")
+    );
+    assert!(json["executions_not_listed"].as_array().unwrap().is_empty());
+}
