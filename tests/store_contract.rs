@@ -412,3 +412,135 @@ async fn operator_changes_follow_the_job_state_machine(pool: PgPool) {
         assert_eq!(counts.values().sum::<i64>(), 1, "{name}");
     }
 }
+
+/// What a store reports after one window is counted, settled and closed.
+#[derive(Debug, PartialEq)]
+struct WindowLifecycle {
+    /// What settlement makes of the registered, unreported partitions. (The
+    /// stores differ on `reported_at` of a partition nobody has reported on:
+    /// PostgreSQL gives the registration time, memory none; neither vouches
+    /// for the partition, so settlement is held back either way.)
+    watermark_before: Option<DateTime<Utc>>,
+    watermark_after: Option<DateTime<Utc>>,
+    reported: treasury::window::PartitionProgress,
+    open: Vec<DateTime<Utc>>,
+    tally: treasury::window::WindowTally,
+    positions: Vec<treasury::planner::BufferPosition>,
+    windows: Vec<treasury::store::WindowRecord>,
+    next_start: Option<DateTime<Utc>>,
+    open_after: Vec<DateTime<Utc>>,
+    paused: bool,
+}
+
+async fn window_lifecycle(store: &dyn Store) -> WindowLifecycle {
+    use treasury::domain::{FlowEvent, FlowKind};
+    use treasury::store::ProgressUpdate;
+    use treasury::window::{Assignment, WindowTallies};
+
+    let at = t0() + chrono::Duration::minutes(1);
+    let mut tx = store.begin(LockMode::Shared).await.unwrap();
+    tx.register_partitions(&[tp(0), tp(1)]).await.unwrap();
+    let progress_before = tx.partition_progress(&["funding".into()]).await.unwrap();
+    assert_eq!(progress_before.len(), 2);
+    let watermark = |progress: &[treasury::window::PartitionProgress]| {
+        treasury::window::global_watermark(progress, at, chrono::Duration::seconds(30))
+    };
+    let watermark_before = watermark(&progress_before);
+    tx.record_progress(&[ProgressUpdate {
+        tp: tp(0),
+        max_event_time: Some(at),
+        caught_up: true,
+        now: at,
+    }])
+    .await
+    .unwrap();
+    let mut tallies = WindowTallies::default();
+    tallies.add(
+        &FlowEvent {
+            event_id: Uuid::from_u128(5),
+            kind: FlowKind::Deposit,
+            user_id: Uuid::from_u128(6),
+            amount: Money::positive(treasury::domain::Currency::Usdc, dec!(1000.25)).unwrap(),
+            occurred_at: at,
+        },
+        Assignment {
+            window_start: t0(),
+            late: false,
+        },
+    );
+    tx.add_tallies(&tallies, chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = store.begin(LockMode::Exclusive).await.unwrap();
+    let progress_after = tx.partition_progress(&["funding".into()]).await.unwrap();
+    let watermark_after = watermark(&progress_after);
+    let reported = *progress_after
+        .iter()
+        .find(|p| p.watermark.is_some())
+        .expect("the reported partition");
+    let open = tx.open_windows().await.unwrap();
+    let tally = tx.window_tally(t0()).await.unwrap();
+    tx.apply_flows(&tally).await.unwrap();
+    let positions = tx.buffer_positions().await.unwrap();
+    let end = t0() + chrono::Duration::minutes(5);
+    tx.close_window(
+        t0(),
+        end,
+        at,
+        &serde_json::json!({"closed": "by the contract"}),
+    )
+    .await
+    .unwrap();
+    tx.set_next_window_start(end).await.unwrap();
+    let paused = tx.auto_rebalance_paused().await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin(LockMode::Exclusive).await.unwrap();
+    let next_start = tx.next_window_start().await.unwrap();
+    let open_after = tx.open_windows().await.unwrap();
+    drop(tx);
+    WindowLifecycle {
+        watermark_before,
+        watermark_after,
+        reported,
+        open,
+        tally,
+        positions,
+        windows: store.windows().await.unwrap(),
+        next_start,
+        open_after,
+        paused,
+    }
+}
+
+#[sqlx::test]
+async fn a_window_is_counted_settled_and_closed_alike(pool: PgPool) {
+    let mut seen = Vec::new();
+    for (name, store, _) in stores(&pool).await {
+        let lifecycle = window_lifecycle(store.as_ref()).await;
+        assert_eq!(
+            (lifecycle.watermark_before, lifecycle.watermark_after),
+            (None, None),
+            "{name}: an unread partition holds settlement back"
+        );
+        assert_eq!(lifecycle.open, vec![t0()], "{name}");
+        assert_eq!(lifecycle.tally.events, 1, "{name}");
+        assert!(lifecycle.open_after.is_empty(), "{name}");
+        assert_eq!(lifecycle.windows.len(), 1, "{name}");
+        assert!(lifecycle.windows[0].closed, "{name}");
+        assert_eq!(
+            lifecycle.next_start,
+            Some(t0() + chrono::Duration::minutes(5)),
+            "{name}"
+        );
+        let usdc = lifecycle
+            .positions
+            .iter()
+            .find(|p| p.account == BufferAccount::SystemBufferUsdc)
+            .unwrap();
+        assert_eq!(usdc.balance, dec!(51000.25), "{name}");
+        seen.push(lifecycle);
+    }
+    assert_eq!(seen[0], seen[1], "PostgreSQL and memory agree");
+}
