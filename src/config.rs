@@ -34,6 +34,8 @@ pub struct Topics {
     pub commands: String,
     pub postings: String,
     pub dlq: String,
+    /// Buffer status crossings (`TREASURY_TOPIC_BUFFER_ALERTS`).
+    pub buffer_alerts: String,
 }
 
 impl Default for Topics {
@@ -44,6 +46,7 @@ impl Default for Topics {
             commands: "treasury.conversion-commands".into(),
             postings: "ledger.postings".into(),
             dlq: "treasury.dlq".into(),
+            buffer_alerts: "treasury.buffer-alerts".into(),
         }
     }
 }
@@ -102,6 +105,10 @@ pub struct Config {
     pub http_addr: String,
     /// Bearer token for operator endpoints (`TREASURY_ADMIN_TOKEN`); shown masked.
     pub admin_token: Option<String>,
+    /// Largest difference between a buffer held at the providers and what
+    /// they report that reconciliation accepts (`TREASURY_RECONCILE_TOLERANCE`,
+    /// in the buffer's currency).
+    pub reconcile_tolerance: rust_decimal::Decimal,
 }
 
 /// Serializes durations as humantime text ("5m").
@@ -168,6 +175,8 @@ impl Config {
                 commands: env.topic("TREASURY_TOPIC_COMMANDS", &defaults.commands)?,
                 postings: env.topic("TREASURY_TOPIC_POSTINGS", &defaults.postings)?,
                 dlq: env.topic("TREASURY_TOPIC_DLQ", &defaults.dlq)?,
+                buffer_alerts: env
+                    .topic("TREASURY_TOPIC_BUFFER_ALERTS", &defaults.buffer_alerts)?,
             },
             aggregator_group: env
                 .text("TREASURY_AGGREGATOR_GROUP")
@@ -178,6 +187,12 @@ impl Config {
             schema_registry_url: env.url("SCHEMA_REGISTRY_URL")?,
             http_addr: env.socket_addr("TREASURY_HTTP_ADDR", "0.0.0.0:8080")?,
             admin_token: env.text("TREASURY_ADMIN_TOKEN"),
+            reconcile_tolerance: env.parsed(
+                "TREASURY_RECONCILE_TOLERANCE",
+                "1.00",
+                "a decimal amount of at least 0, such as 1.00",
+                |d: &rust_decimal::Decimal| !d.is_sign_negative(),
+            )?,
         };
         if config.idle_timeout < Duration::from_secs(2) {
             return Err(ConfigError {

@@ -52,6 +52,8 @@ pub struct Settlement {
     store: Arc<dyn Store>,
     codec: Codec,
     settings: SettlementSettings,
+    /// Where buffer status crossings are announced (none: not announced).
+    buffer_alerts_topic: Option<String>,
 }
 
 impl Settlement {
@@ -60,7 +62,14 @@ impl Settlement {
             store,
             codec,
             settings,
+            buffer_alerts_topic: None,
         }
+    }
+
+    /// Announces buffer status crossings on `topic` ([`crate::alerts`]).
+    pub fn with_buffer_alerts(mut self, topic: impl Into<String>) -> Self {
+        self.buffer_alerts_topic = Some(topic.into());
+        self
     }
 
     /// Closes what can close and handles pending triggers, as of `now`.
@@ -135,6 +144,14 @@ impl Settlement {
         let tally = tx.window_tally(start).await?;
         let before = balances(tx).await?;
         tx.apply_flows(&tally).await?;
+        if let Some(topic) = &self.buffer_alerts_topic {
+            let window = crate::alerts::AlertWindow {
+                cycle_id: WindowSpec::cycle_id(start),
+                start,
+                end,
+            };
+            crate::alerts::announce(tx, &self.codec, topic, &window, &before).await?;
+        }
         let result = self
             .plan_and_record(tx, WindowSpec::cycle_id(start), end, tally.clone())
             .await?;

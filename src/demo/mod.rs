@@ -72,6 +72,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (&topics.commands, 1),
         (&topics.dlq, 1),
         (&topics.postings, 1),
+        (&topics.buffer_alerts, 1),
     ] {
         cluster.create_topic(topic, partitions, 1)?;
     }
@@ -167,7 +168,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             auto_rebalance: true,
             dedup_retention: chrono::Duration::days(7),
         },
-    );
+    )
+    .with_buffer_alerts(&topics.buffer_alerts);
     let producer: FutureProducer = crate::kafka::idempotent_producer(&base)?;
 
     let mut generator = EventGenerator::new(args.seed);
@@ -417,7 +419,7 @@ async fn watch_outputs(
         }
     };
     if consumer
-        .subscribe(&[&topics.commands, &topics.dlq])
+        .subscribe(&[&topics.commands, &topics.dlq, &topics.buffer_alerts])
         .is_err()
     {
         return;
@@ -442,6 +444,15 @@ async fn watch_outputs(
                     posting.description,
                     posting.entries.len(),
                     posting.exchange_rate
+                );
+            }
+        } else if message.topic() == topics.buffer_alerts {
+            if let Ok(value) = codec.decode_cached(payload, SchemaKind::BufferAlert)
+                && let Ok(alert) = crate::codec::alert::buffer_alert_from_value(&value)
+            {
+                println!(
+                    "    ALERT {}: {} → {} at {}",
+                    alert.account, alert.from, alert.to, alert.balance
                 );
             }
         } else if message.topic() == topics.dlq {

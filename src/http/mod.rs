@@ -2,6 +2,7 @@
 //! operator endpoints (behind a bearer token). Errors are JSON with a 4xx/5xx.
 
 mod admin;
+pub mod conversions;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub wake_executor: Option<Arc<tokio::sync::Notify>>,
     /// Reads a secret by variable name (the process environment in production).
     pub env: SecretLookup,
+    /// Where `POST /v1/conversions` sends manual commands (absent: refused).
+    pub conversions: Option<conversions::ManualConversions>,
 }
 
 /// An error answered as `{"error": ..., "message": ...}`.
@@ -57,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/buffers", get(buffers))
         .route("/v1/settlement/trigger", post(trigger))
+        .route("/v1/conversions", post(conversions::create))
         .route("/v1/auto-rebalance/{action}", post(admin::set_paused))
         .route(
             "/v1/providers/{name}/status",

@@ -154,4 +154,12 @@ pub trait JobStore: Send + Sync {
 
     /// A job by id.
     async fn job(&self, id: Uuid) -> Result<Option<ConversionJob>, StoreError>;
+
+    /// Applies an operator's decision to a job in one transaction, if the job
+    /// state machine allows it ([`super::operator::decide`]), with a history row.
+    async fn operator_change(
+        &self,
+        id: Uuid,
+        action: &super::operator::OperatorAction,
+    ) -> Result<super::operator::OperatorOutcome, StoreError>;
 }

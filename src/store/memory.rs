@@ -9,17 +9,18 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use rust_decimal_macros::dec;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::jobs::{JobStore, JobUpdate, Lease, LeasedJob, Outcome};
+use super::operator::{self, OperatorAction, OperatorOutcome};
 use super::{
     BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
     Store, StoreError, StoreTx, TopicPartition, WindowRecord,
 };
 use crate::domain::{
-    BufferAccount, ConversionDirection, ConversionJob, JobStatus, LedgerPosting, Thresholds,
+    BufferAccount, BufferStatus, ConversionDirection, ConversionJob, JobStatus, LedgerPosting,
+    Thresholds,
 };
 use crate::planner::{AmountLimits, BufferPosition};
 use crate::providers::health::AttemptOutcome;
@@ -38,12 +39,14 @@ struct WindowRow {
 struct State {
     offsets: BTreeMap<(String, TopicPartition), i64>,
     progress: BTreeMap<TopicPartition, PartitionProgress>,
-    processed: HashSet<Uuid>,
+    /// Counted event ids and when they were counted.
+    processed: HashMap<Uuid, DateTime<Utc>>,
+    /// Outbox messages a relay has claimed, until when (as in PostgreSQL).
+    claimed: HashMap<Uuid, DateTime<Utc>>,
     windows: BTreeMap<DateTime<Utc>, WindowRow>,
     next_window_start: Option<DateTime<Utc>>,
     paused: bool,
     buffers: BTreeMap<BufferAccount, (Thresholds, Decimal, Decimal)>,
-    limits: BTreeMap<ConversionDirection, AmountLimits>,
     planned: Vec<PlannedCommand>,
     outbox: Vec<(OutboxMessage, bool)>,
     triggers: Vec<(i64, Option<serde_json::Value>)>,
@@ -52,6 +55,7 @@ struct State {
     postings: BTreeMap<Uuid, LedgerPosting>,
     /// One outcome per (job, provider).
     outcomes: BTreeMap<(Uuid, Uuid), AttemptOutcome>,
+    announced: BTreeMap<BufferAccount, BufferStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,82 +125,46 @@ fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::days(1))
 }
 
-/// Two sandbox providers shaped like the seeded Due and ZeroHash rows.
-fn sandbox_providers() -> Vec<ProviderRow> {
-    let row = |id: u128, name: &str, priority, max, fee| ProviderRow {
-        id: Uuid::from_u128(id),
-        name: name.into(),
-        provider_type: "sandbox".into(),
-        priority,
-        status: ProviderStatus::Active,
-        supports_usdc_to_usd: true,
-        supports_usd_to_usdc: true,
-        min_amount: dec!(100),
-        max_amount: max,
-        daily_volume_limit: Some(dec!(10000000)),
-        daily_volume_used: Decimal::ZERO,
-        success_count: 0,
-        failure_count: 0,
-        fee_percentage: fee,
-        fee_fixed: Decimal::ZERO,
-        spread_bps: dec!(5),
-        credentials_ref: None,
-        base_url: None,
-    };
-    vec![
-        row(1, "SandboxDue", 1, dec!(500000), dec!(0.001)),
-        row(2, "SandboxZeroHash", 2, dec!(1000000), dec!(0.0015)),
-    ]
-}
-
 impl State {
-    /// The same seeds as the migrations: thresholds, opening balances at
-    /// target, and the two seeded providers' amount limits.
+    /// The migrations' seeds ([`super::seeds`]): thresholds, opening
+    /// balances at target, and the seeded providers, served by the sandbox
+    /// (`provider_type = 'sandbox'`: the demo runs no real provider).
     fn seeded() -> Self {
-        let seed = |min, target, max, batch| {
-            (
-                Thresholds::new(min, target, max).expect("seed thresholds are ordered"),
-                batch,
-                target,
-            )
-        };
-        let buffers = BTreeMap::from([
-            (
-                BufferAccount::SystemBufferUsdc,
-                seed(dec!(10000), dec!(50000), dec!(100000), dec!(20000)),
-            ),
-            (
-                BufferAccount::SystemBufferFiat,
-                seed(dec!(20000), dec!(100000), dec!(200000), dec!(50000)),
-            ),
-            (
-                BufferAccount::BrokerOperational,
-                seed(dec!(50000), dec!(200000), dec!(500000), dec!(100000)),
-            ),
-        ]);
-        let limits = AmountLimits {
-            min: dec!(100),
-            max: dec!(1000000),
-        };
+        let buffers = super::seeds::buffers()
+            .expect("the migration's buffer seeds read (checked by the store tests)")
+            .into_iter()
+            .map(|b| {
+                (
+                    b.account,
+                    (b.thresholds, b.batch_size, b.thresholds.target()),
+                )
+            })
+            .collect();
+        let providers = super::seeds::providers()
+            .expect("the migration's provider seeds read (checked by the store tests)")
+            .into_iter()
+            .map(|row| ProviderRow {
+                provider_type: "sandbox".into(),
+                ..row
+            })
+            .collect();
         Self {
             offsets: BTreeMap::new(),
             progress: BTreeMap::new(),
-            processed: HashSet::new(),
+            processed: HashMap::new(),
+            claimed: HashMap::new(),
             windows: BTreeMap::new(),
             next_window_start: None,
             paused: false,
             buffers,
-            limits: BTreeMap::from([
-                (ConversionDirection::UsdcToUsd, limits),
-                (ConversionDirection::UsdToUsdc, limits),
-            ]),
             planned: Vec::new(),
             outbox: Vec::new(),
             triggers: Vec::new(),
             jobs: BTreeMap::new(),
-            providers: sandbox_providers(),
+            providers,
             postings: BTreeMap::new(),
             outcomes: BTreeMap::new(),
+            announced: BTreeMap::new(),
         }
     }
 }
@@ -259,14 +227,23 @@ impl Store for MemoryStore {
     }
 
     async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxMessage>, StoreError> {
-        let state = self.state.lock().await;
-        Ok(state
-            .outbox
+        // Claims the messages for 30 s, as PostgreSQL does: another relay
+        // skips them meanwhile and takes them over if this one never marks them.
+        let mut state = self.state.lock().await;
+        let now = Utc::now();
+        let State {
+            outbox, claimed, ..
+        } = &mut *state;
+        let pending: Vec<OutboxMessage> = outbox
             .iter()
-            .filter(|(_, sent)| !sent)
+            .filter(|(m, sent)| !sent && claimed.get(&m.id).is_none_or(|until| *until < now))
             .take(limit.max(0) as usize)
             .map(|(m, _)| m.clone())
-            .collect())
+            .collect();
+        for m in &pending {
+            claimed.insert(m.id, now + chrono::Duration::seconds(30));
+        }
+        Ok(pending)
     }
 
     async fn mark_sent(&self, ids: &[Uuid]) -> Result<(), StoreError> {
@@ -331,9 +308,11 @@ impl Store for MemoryStore {
         Ok(id)
     }
 
-    async fn purge_processed(&self, _before: DateTime<Utc>) -> Result<u64, StoreError> {
-        // The demo's ids live only as long as the process.
-        Ok(0)
+    async fn purge_processed(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut state = self.state.lock().await;
+        let count = state.processed.len();
+        state.processed.retain(|_, at| *at >= before);
+        Ok((count - state.processed.len()) as u64)
     }
 
     async fn set_offsets(
@@ -348,6 +327,20 @@ impl Store for MemoryStore {
                 .insert((group.to_owned(), tp.clone()), *offset);
         }
         Ok(())
+    }
+
+    async fn jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(JobStatus::ALL
+            .map(|status| {
+                let n = state
+                    .jobs
+                    .values()
+                    .filter(|j| j.job.status == status)
+                    .count();
+                (status, n as i64)
+            })
+            .to_vec())
     }
 }
 
@@ -383,7 +376,13 @@ impl StoreTx for MemoryTx {
     async fn claim_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError> {
         Ok(events
             .iter()
-            .filter(|e| self.work.processed.insert(e.event_id))
+            .filter(|e| {
+                let new = !self.work.processed.contains_key(&e.event_id);
+                if new {
+                    self.work.processed.insert(e.event_id, Utc::now());
+                }
+                new
+            })
             .map(|e| e.event_id)
             .collect())
     }
@@ -520,7 +519,29 @@ impl StoreTx for MemoryTx {
     async fn amount_limits(
         &mut self,
     ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError> {
-        Ok(self.work.limits.clone())
+        let mut limits: BTreeMap<ConversionDirection, AmountLimits> = BTreeMap::new();
+        let active = self
+            .work
+            .providers
+            .iter()
+            .filter(|p| p.status == ProviderStatus::Active);
+        for row in active {
+            for direction in [
+                ConversionDirection::UsdcToUsd,
+                ConversionDirection::UsdToUsdc,
+            ] {
+                if !row.supports(direction) {
+                    continue;
+                }
+                let entry = limits.entry(direction).or_insert(AmountLimits {
+                    min: row.min_amount,
+                    max: row.max_amount,
+                });
+                entry.min = entry.min.min(row.min_amount);
+                entry.max = entry.max.max(row.max_amount);
+            }
+        }
+        Ok(limits)
     }
 
     async fn auto_rebalance_paused(&mut self) -> Result<bool, StoreError> {
@@ -578,6 +599,29 @@ impl StoreTx for MemoryTx {
         if let Some(t) = self.work.triggers.iter_mut().find(|(i, _)| *i == id) {
             t.1 = Some(result.clone());
         }
+        Ok(())
+    }
+
+    async fn planned_command(&mut self, id: Uuid) -> Result<Option<PlannedCommand>, StoreError> {
+        Ok(self
+            .work
+            .planned
+            .iter()
+            .find(|p| p.command.command_id == id)
+            .cloned())
+    }
+
+    async fn announced_statuses(
+        &mut self,
+    ) -> Result<BTreeMap<BufferAccount, BufferStatus>, StoreError> {
+        Ok(self.work.announced.clone())
+    }
+
+    async fn record_announced(
+        &mut self,
+        statuses: &BTreeMap<BufferAccount, BufferStatus>,
+    ) -> Result<(), StoreError> {
+        self.work.announced.extend(statuses);
         Ok(())
     }
 
@@ -829,6 +873,33 @@ impl JobStore for MemoryStore {
 
     async fn job(&self, id: Uuid) -> Result<Option<ConversionJob>, StoreError> {
         Ok(self.state.lock().await.jobs.get(&id).map(|j| j.job.clone()))
+    }
+
+    async fn operator_change(
+        &self,
+        id: Uuid,
+        action: &OperatorAction,
+    ) -> Result<OperatorOutcome, StoreError> {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(&id) else {
+            return Ok(OperatorOutcome::NotFound);
+        };
+        let from = entry.job.status;
+        let to = match operator::decide(from, entry.job.provider_name.as_deref(), action) {
+            Ok(to) => to,
+            Err(reason) => {
+                return Ok(OperatorOutcome::Refused {
+                    status: from,
+                    reason,
+                });
+            }
+        };
+        entry.job = operator::applied(&entry.job, to, action);
+        entry.history.push((Some(from), to, operator::note(action)));
+        Ok(OperatorOutcome::Done {
+            job: Box::new(entry.job.clone()),
+            from,
+        })
     }
 }
 

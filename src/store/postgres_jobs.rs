@@ -10,6 +10,7 @@ use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use super::jobs::{JobStore, JobUpdate, Lease, LeasedJob, Outcome};
+use super::operator::{self, OperatorAction, OperatorOutcome};
 use super::postgres::PgStore;
 use super::{OffsetRange, OutboxMessage, StoreError, StoreTx};
 use crate::domain::{ConversionJob, Currency, JobStatus, LedgerPosting, Money};
@@ -593,5 +594,74 @@ impl JobStore for PgStore {
             .as_ref()
             .map(job_from_row)
             .transpose()
+    }
+
+    async fn operator_change(
+        &self,
+        id: Uuid,
+        action: &OperatorAction,
+    ) -> Result<OperatorOutcome, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM conversion_jobs WHERE id = $1 FOR UPDATE");
+        let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await? else {
+            return Ok(OperatorOutcome::NotFound);
+        };
+        let job = job_from_row(&row)?;
+        let to = match operator::decide(job.status, job.provider_name.as_deref(), action) {
+            Ok(to) => to,
+            Err(reason) => {
+                return Ok(OperatorOutcome::Refused {
+                    status: job.status,
+                    reason,
+                });
+            }
+        };
+        let sql = match action {
+            OperatorAction::Cancel => {
+                "UPDATE conversion_jobs SET status = $2, cancelled_at = now(), updated_at = now()
+                  WHERE id = $1"
+            }
+            OperatorAction::Completed { .. } => {
+                "UPDATE conversion_jobs SET status = $2, provider_completed_at = now(),
+                        destination_amount = $3, fees_amount = $4, fees_currency = $5,
+                        exchange_rate = $6, provider_tx_id = coalesce($7, provider_tx_id),
+                        updated_at = now() WHERE id = $1"
+            }
+            OperatorAction::Failed { .. } => {
+                "UPDATE conversion_jobs SET status = $2, failed_at = now(), error_message = $3,
+                        updated_at = now() WHERE id = $1"
+            }
+        };
+        let query = sqlx::query(sql).bind(id).bind(to.as_str());
+        let query = match action {
+            OperatorAction::Cancel => query,
+            OperatorAction::Completed {
+                destination_amount,
+                fee,
+                rate,
+                provider_tx_id,
+            } => query
+                .bind(destination_amount.value)
+                .bind(fee.value)
+                .bind(fee.currency.code())
+                .bind(rate.round_dp(crate::codec::records::RATE_SCALE))
+                .bind(provider_tx_id.clone().filter(|t| !t.trim().is_empty())),
+            OperatorAction::Failed { reason } => query.bind(reason.clone()),
+        };
+        query.execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO conversion_job_history (job_id, from_status, to_status, note) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(job.status.as_str())
+        .bind(to.as_str())
+        .bind(operator::note(action))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(OperatorOutcome::Done {
+            job: Box::new(operator::applied(&job, to, action)),
+            from: job.status,
+        })
     }
 }
