@@ -15,6 +15,7 @@ use treasury::domain::{
 };
 use treasury::store::jobs::{JobStore, JobUpdate, Lease, Outcome};
 use treasury::store::memory::MemoryStore;
+use treasury::store::operator::{OperatorAction, OperatorOutcome};
 use treasury::store::postgres::PgStore;
 use uuid::Uuid;
 
@@ -315,4 +316,104 @@ async fn one_outcome_per_job_and_provider(store: &dyn JobStore) {
         store.provider_outcomes(at(3)).await.unwrap().is_empty(),
         "only after `since`"
     );
+}
+
+both_stores!(an_operator_change_fences_off_the_lease_holder);
+async fn an_operator_change_fences_off_the_lease_holder(store: &dyn JobStore) {
+    // Cancelled while a worker holds it (pending, no provider chosen yet).
+    let job = new_job(store, 5).await;
+    let a = store
+        .lease_job(job.id, "a", at(0), LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let cancelled = store
+        .operator_change(job.id, &OperatorAction::Cancel)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&cancelled, OperatorOutcome::Done { job, from: JobStatus::Pending } if job.status == JobStatus::Cancelled),
+        "{cancelled:?}"
+    );
+    assert!(
+        !store.renew(&a.lease, at(1), LEASE).await.unwrap(),
+        "the holder's lease ended with the operator's change"
+    );
+    assert!(!touch(store, &a.lease, &a.job, at(1)).await);
+    let mut chosen = a.job.clone();
+    chosen.provider_id = Some(store.providers().await.unwrap()[0].id);
+    assert!(!touch(store, &a.lease, &chosen, at(1)).await);
+    assert!(
+        !store.record_call(&a.lease, at(1), LEASE).await.unwrap(),
+        "no call for a cancelled job"
+    );
+    assert!(store.open_jobs(at(1), 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.job(job.id).await.unwrap().map(|j| j.status),
+        Some(JobStatus::Cancelled)
+    );
+
+    // Resolved by hand while the worker that sent it to review still holds
+    // its lease: the next worker takes it at once, under a newer epoch.
+    let job = new_job(store, 6).await;
+    let a = store
+        .lease_job(job.id, "a", at(0), LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let review = ConversionJob {
+        status: JobStatus::NeedsReview,
+        ..a.job.clone()
+    };
+    assert!(
+        store
+            .update_job(JobUpdate {
+                lease: &a.lease,
+                now: at(1),
+                job: &review,
+                from: JobStatus::Pending,
+                note: "needs a person",
+                provider_response: None,
+                selection_reason: None,
+                outcome: None,
+            })
+            .await
+            .unwrap()
+    );
+    let resolved = store
+        .operator_change(
+            job.id,
+            &OperatorAction::Completed {
+                destination_amount: Money::positive(Currency::Usd, dec!(998)).unwrap(),
+                fee: Money::positive(Currency::Usdc, dec!(1)).unwrap(),
+                rate: dec!(0.999),
+                provider_tx_id: Some("tx-6".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&resolved, OperatorOutcome::Done { job, from: JobStatus::NeedsReview } if job.status == JobStatus::ProviderCompleted),
+        "{resolved:?}"
+    );
+    let completed = store.job(job.id).await.unwrap().unwrap();
+    assert_eq!(completed.status, JobStatus::ProviderCompleted);
+    assert!(
+        !touch(store, &a.lease, &completed, at(2)).await,
+        "the old holder's writes are refused"
+    );
+    assert!(!store.renew(&a.lease, at(2), LEASE).await.unwrap());
+    assert_eq!(
+        store.open_jobs(at(2), 10).await.unwrap(),
+        vec![job.id],
+        "free for the next cycle"
+    );
+    let b = store
+        .lease_job(job.id, "b", at(2), LEASE)
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(b.lease.epoch > a.lease.epoch);
+    assert_eq!(b.job, completed);
+    assert!(touch(store, &b.lease, &b.job, at(3)).await);
 }

@@ -157,6 +157,9 @@ pub trait JobStore: Send + Sync {
 
     /// Applies an operator's decision to a job in one transaction, if the job
     /// state machine allows it ([`super::operator::decide`]), with a history row.
+    /// An operator holds no lease: the change ends any lease on the job and
+    /// increments its epoch, so a worker that held it is fenced off (its next
+    /// write or renewal is refused) and the next worker reloads the job.
     async fn operator_change(
         &self,
         id: Uuid,

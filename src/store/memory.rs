@@ -896,6 +896,9 @@ impl JobStore for MemoryStore {
         };
         entry.job = operator::applied(&entry.job, to, action);
         entry.history.push((Some(from), to, operator::note(action)));
+        // Not a lease holder: whoever held the job is fenced off.
+        entry.lease = None;
+        entry.epoch += 1;
         Ok(OperatorOutcome::Done {
             job: Box::new(entry.job.clone()),
             from,

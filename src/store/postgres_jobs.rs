@@ -616,20 +616,26 @@ impl JobStore for PgStore {
                 });
             }
         };
+        // Not a lease holder: whoever held the job is fenced off.
         let sql = match action {
             OperatorAction::Cancel => {
-                "UPDATE conversion_jobs SET status = $2, cancelled_at = now(), updated_at = now()
+                "UPDATE conversion_jobs SET status = $2, cancelled_at = now(), updated_at = now(),
+                        lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1
                   WHERE id = $1"
             }
             OperatorAction::Completed { .. } => {
                 "UPDATE conversion_jobs SET status = $2, provider_completed_at = now(),
                         destination_amount = $3, fees_amount = $4, fees_currency = $5,
                         exchange_rate = $6, provider_tx_id = coalesce($7, provider_tx_id),
-                        updated_at = now() WHERE id = $1"
+                        updated_at = now(), lease_owner = NULL, lease_until = NULL,
+                        lease_epoch = lease_epoch + 1
+                  WHERE id = $1"
             }
             OperatorAction::Failed { .. } => {
                 "UPDATE conversion_jobs SET status = $2, failed_at = now(), error_message = $3,
-                        updated_at = now() WHERE id = $1"
+                        updated_at = now(), lease_owner = NULL, lease_until = NULL,
+                        lease_epoch = lease_epoch + 1
+                  WHERE id = $1"
             }
         };
         let query = sqlx::query(sql).bind(id).bind(to.as_str());
