@@ -491,6 +491,21 @@ async fn wrong_methods_and_oversized_bodies_answer_json(pool: PgPool) {
         http.post(format!("{base}/v1/providers/Due/status"))
             .bearer_auth("s3cret")
             .header("content-type", "application/json")
+            .body(huge.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    // The manual conversion endpoint answers a body it cannot take the same way.
+    let (status, body) = json(
+        http.post(format!("{base}/v1/conversions"))
+            .bearer_auth("s3cret")
+            .header("content-type", "application/json")
             .body(huge)
             .send()
             .await
@@ -500,6 +515,19 @@ async fn wrong_methods_and_oversized_bodies_answer_json(pool: PgPool) {
     assert_eq!(
         (status, body["error"].as_str()),
         (413, Some("payload_too_large"))
+    );
+    let (status, body) = json(
+        http.post(format!("{base}/v1/conversions"))
+            .bearer_auth("s3cret")
+            .body(r#"{"direction": "usdc_to_usd"}"#)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (415, Some("unsupported_media_type"))
     );
 
     for scheme in ["bearer", "BEARER", "Bearer"] {

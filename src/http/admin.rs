@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{ApiError, AppState, authorize, internal};
+use super::{ApiError, AppState, authorize, internal, json_body};
 use crate::domain::JobStatus;
 use crate::providers::ProviderStatus;
 use crate::store::jobs::JobStore;
@@ -24,22 +24,6 @@ fn job_id(text: &str) -> Result<Uuid, ApiError> {
         status: StatusCode::BAD_REQUEST,
         code: "bad_job_id",
         message: format!("{text:?} is not a uuid"),
-    })
-}
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b).map_err(|e| ApiError {
-        // 413 for a body over the limit, 415 without a JSON content type.
-        status: match e.status() {
-            s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
-            _ => StatusCode::BAD_REQUEST,
-        },
-        code: match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            _ => "bad_request",
-        },
-        message: e.body_text(),
     })
 }
 

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{ApiError, AppState, authorize, internal};
+use super::{ApiError, AppState, authorize, internal, json_body};
 use crate::manual::{self, ManualError, ManualRequest, Refusal};
 
 /// Where manual commands go: the codec and the commands topic.
@@ -27,11 +27,7 @@ pub async fn create(
     body: Result<Json<ManualRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let request = body.map(|Json(b)| b).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        code: "bad_request",
-        message: e.body_text(),
-    })?;
+    let request = json_body(body)?;
     let Some(to) = &state.conversions else {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

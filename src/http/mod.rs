@@ -80,6 +80,25 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A handler's JSON body, or the JSON error for its rejection: 413 for a
+/// body over the limit, 415 without a JSON content type, 400 otherwise.
+fn json_body<T>(
+    body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    body.map(|axum::Json(b)| b).map_err(|e| ApiError {
+        status: match e.status() {
+            s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+            _ => StatusCode::BAD_REQUEST,
+        },
+        code: match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_request",
+        },
+        message: e.body_text(),
+    })
+}
+
 /// Gives every error answer a JSON body. axum answers some requests itself
 /// before any handler runs — 405 for a wrong method, 413 for a body over the
 /// limit, 415, a 400 for a path it cannot parse — with plain text or nothing;
