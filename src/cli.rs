@@ -1,4 +1,4 @@
-//! The command line: `treasury run | demo | simulate | migrate | status | trigger | replay | reconcile | config`.
+//! The command line: `treasury run | demo | simulate | migrate | status | trigger | replay | reconcile | convert | config`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -74,8 +74,38 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queue one conversion by hand (emergency override), like
+    /// `POST /v1/conversions`: checked against the buffers and the providers'
+    /// limits, sent to the executor with trigger `manual`.
+    Convert(ConvertArgs),
     /// Print the effective configuration with secrets masked.
     Config,
+}
+
+/// `treasury convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// usdc_to_usd or usd_to_usdc.
+    #[arg(long)]
+    direction: crate::domain::ConversionDirection,
+    /// Amount in the direction's source currency.
+    #[arg(long)]
+    amount: rust_decimal::Decimal,
+    /// The same key again returns the same command instead of a second one.
+    #[arg(long)]
+    idempotency_key: String,
+    /// Why, for the audit trail.
+    #[arg(long)]
+    reason: String,
+    /// Buffer to debit (default: the direction's usual source).
+    #[arg(long)]
+    source_account: Option<crate::domain::BufferAccount>,
+    /// Buffer to credit (default: the direction's usual destination).
+    #[arg(long)]
+    destination_account: Option<crate::domain::BufferAccount>,
+    /// Take the source below its minimum anyway.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +161,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trigger { wait } => trigger(&config, wait).await,
         Command::Replay(args) => replay(&config, args).await,
         Command::Reconcile { providers, json } => reconcile(&config, providers, json).await,
+        Command::Convert(args) => convert(&config, args).await,
         Command::Config => {
             println!("{}", serde_json::to_string_pretty(&config.masked())?);
             Ok(())
@@ -211,42 +242,53 @@ async fn reconcile(config: &Config, providers: bool, json: bool) -> anyhow::Resu
         at_provider: chrono::Duration::from_std(config.stale_after)?,
         in_transit: chrono::Duration::minutes(5),
     };
-    let findings = crate::reconcile::check(store.pool(), Utc::now(), tolerances).await?;
-    let mut balances = Vec::new();
+    let mut findings = crate::reconcile::check(store.pool(), Utc::now(), tolerances).await?;
+    let mut report = None;
     if providers {
         use crate::store::jobs::JobStore;
         let registry = crate::providers::registry::ProviderRegistry::from_process_env(None);
+        let mut built = Vec::new();
         for row in store.providers().await? {
             if row.status != crate::providers::ProviderStatus::Active {
                 continue;
             }
-            for currency in [crate::domain::Currency::Usd, crate::domain::Currency::Usdc] {
-                let reported = match registry.build(&row) {
-                    Ok(p) => p.balance(currency).await.map(|m| m.to_string()),
-                    Err(e) => Err(e),
-                };
-                balances.push(serde_json::json!({
-                    "provider": row.name,
-                    "currency": currency.code(),
-                    "balance": reported.as_ref().ok(),
-                    "error": reported.as_ref().err().map(|e| e.to_string()),
-                }));
+            match registry.build(&row) {
+                Ok(p) => built.push(p),
+                Err(e) => findings.push(crate::reconcile::Finding {
+                    check: "provider_not_configured",
+                    subject: row.name.clone(),
+                    detail: e.to_string(),
+                }),
             }
         }
+        let providers: Vec<&dyn crate::providers::ConversionProvider> =
+            built.iter().map(|p| p.as_ref()).collect();
+        let checked = crate::reconcile::providers::check_providers(
+            store.pool(),
+            &store.buffer_report().await?,
+            &providers,
+            config.reconcile_tolerance,
+        )
+        .await?;
+        findings.extend(checked.findings.iter().cloned());
+        report = Some(checked);
     }
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"findings": findings, "provider_balances": balances})
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "findings": findings,
+                "provider_balances": report.as_ref().map(|r| &r.balances),
+                "balance_comparisons": report.as_ref().map(|r| &r.comparisons),
+                "executions_not_listed": report.as_ref().map(|r| &r.executions_not_listed),
+            }))?
         );
     } else {
         for f in &findings {
             println!("{:<32} {}  {}", f.check, f.subject, f.detail);
         }
-        for b in &balances {
-            println!("provider balance  {b}");
+        if let Some(report) = &report {
+            print!("{}", crate::reconcile::providers::render(report));
         }
         if findings.is_empty() {
             println!("books reconcile: no findings");
@@ -257,6 +299,41 @@ async fn reconcile(config: &Config, providers: bool, json: bool) -> anyhow::Resu
     } else {
         bail!("{} reconciliation finding(s)", findings.len())
     }
+}
+
+async fn convert(config: &Config, args: ConvertArgs) -> anyhow::Result<()> {
+    let store = connect(config).await?;
+    let request = crate::manual::ManualRequest {
+        direction: args.direction,
+        amount: args.amount,
+        source_account: args.source_account,
+        destination_account: args.destination_account,
+        idempotency_key: args.idempotency_key,
+        reason: args.reason,
+        force: args.force,
+    };
+    let codec = runtime::codec_for(config);
+    let to = crate::manual::Destination {
+        codec: &codec,
+        commands_topic: &config.topics.commands,
+        requested_by: "cli",
+    };
+    let submitted = crate::manual::submit(&store, &to, &request, Utc::now()).await?;
+    let c = &submitted.command;
+    println!(
+        "{} command {}: {} {} {}→{} (trigger manual)",
+        if submitted.created {
+            "queued"
+        } else {
+            "already queued:"
+        },
+        c.command_id,
+        c.direction,
+        c.amount,
+        c.source_account,
+        c.destination_account
+    );
+    Ok(())
 }
 
 async fn trigger(config: &Config, wait: bool) -> anyhow::Result<()> {

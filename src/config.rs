@@ -36,6 +36,8 @@ pub struct Topics {
     pub commands: String,
     pub postings: String,
     pub dlq: String,
+    /// Buffer status crossings (`TREASURY_TOPIC_BUFFER_ALERTS`).
+    pub buffer_alerts: String,
 }
 
 impl Default for Topics {
@@ -46,6 +48,7 @@ impl Default for Topics {
             commands: "treasury.conversion-commands".into(),
             postings: "ledger.postings".into(),
             dlq: "treasury.dlq".into(),
+            buffer_alerts: "treasury.buffer-alerts".into(),
         }
     }
 }
@@ -65,6 +68,10 @@ pub struct Config {
     /// After this a job at a provider is flagged stale (`TREASURY_STALE_AFTER`).
     #[serde(with = "humantime_serde_compat")]
     pub stale_after: Duration,
+    /// Provider health is judged on the job attempts that ended within this
+    /// window (`TREASURY_PROVIDER_HEALTH_WINDOW`).
+    #[serde(with = "humantime_serde_compat")]
+    pub provider_health_window: Duration,
     /// Retries of a retryable provider error before falling back (`TREASURY_MAX_RETRIES`).
     pub max_retries: u32,
     /// Whether planned conversions are emitted (`TREASURY_ENABLE_AUTO_REBALANCE`).
@@ -102,6 +109,10 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// The planner's rule (`TREASURY_PLANNER_*`).
     pub planner: PlannerSettings,
+    /// Largest difference between a buffer held at the providers and what
+    /// they report that reconciliation accepts (`TREASURY_RECONCILE_TOLERANCE`,
+    /// in the buffer's currency).
+    pub reconcile_tolerance: rust_decimal::Decimal,
 }
 
 /// Serializes durations as humantime text ("5m").
@@ -139,6 +150,7 @@ impl Config {
             monitor_interval: env.duration("TREASURY_MONITOR_INTERVAL", "1m")?,
             conversion_timeout: env.duration("TREASURY_CONVERSION_TIMEOUT", "30m")?,
             stale_after: env.duration("TREASURY_STALE_AFTER", "30m")?,
+            provider_health_window: env.duration("TREASURY_PROVIDER_HEALTH_WINDOW", "1h")?,
             max_retries: env.parsed(
                 "TREASURY_MAX_RETRIES",
                 "3",
@@ -167,6 +179,8 @@ impl Config {
                 commands: env.topic("TREASURY_TOPIC_COMMANDS", &defaults.commands)?,
                 postings: env.topic("TREASURY_TOPIC_POSTINGS", &defaults.postings)?,
                 dlq: env.topic("TREASURY_TOPIC_DLQ", &defaults.dlq)?,
+                buffer_alerts: env
+                    .topic("TREASURY_TOPIC_BUFFER_ALERTS", &defaults.buffer_alerts)?,
             },
             aggregator_group: env
                 .text("TREASURY_AGGREGATOR_GROUP")
@@ -197,6 +211,12 @@ impl Config {
                 )
                 .unwrap_or(chrono::Duration::minutes(30)),
             },
+            reconcile_tolerance: env.parsed(
+                "TREASURY_RECONCILE_TOLERANCE",
+                "1.00",
+                "a decimal amount of at least 0, such as 1.00",
+                |d: &rust_decimal::Decimal| !d.is_sign_negative(),
+            )?,
         };
         if config.idle_timeout < Duration::from_secs(2) {
             return Err(ConfigError {

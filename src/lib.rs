@@ -7,6 +7,7 @@
 //! system of record (PostgreSQL, or in memory for the demo); [`codec`] speaks
 //! Avro in the Confluent wire format.
 
+pub mod alerts;
 pub mod cli;
 pub mod clock;
 pub mod codec;
@@ -20,6 +21,7 @@ pub mod http;
 pub mod ingest;
 pub mod kafka;
 pub mod ledger;
+pub mod manual;
 pub mod planner;
 pub mod providers;
 pub mod reconcile;

@@ -1,7 +1,10 @@
 //! Reconciliation: what an auditor and an on-call engineer check. Every
 //! completed job has exactly one posting and every posting a completed job;
 //! no job is stuck; every emitted command became a job; nothing waits in the
-//! outbox; and, on request, what each provider reports holding.
+//! outbox; and, on request ([`providers`]), the buffer held at the providers
+//! against their balances and their executions against the jobs.
+
+pub mod providers;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

@@ -91,7 +91,8 @@ pub fn spawn_aggregator(
     .context("creating the aggregator consumer")?;
     let producer = kafka::idempotent_producer(&base).context("creating the outbox producer")?;
     let relay = Relay::new(store.clone(), producer);
-    let settlement = Settlement::new(store, codec, settlement_settings(config));
+    let settlement = Settlement::new(store, codec, settlement_settings(config))
+        .with_buffer_alerts(&config.topics.buffer_alerts);
     let tick = settlement_tick(config);
     let ingest_stop: Shutdown = shutdown.subscribe();
     let settle_stop = shutdown.subscribe();
@@ -114,9 +115,20 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     store.migrate().await.context("applying migrations")?;
     let metrics = crate::telemetry::init_metrics();
     let pg = store.clone();
-    let jobs: Arc<dyn crate::store::jobs::JobStore> = Arc::new(store.clone());
+    let jobs: Arc<dyn crate::store::jobs::JobStore> = Arc::new(crate::telemetry::jobs::Timed::new(
+        Arc::new(store.clone()),
+        crate::clock::SystemClock::shared(),
+    ));
     let jobs_for_gauges = jobs.clone();
     let store: Arc<dyn Store> = Arc::new(store);
+    let provider_names: Vec<String> = jobs
+        .providers()
+        .await
+        .context("reading conversion_providers")?
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    crate::telemetry::register_series(&provider_names);
     let codec = codec_for(&config);
     let (trigger, _) = shutdown::channel();
     let mut tasks = Vec::new();
@@ -145,13 +157,40 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
             ));
         }
     }
+    metrics::gauge!("treasury_settlement_interval_seconds")
+        .set(config.scheduler_interval.as_secs_f64());
+    if roles.contains(&Role::Aggregator) {
+        // Until this process closes a window: the last one closed, or (none
+        // ever) the start, so the stall alert counts from here.
+        let last: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT max(closed_at) FROM settlement_windows")
+                .fetch_one(pg.pool())
+                .await
+                .context("reading the last settlement")?;
+        metrics::gauge!("treasury_last_settlement_timestamp_seconds")
+            .set(last.unwrap_or_else(chrono::Utc::now).timestamp() as f64);
+    }
+    if let Err(e) = crate::telemetry::refresh_gauges(store.as_ref(), jobs_for_gauges.as_ref()).await
+    {
+        tracing::warn!(error = %e, "gauges not refreshed");
+    }
+    let lag = crate::telemetry::lag::LagGauge::new(
+        &kafka::base_config(&config),
+        store.clone(),
+        lag_groups(&config, roles),
+    )
+    .context("creating the consumer lag client")?;
+    if let Err(e) = lag.refresh().await {
+        tracing::warn!(error = %e, "consumer lag not measured");
+    }
+    tasks.push(tokio::spawn(
+        lag.run(trigger.subscribe(), Duration::from_secs(5)),
+    ));
     tasks.push(tokio::spawn(refresh_gauges_until(
         store.clone(),
         jobs_for_gauges,
         trigger.subscribe(),
     )));
-    metrics::gauge!("treasury_settlement_interval_seconds")
-        .set(config.scheduler_interval.as_secs_f64());
     let http_stop = trigger.subscribe();
     let app = http::router(http::AppState {
         store: store.clone(),
@@ -160,6 +199,10 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         env: Arc::new(|var: &str| std::env::var(var).ok()),
         metrics,
         admin_token: config.admin_token.clone(),
+        conversions: Some(http::conversions::ManualConversions {
+            codec: codec.clone(),
+            commands_topic: config.topics.commands.clone(),
+        }),
     });
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await
@@ -189,6 +232,28 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The consumer groups of `roles` and the topics each reads.
+fn lag_groups(config: &Config, roles: &[Role]) -> Vec<crate::telemetry::lag::GroupTopics> {
+    use crate::telemetry::lag::GroupTopics;
+    let mut groups = Vec::new();
+    if roles.contains(&Role::Aggregator) {
+        groups.push(GroupTopics {
+            group: config.aggregator_group.clone(),
+            topics: vec![
+                config.topics.funding.clone(),
+                config.topics.withdrawals.clone(),
+            ],
+        });
+    }
+    if roles.contains(&Role::Executor) {
+        groups.push(GroupTopics {
+            group: config.executor_group.clone(),
+            topics: vec![config.topics.commands.clone()],
+        });
+    }
+    groups
 }
 
 /// Refreshes the database-backed gauges every 15 s until shutdown.

@@ -54,6 +54,8 @@ pub struct Settlement {
     store: Arc<dyn Store>,
     codec: Codec,
     settings: SettlementSettings,
+    /// Where buffer status crossings are announced (none: not announced).
+    buffer_alerts_topic: Option<String>,
 }
 
 impl Settlement {
@@ -62,7 +64,14 @@ impl Settlement {
             store,
             codec,
             settings,
+            buffer_alerts_topic: None,
         }
+    }
+
+    /// Announces buffer status crossings on `topic` ([`crate::alerts`]).
+    pub fn with_buffer_alerts(mut self, topic: impl Into<String>) -> Self {
+        self.buffer_alerts_topic = Some(topic.into());
+        self
     }
 
     /// Closes what can close and handles pending triggers, as of `now`.
@@ -137,6 +146,14 @@ impl Settlement {
         let tally = tx.window_tally(start).await?;
         let before = balances(tx).await?;
         tx.apply_flows(&tally).await?;
+        if let Some(topic) = &self.buffer_alerts_topic {
+            let window = crate::alerts::AlertWindow {
+                cycle_id: WindowSpec::cycle_id(start),
+                start,
+                end,
+            };
+            crate::alerts::announce(tx, &self.codec, topic, &window, &before).await?;
+        }
         let result = self
             .plan_and_record(tx, WindowSpec::cycle_id(start), end, tally.clone())
             .await?;
@@ -168,7 +185,10 @@ impl Settlement {
     ) -> Result<CycleResult, StoreError> {
         let settings = self.settings.planner;
         let lookback = self.settings.spec.length * settings.lookback_windows as i32;
-        let current = self.settings.spec.window_start(at - self.settings.spec.length);
+        let current = self
+            .settings
+            .spec
+            .window_start(at - self.settings.spec.length);
         let since = current - lookback + self.settings.spec.length;
         let mut records = tx.planning_records(since).await?;
         if tally.events > 0 || !tally.flows.is_empty() {
@@ -181,7 +201,11 @@ impl Settlement {
             positions: tx.buffer_positions().await?,
             providers: records.providers,
             window: self.settings.spec.length,
-            history: FlowHistory::from_windows(&recent, &records.lead_times, self.settings.spec.length),
+            history: FlowHistory::from_windows(
+                &recent,
+                &records.lead_times,
+                self.settings.spec.length,
+            ),
             settings,
         };
         let planned = plan(&input);

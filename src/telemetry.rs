@@ -18,21 +18,107 @@ pub fn init_logging(level: &str) {
     };
 }
 
+pub mod jobs;
+pub mod lag;
+
+use crate::domain::{BufferAccount, BufferStatus, ConversionDirection, ConversionTrigger};
+
+/// Buckets of `treasury_job_duration_seconds`: 30 s to 4 h.
+pub const JOB_DURATION_BUCKETS: [f64; 10] = [
+    30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+
+/// The DLQ's `error_kind` values, known in advance.
+pub const DLQ_ERROR_KINDS: [&str; 7] = [
+    "decode",
+    "unknown_schema",
+    "unknown_currency",
+    "invalid_amount",
+    "invalid_id",
+    "future_timestamp",
+    "invalid_command",
+];
+
 /// Installs the Prometheus recorder and returns its handle for `/metrics`.
 pub fn init_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::Matcher;
     metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("treasury_job_duration_seconds".into()),
+            &JOB_DURATION_BUCKETS,
+        )
+        .ok()?
         .install_recorder()
         .ok()
 }
 
+/// Creates every counter (at 0) and histogram whose labels are known in
+/// advance, so that a fresh process exports every series `deploy/` uses and
+/// `increase()` sees the first event after a restart. `providers` are the
+/// names in `conversion_providers`.
+pub fn register_series(providers: &[String]) {
+    for name in [
+        "treasury_events_counted_total",
+        "treasury_events_duplicate_total",
+        "treasury_events_late_total",
+        "treasury_kafka_errors_total",
+        "treasury_outbox_published_total",
+        "treasury_jobs_created_total",
+        "treasury_jobs_completed_total",
+        "treasury_jobs_failed_total",
+        "treasury_jobs_needs_review_total",
+        "treasury_jobs_held_total",
+        "treasury_provider_retries_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for kind in DLQ_ERROR_KINDS {
+        metrics::counter!("treasury_dlq_messages_total", "error_kind" => kind).increment(0);
+    }
+    let directions = [
+        ConversionDirection::UsdcToUsd,
+        ConversionDirection::UsdToUsdc,
+    ];
+    for direction in directions {
+        for trigger in [
+            ConversionTrigger::BufferReplenishment,
+            ConversionTrigger::ScheduledRebalance,
+            ConversionTrigger::Manual,
+            ConversionTrigger::Emergency,
+        ] {
+            metrics::counter!("treasury_commands_planned_total", "direction" => direction.as_str(), "trigger" => trigger.as_str())
+                .increment(0);
+        }
+    }
+    for account in BufferAccount::ALL {
+        for from in BufferStatus::ALL {
+            for to in BufferStatus::ALL.into_iter().filter(|to| *to != from) {
+                metrics::counter!(
+                    "treasury_buffer_status_changes_total",
+                    "account" => account.as_str(),
+                    "from" => from.as_str(),
+                    "to" => to.as_str()
+                )
+                .increment(0);
+            }
+        }
+    }
+    for provider in providers {
+        crate::providers::metered::register(provider);
+        for direction in directions {
+            let _ = metrics::histogram!("treasury_job_duration_seconds", "direction" => direction.as_str(), "provider" => provider.clone());
+        }
+    }
+    metrics::gauge!("treasury_stale_jobs").increment(0.0);
+}
+
 /// Sets the gauges that mirror the system of record: each buffer's balance,
-/// thresholds and status (one series per status, 1 for the current one), and
-/// whether each provider is degraded. Called periodically by `treasury run`.
+/// thresholds and status (one series per status, 1 for the current one), the
+/// number of jobs in each status, and whether each provider is degraded. Called periodically by `treasury run`.
 pub async fn refresh_gauges(
     store: &dyn crate::store::Store,
     jobs: &dyn crate::store::jobs::JobStore,
 ) -> Result<(), crate::store::StoreError> {
-    use crate::domain::BufferStatus;
     for buffer in store.buffer_report().await? {
         let account = buffer.account.as_str();
         let currency = buffer.currency.clone();
@@ -46,15 +132,13 @@ pub async fn refresh_gauges(
             metrics::gauge!("treasury_buffer_threshold", "account" => account, "currency" => currency.clone(), "level" => level)
                 .set(decimal_gauge(value));
         }
-        for status in [
-            BufferStatus::CriticalLow,
-            BufferStatus::BelowTarget,
-            BufferStatus::Healthy,
-            BufferStatus::OverCapitalized,
-        ] {
+        for status in BufferStatus::ALL {
             metrics::gauge!("treasury_buffer_status", "account" => account, "status" => status.as_str())
                 .set(if buffer.status == status { 1.0 } else { 0.0 });
         }
+    }
+    for (status, count) in store.jobs_by_status().await? {
+        metrics::gauge!("treasury_jobs", "status" => status.as_str()).set(count as f64);
     }
     for provider in jobs.providers().await? {
         let degraded = provider.status != crate::providers::ProviderStatus::Active;

@@ -9,14 +9,16 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
+use treasury::alerts::BufferAlert;
+use treasury::codec::alert::{buffer_alert_from_value, encode_buffer_alert};
 use treasury::codec::records::{
     DeadLetter, FlowRecord, command_from_value, encode_command, encode_posting, posting_from_value,
 };
 use treasury::codec::wire::{self, FramingError};
 use treasury::codec::{Codec, CodecError, SchemaKind, SchemaSource};
 use treasury::domain::{
-    BufferAccount, ConversionCommand, ConversionDirection, ConversionTrigger, Currency, EntrySide,
-    LedgerEntry, LedgerPosting, Money,
+    BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionTrigger,
+    Currency, EntrySide, LedgerEntry, LedgerPosting, Money, Thresholds,
 };
 use uuid::Uuid;
 
@@ -124,6 +126,39 @@ fn sample_dead_letter() -> DeadLetter {
     }
 }
 
+fn sample_alert() -> BufferAlert {
+    BufferAlert {
+        alert_id: BufferAlert::derive_id(
+            "window:2024-05-31T16:10:00Z",
+            BufferAccount::SystemBufferUsdc,
+        ),
+        account: BufferAccount::SystemBufferUsdc,
+        from: BufferStatus::Healthy,
+        to: BufferStatus::CriticalLow,
+        balance: Decimal::new(9_999_123_456, 6),
+        thresholds: Thresholds::new(
+            Decimal::new(10_000, 0),
+            Decimal::new(50_000, 0),
+            Decimal::new(100_000, 0),
+        )
+        .unwrap(),
+        cycle_id: "window:2024-05-31T16:10:00Z".into(),
+        window_start: at(1_717_171_800_000),
+        window_end: at(1_717_172_100_000),
+        occurred_at: at(1_717_172_100_000),
+    }
+}
+
+#[test]
+fn buffer_alert_round_trips_exactly() {
+    let codec = Codec::default();
+    let bytes = encode_buffer_alert(&codec, &sample_alert()).unwrap();
+    let value = codec
+        .decode_cached(&bytes, SchemaKind::BufferAlert)
+        .unwrap();
+    assert_eq!(buffer_alert_from_value(&value).unwrap(), sample_alert());
+}
+
 /// One valid framed message per schema, with the kind it was written as.
 fn valid_messages(codec: &Codec) -> Vec<(SchemaKind, Vec<u8>)> {
     vec![
@@ -151,6 +186,10 @@ fn valid_messages(codec: &Codec) -> Vec<(SchemaKind, Vec<u8>)> {
             SchemaKind::DeadLetter,
             sample_dead_letter().encode(codec).unwrap(),
         ),
+        (
+            SchemaKind::BufferAlert,
+            encode_buffer_alert(codec, &sample_alert()).unwrap(),
+        ),
     ]
 }
 
@@ -163,6 +202,7 @@ fn read_record(kind: SchemaKind, value: &Value) -> Result<(), CodecError> {
         SchemaKind::ConversionCommand => command_from_value(value).map(drop),
         SchemaKind::LedgerPosting => posting_from_value(value).map(drop),
         SchemaKind::DeadLetter => DeadLetter::from_value(value).map(drop),
+        SchemaKind::BufferAlert => buffer_alert_from_value(value).map(drop),
     }
 }
 
@@ -343,7 +383,7 @@ async fn unknown_schema_id_is_a_typed_error() {
     let body = &sample_flow()
         .encode(&codec, SchemaKind::FundingEvent)
         .unwrap()[5..];
-    for id in [0u32, 6, 99, 101, 0xffff_ffff] {
+    for id in [0u32, 7, 99, 101, 0xffff_ffff] {
         let bytes = wire::frame(id, body);
         for kind in SchemaKind::ALL {
             assert_eq!(

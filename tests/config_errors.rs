@@ -20,6 +20,12 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(config.monitor_interval, minutes(1));
     assert_eq!(config.conversion_timeout, minutes(30));
     assert_eq!(config.max_retries, 3);
+    assert_eq!(config.provider_health_window, minutes(60));
+    let shown = serde_json::to_value(config.masked()).unwrap();
+    assert_eq!(
+        shown["provider_health_window"], "1h",
+        "`treasury config` shows it"
+    );
     assert!(config.enable_auto_rebalance);
     assert_eq!(config.topics.funding, "funding.events");
     assert_eq!(config.topics.withdrawals, "withdrawal.events");
@@ -122,6 +128,8 @@ const MALFORMED: &[(&str, &str)] = &[
     ("TREASURY_BATCH_SIZE", "-5"),
     ("TREASURY_BATCH_SIZE", "many"),
     ("TREASURY_STALE_AFTER", "later"),
+    ("TREASURY_PROVIDER_HEALTH_WINDOW", "a while"),
+    ("TREASURY_PROVIDER_HEALTH_WINDOW", "0s"),
     ("TREASURY_WINDOW_GRACE", "30"),
     ("TREASURY_IDLE_TIMEOUT", "idle"),
     ("TREASURY_DEDUP_RETENTION", "forever"),
@@ -134,6 +142,7 @@ const OTHERWISE_VALID: &[(&str, &str)] = &[
     ("TREASURY_MONITOR_INTERVAL", "1m"),
     ("TREASURY_CONVERSION_TIMEOUT", "30m"),
     ("TREASURY_STALE_AFTER", "30m"),
+    ("TREASURY_PROVIDER_HEALTH_WINDOW", "1h"),
     ("TREASURY_MAX_RETRIES", "3"),
     ("TREASURY_ENABLE_AUTO_REBALANCE", "true"),
     ("TREASURY_WINDOW_GRACE", "30s"),

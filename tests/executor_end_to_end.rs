@@ -213,7 +213,11 @@ fn worker(pool: &PgPool, topics: &Topics, registry: ProviderRegistry) -> JobWork
             monitor_interval: Duration::from_millis(200),
             stale_after: chrono::Duration::minutes(30),
             conversion_timeout: chrono::Duration::minutes(30),
+            lease: std::time::Duration::from_secs(60),
+            call_timeout: std::time::Duration::from_secs(30),
+            health_window: chrono::Duration::hours(1),
         },
+        treasury::clock::SystemClock::shared(),
     )
 }
 

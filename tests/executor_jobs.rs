@@ -18,6 +18,7 @@ use chrono::Utc;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use sqlx::PgPool;
+use treasury::clock::SystemClock;
 use treasury::codec::records::{encode_command, posting_from_value};
 use treasury::codec::{Codec, SchemaKind};
 use treasury::domain::{
@@ -187,11 +188,20 @@ fn settings(owner: &str) -> WorkerSettings {
         monitor_interval: Duration::from_secs(60),
         stale_after: chrono::Duration::minutes(30),
         conversion_timeout: chrono::Duration::hours(2),
+        lease: Duration::from_secs(60),
+        call_timeout: Duration::from_secs(30),
+        health_window: chrono::Duration::hours(1),
     }
 }
 
 fn worker(store: &Arc<PgStore>, registry: ProviderRegistry, settings: WorkerSettings) -> JobWorker {
-    JobWorker::new(store.clone(), registry, Codec::default(), settings)
+    JobWorker::new(
+        store.clone(),
+        registry,
+        Codec::default(),
+        settings,
+        SystemClock::shared(),
+    )
 }
 
 /// A USDC → USD refill of `broker_operational`.
@@ -1392,25 +1402,4 @@ async fn a_degraded_provider_is_skipped(pool: PgPool) {
     let reason = selection_reason(&pool, id).await;
     assert!(reason.contains("chose ZeroHash"), "{reason}");
     assert!(reason.contains("Due (degraded)"), "{reason}");
-}
-
-#[sqlx::test]
-async fn an_unhealthy_track_record_is_skipped(pool: PgPool) {
-    let store = setup(&pool).await;
-    let (due, zerohash, registry) = two_sandboxes();
-    // 7 of 10 succeeded: below the 80 % rule.
-    set_due(&pool, "success_count = 7, failure_count = 3").await;
-    let w = worker(&store, registry, settings("w1"));
-
-    let id = new_job(&store, &command(17, dec!(5000))).await;
-    let done = drive(&w, &store, id).await;
-
-    assert_eq!(done.provider_name.as_deref(), Some("ZeroHash"));
-    assert_eq!(due.initiate_calls(), 0);
-    assert_eq!(zerohash.initiated_count(), 1);
-    let reason = selection_reason(&pool, id).await;
-    assert!(
-        reason.contains("Due (unhealthy (7 succeeded, 3 failed))"),
-        "{reason}"
-    );
 }

@@ -17,6 +17,7 @@ async fn serve(pool: &PgPool, token: Option<&str>) -> String {
         admin_token: token.map(str::to_owned),
         wake_executor: None,
         env: Arc::new(|var: &str| (var == "DUE_WEBHOOK_SECRET").then(|| "whsec".to_owned())),
+        conversions: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -370,7 +371,11 @@ async fn a_person_resolves_a_job_in_review_and_the_engine_posts_it(pool: PgPool)
             monitor_interval: std::time::Duration::from_secs(1),
             stale_after: chrono::Duration::minutes(30),
             conversion_timeout: chrono::Duration::minutes(30),
+            lease: std::time::Duration::from_secs(60),
+            call_timeout: std::time::Duration::from_secs(30),
+            health_window: chrono::Duration::hours(1),
         },
+        treasury::clock::SystemClock::shared(),
     );
     worker.run_cycle().await.unwrap();
     let (status, postings): (String, i64) = sqlx::query_as(
@@ -434,4 +439,115 @@ async fn a_resolution_records_the_transaction_a_person_found_at_the_provider(poo
         (job_status.as_str(), tx.as_deref()),
         ("provider_completed", Some("tr_found_by_hand"))
     );
+}
+
+/// Errors axum answers before any handler (a wrong method, a body over the
+/// limit) are JSON too, and the `Bearer` scheme is case-insensitive.
+#[sqlx::test]
+async fn wrong_methods_and_oversized_bodies_answer_json(pool: PgPool) {
+    let base = serve(&pool, Some("s3cret")).await;
+    let http = reqwest::Client::new();
+
+    let response = http
+        .get(format!("{base}/v1/settlement/trigger"))
+        .send()
+        .await
+        .unwrap();
+    let allow = response.headers().get("allow").cloned();
+    let (status, body) = json(response).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(allow.as_ref().and_then(|v| v.to_str().ok()), Some("POST"));
+    let (status, body) = json(
+        http.delete(format!("{base}/v1/buffers"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+
+    let huge = vec![b'x'; 3 * 1024 * 1024];
+    let (status, body) = json(
+        http.post(format!("{base}/v1/webhooks/Due"))
+            .header("x-signature", "sha256=00")
+            .body(huge.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    let (status, body) = json(
+        http.post(format!("{base}/v1/providers/Due/status"))
+            .bearer_auth("s3cret")
+            .header("content-type", "application/json")
+            .body(huge.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    // The manual conversion endpoint answers a body it cannot take the same way.
+    let (status, body) = json(
+        http.post(format!("{base}/v1/conversions"))
+            .bearer_auth("s3cret")
+            .header("content-type", "application/json")
+            .body(huge)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    let (status, body) = json(
+        http.post(format!("{base}/v1/conversions"))
+            .bearer_auth("s3cret")
+            .body(r#"{"direction": "usdc_to_usd"}"#)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let (status, _) = json(
+            http.post(format!("{base}/v1/settlement/trigger"))
+                .header("authorization", format!("{scheme} s3cret"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 202, "scheme {scheme}");
+    }
+    let (status, _) = json(
+        http.post(format!("{base}/v1/settlement/trigger"))
+            .header("authorization", "bearer S3CRET")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401, "the token itself is case-sensitive");
 }

@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 
+use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use treasury::domain::ConversionDirection;
+use treasury::providers::health::{AttemptOutcome, TrackRecord, track_records};
 use treasury::providers::selection::{RankedProvider, expected_cost};
 use treasury::providers::{HealthRule, ProviderRow, ProviderStatus, Rejection, select_providers};
 use uuid::Uuid;
@@ -34,6 +36,19 @@ fn row(name: &str, priority: i32) -> ProviderRow {
     }
 }
 
+/// Each row's counters taken as its recent track record (what selection judges).
+fn recent(rows: &[ProviderRow]) -> HashMap<Uuid, TrackRecord> {
+    rows.iter()
+        .map(|r| {
+            let record = TrackRecord {
+                successes: r.success_count,
+                failures: r.failure_count,
+            };
+            (r.id, record)
+        })
+        .collect()
+}
+
 fn names(eligible: &[RankedProvider]) -> Vec<&str> {
     eligible.iter().map(|p| p.row.name.as_str()).collect()
 }
@@ -57,6 +72,7 @@ fn priority_wins_then_cost_then_name() {
         USDC_TO_USD,
         dec!(10000),
         &HashMap::new(),
+        &recent(&candidates),
         &HealthRule::default(),
     );
     assert_eq!(
@@ -110,6 +126,7 @@ fn each_rule_rejects_with_its_reason() {
         USDC_TO_USD,
         dec!(10000),
         &in_flight,
+        &recent(&candidates),
         &HealthRule::default(),
     );
 
@@ -170,6 +187,7 @@ fn the_cap_is_inclusive_and_only_counts_its_own_in_flight_volume() {
         USDC_TO_USD,
         dec!(10000),
         &in_flight,
+        &HashMap::new(),
         &HealthRule::default(),
     );
     assert_eq!(
@@ -194,11 +212,43 @@ fn health_is_judged_only_after_enough_attempts() {
 }
 
 #[test]
+fn only_the_recent_record_is_judged_not_the_lifetime_counters() {
+    let mut once_bad = row("OnceBad", 1);
+    once_bad.success_count = 2;
+    once_bad.failure_count = 50;
+    let recently_bad = row("RecentlyBad", 1);
+    let records = HashMap::from([(
+        recently_bad.id,
+        TrackRecord {
+            successes: 3,
+            failures: 7,
+        },
+    )]);
+    let s = select_providers(
+        &[once_bad, recently_bad],
+        USDC_TO_USD,
+        dec!(10000),
+        &HashMap::new(),
+        &records,
+        &HealthRule::default(),
+    );
+    assert_eq!(names(&s.eligible), ["OnceBad"]);
+    assert_eq!(
+        s.rejected[0].reasons,
+        vec![Rejection::Unhealthy {
+            successes: 3,
+            failures: 7
+        }]
+    );
+}
+
+#[test]
 fn no_candidates_means_no_choice() {
     let s = select_providers(
         &[],
         USDC_TO_USD,
         dec!(1),
+        &HashMap::new(),
         &HashMap::new(),
         &HealthRule::default(),
     );
@@ -307,7 +357,7 @@ proptest! {
         flying in proptest::collection::vec(money(5_000_000), 8),
     ) {
         let in_flight: HashMap<Uuid, Decimal> = rows.iter().zip(&flying).map(|(r, f)| (r.id, *f)).collect();
-        let s = select_providers(&rows, direction, amount, &in_flight, &HealthRule::default());
+        let s = select_providers(&rows, direction, amount, &in_flight, &recent(&rows), &HealthRule::default());
 
         // Every candidate lands in exactly one list.
         prop_assert_eq!(s.eligible.len() + s.rejected.len(), rows.len());
@@ -346,8 +396,9 @@ proptest! {
     ) {
         let in_flight: HashMap<Uuid, Decimal> = rows.iter().zip(&flying).map(|(r, f)| (r.id, *f)).collect();
         let rule = HealthRule::default();
-        let first = select_providers(&rows, direction, amount, &in_flight, &rule);
-        let second = select_providers(&rows, direction, amount, &in_flight, &rule);
+        let records = recent(&rows);
+        let first = select_providers(&rows, direction, amount, &in_flight, &records, &rule);
+        let second = select_providers(&rows, direction, amount, &in_flight, &records, &rule);
         prop_assert_eq!(&first, &second);
 
         let mut shuffled = rows.clone();
@@ -356,7 +407,48 @@ proptest! {
             shuffled.rotate_left(k);
             shuffled.reverse();
         }
-        let reordered = select_providers(&shuffled, direction, amount, &in_flight, &rule);
+        let reordered = select_providers(&shuffled, direction, amount, &in_flight, &records, &rule);
         prop_assert_eq!(first.eligible, reordered.eligible);
+    }
+}
+
+fn t0() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 4, 1, 0, 0, 0).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A track record counts exactly the outcomes inside the window, per
+    /// provider; an outcome that leaves the window is forgotten.
+    #[test]
+    fn track_records_count_exactly_the_outcomes_in_the_window(
+        outcomes in proptest::collection::vec((0u128..3, -7200i64..600, any::<bool>()), 0..60),
+        window_minutes in 1i64..120,
+    ) {
+        let outcomes: Vec<AttemptOutcome> = outcomes
+            .into_iter()
+            .map(|(p, offset, succeeded)| AttemptOutcome {
+                provider: Uuid::from_u128(p),
+                at: t0() + chrono::Duration::seconds(offset),
+                succeeded,
+            })
+            .collect();
+        let window = chrono::Duration::minutes(window_minutes);
+        let records = track_records(&outcomes, t0(), window);
+        for p in 0..3u128 {
+            let id = Uuid::from_u128(p);
+            let inside: Vec<&AttemptOutcome> = outcomes
+                .iter()
+                .filter(|o| o.provider == id && o.at > t0() - window)
+                .collect();
+            let expected = TrackRecord {
+                successes: inside.iter().filter(|o| o.succeeded).count() as i64,
+                failures: inside.iter().filter(|o| !o.succeeded).count() as i64,
+            };
+            prop_assert_eq!(records.get(&id).copied().unwrap_or_default(), expected);
+        }
+        // Much later, everything has left the window.
+        prop_assert!(track_records(&outcomes, t0() + window + chrono::Duration::hours(1), window).is_empty());
     }
 }

@@ -61,8 +61,15 @@ fn policy<'a>(reports: &'a [PolicyReport], name: &str) -> &'a PolicyReport {
 fn the_same_seed_gives_the_same_report_byte_for_byte() {
     let events = first_days(generate(Scenario::Normal, 7, generated_start()), 3);
     let run = || {
-        let c = compare(&world(dec!(1.5)), &events, "t", 7, PlannerSettings::default(), true)
-            .expect("no invariant breaks");
+        let c = compare(
+            &world(dec!(1.5)),
+            &events,
+            "t",
+            7,
+            PlannerSettings::default(),
+            true,
+        )
+        .expect("no invariant breaks");
         serde_json::to_string(&c.comparison.to_json()).unwrap()
     };
     let first = run();
@@ -76,7 +83,10 @@ fn the_same_seed_gives_the_same_report_byte_for_byte() {
         true,
     )
     .unwrap();
-    assert_ne!(first, serde_json::to_string(&other.comparison.to_json()).unwrap());
+    assert_ne!(
+        first,
+        serde_json::to_string(&other.comparison.to_json()).unwrap()
+    );
 }
 
 #[test]
@@ -94,7 +104,11 @@ fn invariants_hold_under_injected_faults_on_200_seeds() {
             failing.push(format!("{seed}: {v}"));
         }
     }
-    assert!(failing.is_empty(), "seeds that broke an invariant:\n{}", failing.join("\n"));
+    assert!(
+        failing.is_empty(),
+        "seeds that broke an invariant:\n{}",
+        failing.join("\n")
+    );
 }
 
 /// The earlier planner never took money out of broker_operational: over a
@@ -103,8 +117,15 @@ fn invariants_hold_under_injected_faults_on_200_seeds() {
 #[test]
 fn a_month_of_normal_flows_traps_no_capital_in_broker_operational() {
     let events = generate(Scenario::Normal, 1, generated_start());
-    let c = compare(&world(dec!(1)), &events, "normal", 1, PlannerSettings::default(), true)
-        .expect("no invariant breaks");
+    let c = compare(
+        &world(dec!(1)),
+        &events,
+        "normal",
+        1,
+        PlannerSettings::default(),
+        true,
+    )
+    .expect("no invariant breaks");
     let engine = policy(&c.comparison.policies, "engine");
     let month_minutes = 30.0 * 24.0 * 60.0;
     let broker = &engine.buffers["broker_operational"];
@@ -158,7 +179,11 @@ fn input(positions: Vec<BufferPosition>) -> PlanInput {
         cycle_id: "window:test".into(),
         now: generated_start(),
         positions,
-        providers: World::default().providers.into_iter().map(|p| p.row).collect(),
+        providers: World::default()
+            .providers
+            .into_iter()
+            .map(|p| p.row)
+            .collect(),
         window: Duration::minutes(5),
         history: FlowHistory::default(),
         settings: PlannerSettings::default(),
@@ -182,7 +207,11 @@ fn two_buffers_below_target_never_get_opposite_conversions() {
     let planned = plan(&input);
     let checks = check_plan(&input.positions, &planned.commands);
     assert!(!checks.opposite_directions, "{:?}", planned.commands);
-    assert!(checks.below_minimum.is_empty(), "{:?}", checks.below_minimum);
+    assert!(
+        checks.below_minimum.is_empty(),
+        "{:?}",
+        checks.below_minimum
+    );
     assert!(
         planned
             .commands
@@ -193,7 +222,10 @@ fn two_buffers_below_target_never_get_opposite_conversions() {
         planned.commands
     );
     let to_usdc: Decimal = planned.commands.iter().map(|c| c.amount.value).sum();
-    assert!(to_usdc > dec!(26000), "USDC's need plus fiat's routed share: {to_usdc}");
+    assert!(
+        to_usdc > dec!(26000),
+        "USDC's need plus fiat's routed share: {to_usdc}"
+    );
 }
 
 /// The earlier planner counted money still in flight toward a source as
@@ -215,18 +247,29 @@ fn money_in_flight_toward_a_source_is_never_spent() {
         "USDC's incoming money is not spendable: {:?}",
         planned.commands
     );
-    assert!(check_plan(&input.positions, &planned.commands).below_minimum.is_empty());
+    assert!(
+        check_plan(&input.positions, &planned.commands)
+            .below_minimum
+            .is_empty()
+    );
 }
 
 fn month(scenario: Scenario, seed: u64, scale: Decimal) -> BTreeMap<String, PolicyReport> {
     let events = generate(scenario, seed, generated_start());
-    compare(&world(scale), &events, "goal", seed, PlannerSettings::default(), true)
-        .expect("no invariant breaks")
-        .comparison
-        .policies
-        .into_iter()
-        .map(|p| (p.policy.clone(), p))
-        .collect()
+    compare(
+        &world(scale),
+        &events,
+        "goal",
+        seed,
+        PlannerSettings::default(),
+        true,
+    )
+    .expect("no invariant breaks")
+    .comparison
+    .policies
+    .into_iter()
+    .map(|p| (p.policy.clone(), p))
+    .collect()
 }
 
 #[test]
@@ -234,7 +277,11 @@ fn normal_at_one_and_a_half_times_capital_converts_rarely_and_stays_funded() {
     let r = month(Scenario::Normal, 2, dec!(1.5));
     let (engine, band, per_event) = (&r["engine"], &r["band"], &r["per-event"]);
     assert_eq!(engine.minutes_below_zero, 0.0);
-    assert!(engine.minutes_below_min <= 30.0, "{}", engine.minutes_below_min);
+    assert!(
+        engine.minutes_below_min <= 30.0,
+        "{}",
+        engine.minutes_below_min
+    );
     assert!(
         (engine.conversions as f64) <= 0.01 * per_event.conversions as f64,
         "{} conversions against {} per event",
@@ -261,8 +308,15 @@ fn a_bank_run_at_one_and_a_half_times_capital_never_empties_a_buffer() {
 #[test]
 fn normal_at_twice_the_capital_costs_at_most_three_times_the_lower_bound_and_less_than_the_band() {
     let events = generate(Scenario::Normal, 2, generated_start());
-    let c = compare(&world(dec!(2)), &events, "goal", 2, PlannerSettings::default(), true)
-        .expect("no invariant breaks");
+    let c = compare(
+        &world(dec!(2)),
+        &events,
+        "goal",
+        2,
+        PlannerSettings::default(),
+        true,
+    )
+    .expect("no invariant breaks");
     let engine = policy(&c.comparison.policies, "engine");
     let bound = c.comparison.lower_bound.conversion_cost;
     assert!(

@@ -4,6 +4,7 @@
 //! Resolving a writer schema against a reader schema is costly, so each
 //! (writer id, reader kind) pair is resolved once and the reader is cached.
 
+pub mod alert;
 pub mod records;
 pub mod schemas;
 pub mod values;

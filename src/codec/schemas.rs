@@ -16,15 +16,17 @@ pub enum SchemaKind {
     ConversionCommand,
     LedgerPosting,
     DeadLetter,
+    BufferAlert,
 }
 
 impl SchemaKind {
-    pub const ALL: [SchemaKind; 5] = [
+    pub const ALL: [SchemaKind; 6] = [
         SchemaKind::FundingEvent,
         SchemaKind::WithdrawalEvent,
         SchemaKind::ConversionCommand,
         SchemaKind::LedgerPosting,
         SchemaKind::DeadLetter,
+        SchemaKind::BufferAlert,
     ];
 
     /// The schema id used when no Schema Registry is configured.
@@ -35,6 +37,7 @@ impl SchemaKind {
             SchemaKind::ConversionCommand => 3,
             SchemaKind::LedgerPosting => 4,
             SchemaKind::DeadLetter => 5,
+            SchemaKind::BufferAlert => 6,
         }
     }
 
@@ -48,6 +51,7 @@ impl SchemaKind {
             }
             SchemaKind::LedgerPosting => include_str!("../../schemas/ledger_posting.avsc"),
             SchemaKind::DeadLetter => include_str!("../../schemas/dlq_record.avsc"),
+            SchemaKind::BufferAlert => include_str!("../../schemas/buffer_alert.avsc"),
         }
     }
 

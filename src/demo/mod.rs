@@ -72,6 +72,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (&topics.commands, 1),
         (&topics.dlq, 1),
         (&topics.postings, 1),
+        (&topics.buffer_alerts, 1),
     ] {
         cluster.create_topic(topic, partitions, 1)?;
     }
@@ -148,7 +149,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             monitor_interval: Duration::from_millis(500),
             stale_after: chrono::Duration::minutes(30),
             conversion_timeout: chrono::Duration::minutes(30),
+            lease: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(30),
+            health_window: chrono::Duration::hours(1),
         },
+        crate::clock::SystemClock::shared(),
     );
     let executor_tasks =
         crate::executor::spawn(crate::executor::ExecutorParts { intake, worker }, &stop);
@@ -164,7 +169,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             dedup_retention: chrono::Duration::days(7),
             planner: Default::default(),
         },
-    );
+    )
+    .with_buffer_alerts(&topics.buffer_alerts);
     let producer: FutureProducer = crate::kafka::idempotent_producer(&base)?;
 
     let mut generator = EventGenerator::new(args.seed);
@@ -414,7 +420,7 @@ async fn watch_outputs(
         }
     };
     if consumer
-        .subscribe(&[&topics.commands, &topics.dlq])
+        .subscribe(&[&topics.commands, &topics.dlq, &topics.buffer_alerts])
         .is_err()
     {
         return;
@@ -439,6 +445,15 @@ async fn watch_outputs(
                     posting.description,
                     posting.entries.len(),
                     posting.exchange_rate
+                );
+            }
+        } else if message.topic() == topics.buffer_alerts {
+            if let Ok(value) = codec.decode_cached(payload, SchemaKind::BufferAlert)
+                && let Ok(alert) = crate::codec::alert::buffer_alert_from_value(&value)
+            {
+                println!(
+                    "    ALERT {}: {} → {} at {}",
+                    alert.account, alert.from, alert.to, alert.balance
                 );
             }
         } else if message.topic() == topics.dlq {

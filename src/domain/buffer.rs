@@ -83,6 +83,14 @@ pub enum BufferStatus {
 }
 
 impl BufferStatus {
+    /// Every status, lowest first.
+    pub const ALL: [BufferStatus; 4] = [
+        BufferStatus::CriticalLow,
+        BufferStatus::BelowTarget,
+        BufferStatus::Healthy,
+        BufferStatus::OverCapitalized,
+    ];
+
     /// The status word as stored in `v_buffer_status` and shown to operators.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -97,6 +105,23 @@ impl BufferStatus {
 impl fmt::Display for BufferStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The text did not name a buffer status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown buffer status {0:?} (expected CRITICAL_LOW, BELOW_TARGET, HEALTHY or OVER_CAPITALIZED)"
+)]
+pub struct UnknownBufferStatus(pub String);
+
+impl FromStr for BufferStatus {
+    type Err = UnknownBufferStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BufferStatus::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| UnknownBufferStatus(s.to_owned()))
     }
 }
 

@@ -159,6 +159,10 @@ pub struct ConversionJob {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub submitted_at: Option<chrono::DateTime<chrono::Utc>>,
     pub stale_flagged_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When `provider_id` was last called for this job, recorded under the
+    /// worker's lease before the call (None: chosen, never called). A worker
+    /// that takes the job over and finds it set holds at that provider.
+    pub provider_called_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl ConversionJob {
@@ -188,6 +192,7 @@ impl ConversionJob {
             created_at: command.created_at,
             submitted_at: None,
             stale_flagged_at: None,
+            provider_called_at: None,
         }
     }
 }

@@ -10,9 +10,12 @@ pub mod job;
 pub mod posting;
 
 pub use amount::{Amount, AmountError, Money, UsdAmount, UsdcAmount};
-pub use buffer::{BufferAccount, BufferStatus, InvalidThresholds, Thresholds};
+pub use buffer::{
+    BufferAccount, BufferStatus, InvalidThresholds, Thresholds, UnknownBufferAccount,
+    UnknownBufferStatus,
+};
 pub use conversion::{ConversionCommand, ConversionDirection, ConversionTrigger};
 pub use currency::{Currency, CurrencyUnit, Usd, Usdc};
 pub use event::{BufferDelta, FLOW_TABLE, FlowEffect, FlowEvent, FlowKind, flow_effect};
-pub use job::{ConversionJob, IllegalTransition, JobStatus};
+pub use job::{ConversionJob, IllegalTransition, JobStatus, UnknownJobStatus};
 pub use posting::{EntrySide, LedgerEntry, LedgerPosting, PostingError};

@@ -4,12 +4,16 @@
 //!
 //! - [`intake`] consumes `treasury.conversion-commands` like the aggregator
 //!   consumes its inputs: offsets, new jobs and DLQ records in one transaction.
-//! - [`worker`] drives leased jobs through the status machine: provider
-//!   selection, initiation with the job id as idempotency key, retries with
-//!   backoff, fallback, polling, stale flags, timeout to `needs_review`, and
-//!   completion with the posting.
+//! - [`policy`] (pure) decides each job's next step: retry with backoff,
+//!   hold at a provider whose outcome is unknown, fall back, fail, poll,
+//!   flag stale, `needs_review`, complete.
+//! - [`worker`] is its driver: it leases one job at a time (fenced writes,
+//!   see [`crate::store::jobs`]), calls providers with the job id as
+//!   idempotency key, and stores each step, completion with the posting
+//!   included.
 
 pub mod intake;
+pub mod policy;
 pub mod worker;
 
 use std::sync::Arc;
@@ -26,7 +30,12 @@ use crate::store::Store;
 use crate::store::jobs::JobStore;
 
 /// Worker settings from the configuration.
+///
+/// A job lease lasts twice the monitor interval, at least 60 s, and is
+/// renewed every third of that while the job is driven; one provider call
+/// may take at most half a lease.
 pub fn worker_settings(config: &Config, owner: String) -> WorkerSettings {
+    let lease = config.monitor_interval.max(Duration::from_secs(30)) * 2;
     WorkerSettings {
         owner,
         postings_topic: config.topics.postings.clone(),
@@ -36,6 +45,10 @@ pub fn worker_settings(config: &Config, owner: String) -> WorkerSettings {
         stale_after: chrono::Duration::from_std(config.stale_after).expect("stale_after fits"),
         conversion_timeout: chrono::Duration::from_std(config.conversion_timeout)
             .expect("conversion timeout fits"),
+        lease,
+        call_timeout: lease / 2,
+        health_window: chrono::Duration::from_std(config.provider_health_window)
+            .expect("health window fits"),
     }
 }
 
@@ -84,6 +97,12 @@ pub fn build(
         std::env::var("HOSTNAME").unwrap_or_else(|_| "treasury".into()),
         uuid::Uuid::new_v4().simple()
     );
-    let worker = JobWorker::new(jobs, registry, codec, worker_settings(config, owner));
+    let worker = JobWorker::new(
+        jobs,
+        registry,
+        codec,
+        worker_settings(config, owner),
+        crate::clock::SystemClock::shared(),
+    );
     Ok(ExecutorParts { intake, worker })
 }

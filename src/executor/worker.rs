@@ -1,45 +1,45 @@
-//! The job worker: leases unfinished jobs and drives each through the status
-//! machine. Every step is stored before the next one starts, and the provider
-//! is always called with the job id as idempotency key, so a worker killed at
-//! any point and restarted repeats at most a call the provider deduplicates.
+//! The job worker: a thin driver around the job policy
+//! ([`super::policy`]). Each monitor cycle it lists the open jobs, and for
+//! each one takes a lease right before driving it (which reloads the job and
+//! increments its lease epoch), asks the policy what to do, does it (a
+//! provider call, a stored step) and asks again, until the job waits or ends.
 //!
-//! - `pending`: choose a provider (stored on the job *before* calling it),
-//!   initiate, retrying retryable errors with exponential backoff up to
-//!   `TREASURY_MAX_RETRIES`, then fall back to the next provider; with none
-//!   left the job is `failed`. Fallback happens only when the provider cannot
-//!   have acted on the job: if any call went unanswered (a timeout after
-//!   sending, HTTP 500/502/504, an unreadable answer) or an earlier worker
-//!   called it before dying, the job is *held* at that provider and the same
-//!   call (same idempotency key) is repeated each monitor cycle until it
-//!   answers; a final refusal, or `TREASURY_CONVERSION_TIMEOUT` since the
-//!   command, hands it to a person (`needs_review`). A command is never
-//!   executed at two providers.
-//! - `provider_submitted` / `provider_processing`: poll once per monitor
-//!   cycle; flag stale after `TREASURY_STALE_AFTER`; after
-//!   `TREASURY_CONVERSION_TIMEOUT` move to `needs_review` (money may have
-//!   moved: a person decides, nothing is retried automatically).
-//! - `provider_completed`: post the ledger entries and complete, in one transaction.
+//! Every write of a job is fenced: it carries the lease and is refused once
+//! the lease has lapsed or another worker has taken the job (a newer epoch).
+//! A refused write stops the worker on that job at once. Before each provider
+//! call the worker records the call under its lease (which also extends the
+//! lease); if that is refused, no call is made. So a worker that lost its
+//! lease makes no further call and no write, and a worker that takes a job
+//! over sees every earlier call and holds at that provider instead of
+//! choosing another. The lease is renewed in the background while a job is
+//! driven; each provider call is bounded by `call_timeout` (shorter than the
+//! lease), and a call that outlasts it leaves the outcome unknown.
+//!
+//! Time comes from one [`SharedClock`]; lease expiry, stale flags and
+//! timeouts compare against its readings (passed into the store), never a
+//! database clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backoff::ExponentialBackoff;
-use chrono::Utc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use super::policy::{self, CallError, Calls, Decision, Input, JobFacts, PolicySettings, Review};
+use crate::clock::SharedClock;
 use crate::codec::Codec;
 use crate::codec::records::encode_posting;
 use crate::domain::{ConversionJob, JobStatus};
 use crate::ledger::{self, Settlement};
+use crate::providers::health::track_records;
 use crate::providers::selection::{HealthRule, select_providers};
 use crate::providers::{
     ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState,
 };
 use crate::providers::{ProviderRegistry, ProviderRow};
 use crate::shutdown::Shutdown;
-use crate::store::jobs::{JobStore, JobUpdate};
+use crate::store::jobs::{JobStore, JobUpdate, Lease, Outcome};
 use crate::store::{OutboxMessage, StoreError};
 
 /// Settings of the worker.
@@ -49,11 +49,31 @@ pub struct WorkerSettings {
     pub owner: String,
     pub postings_topic: String,
     pub max_retries: u32,
-    /// First backoff interval (doubles per retry).
+    /// First backoff interval (doubles per retry, up to 16 times it).
     pub retry_initial: Duration,
     pub monitor_interval: Duration,
     pub stale_after: chrono::Duration,
     pub conversion_timeout: chrono::Duration,
+    /// How long a job lease lasts; renewed every third of it while the job
+    /// is driven.
+    pub lease: Duration,
+    /// Longest wait for one provider call; keep it below `lease`.
+    pub call_timeout: Duration,
+    /// The window provider health is judged over.
+    pub health_window: chrono::Duration,
+}
+
+impl WorkerSettings {
+    /// The job policy's part of the settings.
+    pub fn policy(&self) -> PolicySettings {
+        PolicySettings {
+            max_retries: self.max_retries,
+            retry_initial: self.retry_initial,
+            retry_max: self.retry_initial.saturating_mul(16),
+            stale_after: self.stale_after,
+            conversion_timeout: self.conversion_timeout,
+        }
+    }
 }
 
 /// Drives jobs.
@@ -63,26 +83,41 @@ pub struct JobWorker {
     built: Mutex<HashMap<Uuid, Arc<dyn ConversionProvider>>>,
     codec: Codec,
     settings: WorkerSettings,
+    clock: SharedClock,
     wake: Arc<Notify>,
 }
 
-/// Why the initiate calls at one provider gave up.
-struct InitiateFailure {
-    /// The last error.
-    error: ProviderError,
-    /// Calls made.
-    attempts: u32,
-    /// Whether any of the calls may have been acted on by the provider.
-    may_have_acted: bool,
+/// What just happened to the job being driven (owned; the policy's
+/// [`Input`] borrows it).
+enum Happened {
+    Nothing,
+    Initiated(Result<ProviderConversion, ProviderError>),
+    Polled(Result<ProviderConversion, ProviderError>),
 }
 
-/// What a step did to a job.
-enum Progress {
-    /// Moved on; drive it again now.
-    Moved,
-    /// Waiting on the provider; look again next monitor cycle.
-    Waiting,
-    /// Nothing more to do (final, or needs a person).
+impl Happened {
+    fn input(&self) -> Input<'_> {
+        fn answer(
+            r: &Result<ProviderConversion, ProviderError>,
+        ) -> Result<&ProviderState, CallError> {
+            match r {
+                Ok(c) => Ok(&c.state),
+                Err(e) => Err(CallError::of(e)),
+            }
+        }
+        match self {
+            Happened::Nothing => Input::Nothing,
+            Happened::Initiated(r) => Input::Initiated(answer(r)),
+            Happened::Polled(r) => Input::Polled(answer(r)),
+        }
+    }
+}
+
+/// How driving a job ended.
+enum Driven {
+    /// Waiting on its provider until the next cycle; whether it is stale.
+    Waiting { stale: bool },
+    /// Final, with a person, or no longer this worker's.
     Done,
 }
 
@@ -92,6 +127,7 @@ impl JobWorker {
         registry: ProviderRegistry,
         codec: Codec,
         settings: WorkerSettings,
+        clock: SharedClock,
     ) -> Self {
         Self {
             jobs,
@@ -99,6 +135,7 @@ impl JobWorker {
             built: Mutex::new(HashMap::new()),
             codec,
             settings,
+            clock,
             wake: Arc::new(Notify::new()),
         }
     }
@@ -108,7 +145,7 @@ impl JobWorker {
         self.wake.clone()
     }
 
-    /// Runs monitor cycles until shutdown (a cycle in hand finishes first).
+    /// Runs monitor cycles until shutdown (a job in hand finishes first).
     pub async fn run(self, mut shutdown: Shutdown) {
         while !shutdown.is_triggered() {
             if let Err(e) = self.run_cycle().await {
@@ -122,72 +159,191 @@ impl JobWorker {
         }
     }
 
-    /// One monitor cycle: lease unfinished jobs and drive each as far as it goes.
+    /// One monitor cycle: every open job nobody else holds is leased, driven
+    /// as far as it goes and released, one at a time. Returns how many jobs
+    /// this worker drove.
     pub async fn run_cycle(&self) -> Result<usize, StoreError> {
-        let lease = self.settings.monitor_interval.max(Duration::from_secs(30)) * 2;
-        let leased = self
-            .jobs
-            .lease_jobs(&self.settings.owner, lease, 50)
-            .await?;
-        let count = leased.len();
+        let open = self.jobs.open_jobs(self.clock.now(), 500).await?;
+        let mut driven = 0;
         let mut stale = 0;
-        for job in leased {
-            let id = job.id;
-            // Provider calls with retries can outlast a lease: keep it renewed
-            // while this worker drives the job, so no other worker takes it.
-            let renewal = self.keep_leased(id, lease);
-            let driven = self.drive(job).await;
-            renewal.abort();
-            match driven {
-                Ok(true) => stale += 1,
-                Ok(false) => {}
+        for id in open {
+            let leased = self
+                .jobs
+                .lease_job(
+                    id,
+                    &self.settings.owner,
+                    self.clock.now(),
+                    self.settings.lease,
+                )
+                .await?;
+            // Another worker took it since the listing.
+            let Some(leased) = leased else { continue };
+            driven += 1;
+            let lease = leased.lease;
+            let renewal = self.keep_leased(lease.clone());
+            let result = self.drive(leased.job, &lease).await;
+            drop(renewal);
+            match result {
+                Ok(Driven::Waiting { stale: true }) => stale += 1,
+                Ok(_) => {}
                 Err(e) => tracing::warn!(job = %id, error = %e, "job step failed; will retry"),
             }
-            self.jobs.release(&self.settings.owner, id).await?;
+            self.jobs.release(&lease).await?;
         }
         metrics::gauge!("treasury_stale_jobs").set(stale as f64);
-        Ok(count)
+        Ok(driven)
     }
 
-    /// Renews the lease on `job` every third of `lease` until aborted.
-    fn keep_leased(&self, job: Uuid, lease: Duration) -> tokio::task::JoinHandle<()> {
+    /// Renews `lease` every third of its length until the returned guard is
+    /// dropped (also when the cycle's future is) or the lease is lost.
+    fn keep_leased(&self, lease: Lease) -> Renewal {
         let jobs = self.jobs.clone();
-        let owner = self.settings.owner.clone();
-        tokio::spawn(async move {
+        let clock = self.clock.clone();
+        let length = self.settings.lease;
+        Renewal(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(lease / 3).await;
-                match jobs.renew(&owner, job, lease).await {
+                tokio::time::sleep(length / 3).await;
+                match jobs.renew(&lease, clock.now(), length).await {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::error!(%job, alert = true, "lease on a job in hand was lost");
+                        tracing::error!(job = %lease.job, epoch = lease.epoch, alert = true,
+                            "lease on a job in hand was lost; its next write is refused");
                         return;
                     }
-                    Err(e) => tracing::warn!(%job, error = %e, "lease renewal failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(job = %lease.job, error = %e, "lease renewal failed; retrying")
+                    }
                 }
             }
-        })
+        }))
     }
 
-    /// Drives one job until it waits or ends; returns whether it is stale.
-    async fn drive(&self, mut job: ConversionJob) -> Result<bool, StoreError> {
+    /// Drives one leased job until it waits, ends, or the lease is lost.
+    async fn drive(&self, mut job: ConversionJob, lease: &Lease) -> Result<Driven, StoreError> {
+        let settings = self.settings.policy();
+        // A call recorded by an earlier lease whose answer was never stored:
+        // the provider may hold the conversion.
+        let mut called_before = job.provider_id.is_some() && job.provider_called_at.is_some();
+        let mut calls = Calls::default();
+        let mut happened = Happened::Nothing;
         loop {
-            let progress = match job.status {
-                JobStatus::Pending => self.submit(&mut job).await?,
-                JobStatus::ProviderSubmitted | JobStatus::ProviderProcessing => {
-                    self.poll(&mut job).await?
-                }
-                JobStatus::ProviderCompleted => self.complete(&mut job).await?,
-                JobStatus::LedgerUpdating => {
-                    // Completion is one transaction; a job is never left here.
-                    tracing::error!(job = %job.id, "job found in ledger_updating");
-                    Progress::Done
-                }
-                _ => Progress::Done,
+            let facts = JobFacts {
+                called_before,
+                ..JobFacts::of(&job)
             };
-            match progress {
-                Progress::Moved => continue,
-                Progress::Waiting => return Ok(job.stale_flagged_at.is_some()),
-                Progress::Done => return Ok(false),
+            let decision = policy::decide(
+                &facts,
+                &calls,
+                happened.input(),
+                self.clock.now(),
+                &settings,
+            );
+            let last = std::mem::replace(&mut happened, Happened::Nothing);
+            let step = match decision {
+                Decision::ChooseProvider => self.choose(&mut job, lease).await?,
+                Decision::Call { after } => {
+                    if !after.is_zero() {
+                        metrics::counter!("treasury_provider_retries_total").increment(1);
+                        tokio::time::sleep(after).await;
+                    }
+                    match self.call(&mut job, lease).await? {
+                        Some(answer) => {
+                            calls.record(answer.as_ref().map(|_| ()).map_err(CallError::of));
+                            happened = Happened::Initiated(answer);
+                            Step::Next
+                        }
+                        None => Step::Stop,
+                    }
+                }
+                Decision::RecordSubmitted => {
+                    let Happened::Initiated(Ok(conversion)) = last else {
+                        unreachable!("the policy records a submission only after an accepted call")
+                    };
+                    job.retry_count += calls.made.saturating_sub(1) as i32;
+                    let step = self.submitted(&mut job, lease, &conversion).await?;
+                    happened = Happened::Polled(Ok(conversion));
+                    step
+                }
+                Decision::Poll => {
+                    happened = Happened::Polled(self.poll(&job).await);
+                    Step::Next
+                }
+                Decision::RecordProcessing => {
+                    let raw = conversion_raw(last);
+                    job.status = JobStatus::ProviderProcessing;
+                    let change = Change::note("provider processing").response(raw);
+                    self.save(lease, &job, JobStatus::ProviderSubmitted, change)
+                        .await?
+                }
+                Decision::RecordCompleted => {
+                    let Happened::Polled(Ok(conversion)) = last else {
+                        unreachable!(
+                            "the policy records completion only after the provider's answer"
+                        )
+                    };
+                    self.provider_completed(&mut job, lease, conversion).await?
+                }
+                Decision::Complete => {
+                    self.complete(&mut job, lease).await?;
+                    return Ok(Driven::Done);
+                }
+                Decision::Fail { reason } => {
+                    tracing::error!(job = %job.id, %reason, alert = true, "conversion failed at the provider");
+                    let why = format!("provider failed: {reason}");
+                    let change = Change::note(&why)
+                        .response(conversion_raw(last))
+                        .outcome(failed_attempt(&job));
+                    self.end(&mut job, lease, JobStatus::Failed, &why, change)
+                        .await?;
+                    return Ok(Driven::Done);
+                }
+                Decision::FallBack => {
+                    let Happened::Initiated(Err(error)) = last else {
+                        unreachable!("the policy falls back only after a failed call")
+                    };
+                    called_before = false;
+                    let made = calls.made;
+                    calls = Calls::default();
+                    self.fall_back(&mut job, lease, &error, made).await?
+                }
+                Decision::Hold => {
+                    let Happened::Initiated(Err(error)) = last else {
+                        unreachable!("the policy holds only after a failed call")
+                    };
+                    self.hold(&mut job, lease, &error, calls.made).await?;
+                    return Ok(Driven::Waiting { stale: false });
+                }
+                Decision::FlagStale => {
+                    job.stale_flagged_at = Some(self.clock.now());
+                    tracing::warn!(job = %job.id, provider = ?job.provider_name, alert = true, "conversion job is stale");
+                    self.save(lease, &job, job.status, Change::note("flagged stale"))
+                        .await?;
+                    return Ok(Driven::Waiting { stale: true });
+                }
+                Decision::PollLater => {
+                    if let Happened::Polled(Err(e)) = &last {
+                        tracing::warn!(job = %job.id, provider = ?job.provider_name, error = %e, "status poll failed");
+                    }
+                    return Ok(Driven::Waiting {
+                        stale: job.stale_flagged_at.is_some(),
+                    });
+                }
+                Decision::NeedsReview(review) => {
+                    let why = review_reason(&job, review, &last);
+                    let change = Change::note(&why).outcome(failed_attempt(&job));
+                    self.end(&mut job, lease, JobStatus::NeedsReview, &why, change)
+                        .await?;
+                    return Ok(Driven::Done);
+                }
+                Decision::Stop => {
+                    if job.status == JobStatus::LedgerUpdating {
+                        tracing::error!(job = %job.id, "job found in ledger_updating");
+                    }
+                    return Ok(Driven::Done);
+                }
+            };
+            if let Step::Stop = step {
+                return Ok(Driven::Done);
             }
         }
     }
@@ -202,412 +358,326 @@ impl JobWorker {
         Ok(provider)
     }
 
-    async fn save(
+    /// The job's provider row and client.
+    async fn job_provider(
         &self,
         job: &ConversionJob,
+    ) -> Result<(ProviderRow, Arc<dyn ConversionProvider>), ProviderError> {
+        let rows = self
+            .jobs
+            .providers()
+            .await
+            .map_err(|e| ProviderError::Retryable {
+                reason: format!("provider rows unavailable: {e}"),
+                retry_after_ms: None,
+            })?;
+        let row = job
+            .provider_id
+            .and_then(|id| rows.into_iter().find(|r| r.id == id))
+            .ok_or_else(|| {
+                ProviderError::Configuration(format!(
+                    "the job's provider {:?} has no row",
+                    job.provider_name
+                ))
+            })?;
+        let client = self.provider(&row)?;
+        Ok((row, client))
+    }
+
+    /// Stores `job` (read in status `from`) under the lease, with `change`
+    /// for the history; [`Step::Stop`] when the write is refused.
+    async fn save(
+        &self,
+        lease: &Lease,
+        job: &ConversionJob,
         from: JobStatus,
-        note: &str,
-        response: Option<serde_json::Value>,
-        reason: Option<String>,
-    ) -> Result<bool, StoreError> {
+        change: Change<'_>,
+    ) -> Result<Step, StoreError> {
         let saved = self
             .jobs
             .update_job(JobUpdate {
+                lease,
+                now: self.clock.now(),
                 job,
                 from,
-                note,
-                provider_response: response,
-                selection_reason: reason,
+                note: change.note,
+                provider_response: change.response,
+                selection_reason: change.reason,
+                outcome: change.outcome,
             })
             .await?;
-        if !saved {
-            tracing::warn!(job = %job.id, "job changed under this worker; leaving it");
+        if saved {
+            Ok(Step::Next)
+        } else {
+            lost(lease);
+            Ok(Step::Stop)
         }
-        Ok(saved)
     }
 
-    /// `pending`: pick a provider, record it, initiate (with retries), or fall back.
-    async fn submit(&self, job: &mut ConversionJob) -> Result<Progress, StoreError> {
+    /// `pending` at no provider: choose one among those not given up on and
+    /// record the choice under the lease, or fail with none left.
+    async fn choose(&self, job: &mut ConversionJob, lease: &Lease) -> Result<Step, StoreError> {
         let rows = self.jobs.providers().await?;
-        // Whether a call for this job may already have reached the chosen
-        // provider (an earlier worker chose it, maybe called it, and stopped).
-        let mut called_before = false;
-        let row = match job
-            .provider_id
-            .and_then(|id| rows.iter().find(|r| r.id == id))
-        {
-            // Chosen before a crash or a hold: call the same provider again
-            // with the same key.
-            Some(row) if !job.attempted_providers.contains(&row.id) => {
-                called_before = true;
-                row.clone()
+        let now = self.clock.now();
+        let outcomes = self
+            .jobs
+            .provider_outcomes(now - self.settings.health_window)
+            .await?;
+        let records = track_records(&outcomes, now, self.settings.health_window);
+        let candidates: Vec<ProviderRow> = rows
+            .iter()
+            .filter(|r| !job.attempted_providers.contains(&r.id))
+            .cloned()
+            .collect();
+        let in_flight = self.jobs.in_flight_by_provider().await?;
+        let selection = select_providers(
+            &candidates,
+            job.direction,
+            job.amount.value,
+            &in_flight,
+            &records,
+            &HealthRule::default(),
+        );
+        let summary = selection.summary();
+        let Some(chosen) = selection.chosen() else {
+            // Name the providers already given up on and the last error, not
+            // only the (possibly empty) remaining candidates.
+            let tried: Vec<&str> = job
+                .attempted_providers
+                .iter()
+                .filter_map(|id| rows.iter().find(|r| r.id == *id))
+                .map(|r| r.name.as_str())
+                .collect();
+            let mut why = format!("no provider left: {summary}");
+            if !tried.is_empty() {
+                why.push_str(&format!("; tried {}", tried.join(", ")));
             }
-            _ => {
-                let candidates: Vec<ProviderRow> = rows
-                    .iter()
-                    .filter(|r| !job.attempted_providers.contains(&r.id))
-                    .cloned()
-                    .collect();
-                let in_flight = self.jobs.in_flight_by_provider().await?;
-                let selection = select_providers(
-                    &candidates,
-                    job.direction,
-                    job.amount.value,
-                    &in_flight,
-                    &HealthRule::default(),
-                );
-                let summary = selection.summary();
-                let Some(chosen) = selection.chosen() else {
-                    // Name the providers already given up on and the last
-                    // error, not only the (possibly empty) remaining candidates.
-                    let tried: Vec<&str> = job
-                        .attempted_providers
-                        .iter()
-                        .filter_map(|id| rows.iter().find(|r| r.id == *id))
-                        .map(|r| r.name.as_str())
-                        .collect();
-                    let mut why = format!("no provider left: {summary}");
-                    if !tried.is_empty() {
-                        why.push_str(&format!("; tried {}", tried.join(", ")));
-                    }
-                    if let Some(last) = &job.error_message {
-                        why.push_str(&format!("; last error: {last}"));
-                    }
-                    return self.fail(job, why).await;
-                };
-                let row = chosen.row.clone();
-                tracing::info!(job = %job.id, provider = %row.name, reason = %summary, "provider selected");
-                job.provider_id = Some(row.id);
-                job.provider_name = Some(row.name.clone());
-                if !self
-                    .save(
-                        job,
-                        JobStatus::Pending,
-                        "provider selected",
-                        None,
-                        Some(summary),
-                    )
-                    .await?
-                {
-                    return Ok(Progress::Done);
-                }
-                row
+            if let Some(last) = &job.error_message {
+                why.push_str(&format!("; last error: {last}"));
             }
+            tracing::error!(job = %job.id, reason = %why, alert = true, "conversion job failed");
+            self.end(job, lease, JobStatus::Failed, &why, Change::note(&why))
+                .await?;
+            return Ok(Step::Stop);
         };
-        let outcome = match self.provider(&row) {
-            Ok(provider) => self.initiate(provider.as_ref(), job).await,
-            Err(error) => Err(InitiateFailure {
-                error,
-                attempts: 0,
-                may_have_acted: false,
-            }),
-        };
-        match outcome {
-            Ok((conversion, attempts)) => {
-                job.retry_count += attempts.saturating_sub(1) as i32;
-                job.provider_tx_id = Some(conversion.provider_tx_id.clone());
-                job.submitted_at = Some(Utc::now());
-                job.status = JobStatus::ProviderSubmitted;
-                let note = format!("submitted to {} as {}", row.name, conversion.provider_tx_id);
-                if !self
-                    .save(
-                        job,
-                        JobStatus::Pending,
-                        &note,
-                        Some(conversion.raw.clone()),
-                        None,
-                    )
-                    .await?
-                {
-                    return Ok(Progress::Done);
-                }
-                self.apply_state(job, conversion).await
-            }
-            Err(failure) if called_before || failure.may_have_acted => {
-                self.hold(job, &row, failure).await
-            }
-            Err(InitiateFailure {
-                error, attempts, ..
-            }) => {
-                job.retry_count += attempts.saturating_sub(1) as i32;
-                job.attempted_providers.push(row.id);
-                job.provider_id = None;
-                job.provider_name = None;
-                job.error_message = Some(format!("{}: {error}", row.name));
-                self.jobs.record_provider_failure(row.id).await?;
-                tracing::warn!(job = %job.id, provider = %row.name, %error, attempts,
-                    "provider gave up; falling back to the next one");
-                let note = format!("{} failed after {attempts} attempts: {error}", row.name);
-                if !self
-                    .save(job, JobStatus::Pending, &note, None, None)
-                    .await?
-                {
-                    return Ok(Progress::Done);
-                }
-                Ok(Progress::Moved)
-            }
-        }
+        tracing::info!(job = %job.id, provider = %chosen.row.name, reason = %summary, "provider selected");
+        job.provider_id = Some(chosen.row.id);
+        job.provider_name = Some(chosen.row.name.clone());
+        job.provider_called_at = None;
+        let change = Change::note("provider selected").reason(summary);
+        self.save(lease, job, JobStatus::Pending, change).await
     }
 
-    /// The provider may hold a conversion for this job, so the job stays with
-    /// it: a retryable failure waits for the next monitor cycle (the same call,
-    /// the same key); a final one, or one past the conversion timeout, goes to
-    /// a person.
-    async fn hold(
+    /// Records the call under the lease, then calls initiate (bounded by
+    /// `call_timeout`). None: the lease is lost and no call was made.
+    async fn call(
         &self,
         job: &mut ConversionJob,
-        row: &ProviderRow,
-        failure: InitiateFailure,
-    ) -> Result<Progress, StoreError> {
-        let InitiateFailure {
-            error, attempts, ..
-        } = failure;
-        job.retry_count += attempts.saturating_sub(1) as i32;
-        self.jobs.record_provider_failure(row.id).await?;
-        let waited = Utc::now() - job.created_at;
-        if !error.is_retryable() || waited >= self.settings.conversion_timeout {
-            let why = format!(
-                "{} may hold conversion {} (a call went unanswered) but its last answer, {} after the command, was: {error}; \
-                 check at {} whether it executed before resolving",
-                row.name,
-                job.id,
-                readable(waited),
-                row.name
-            );
-            return self.needs_review(job, &why).await;
+        lease: &Lease,
+    ) -> Result<Option<Result<ProviderConversion, ProviderError>>, StoreError> {
+        let now = self.clock.now();
+        if !self
+            .jobs
+            .record_call(lease, now, self.settings.lease)
+            .await?
+        {
+            lost(lease);
+            return Ok(None);
         }
-        job.error_message = Some(format!("{}: {error}", row.name));
-        metrics::counter!("treasury_jobs_held_total").increment(1);
-        tracing::warn!(job = %job.id, provider = %row.name, %error, attempts,
-            "provider may have acted without answering; holding the job there (no fallback)");
-        let note = format!(
-            "held at {}: outcome unknown after {attempts} attempts ({error}); asking again next cycle",
-            row.name
-        );
-        Ok(
-            if self
-                .save(job, JobStatus::Pending, &note, None, None)
-                .await?
-            {
-                Progress::Waiting
-            } else {
-                Progress::Done
-            },
-        )
-    }
-
-    /// Initiates with retries on retryable errors; returns the number of
-    /// attempts with the conversion, or why it gave up.
-    async fn initiate(
-        &self,
-        provider: &dyn ConversionProvider,
-        job: &ConversionJob,
-    ) -> Result<(ProviderConversion, u32), InitiateFailure> {
+        job.provider_called_at = Some(now);
+        let client = match self.job_provider(job).await {
+            Ok((_, client)) => client,
+            Err(e) => return Ok(Some(Err(e))),
+        };
         let request = ConversionRequest {
             idempotency_key: job.id,
             direction: job.direction,
             amount: job.amount,
         };
-        let attempts = std::sync::atomic::AtomicU32::new(0);
-        let unanswered = std::sync::atomic::AtomicBool::new(false);
-        let policy = ExponentialBackoff {
-            initial_interval: self.settings.retry_initial,
-            max_interval: self.settings.retry_initial * 16,
-            max_elapsed_time: None,
-            ..ExponentialBackoff::default()
-        };
-        let max = self.settings.max_retries + 1;
-        let result = backoff::future::retry(policy, || async {
-            let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            let answer = provider.initiate(&request).await;
-            if answer.as_ref().is_err_and(ProviderError::may_have_acted) {
-                unanswered.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            match answer {
-                Ok(c) => Ok(c),
-                Err(e) if e.is_retryable() && n < max => {
-                    tracing::info!(job = %job.id, attempt = n, error = %e, "retrying provider call");
-                    metrics::counter!("treasury_provider_retries_total").increment(1);
-                    Err(backoff::Error::transient(e))
-                }
-                Err(e) => Err(backoff::Error::permanent(e)),
-            }
-        })
-        .await;
-        let attempts = attempts.load(std::sync::atomic::Ordering::SeqCst);
-        result
-            .map(|c| (c, attempts))
-            .map_err(|error| InitiateFailure {
-                error,
-                attempts,
-                may_have_acted: unanswered.load(std::sync::atomic::Ordering::SeqCst),
-            })
+        let answer =
+            match tokio::time::timeout(self.settings.call_timeout, client.initiate(&request)).await
+            {
+                Ok(answer) => answer,
+                Err(_) => Err(ProviderError::OutcomeUnknown {
+                    reason: format!(
+                        "no answer within {}",
+                        humantime::format_duration(self.settings.call_timeout)
+                    ),
+                }),
+            };
+        if let Err(e) = &answer {
+            tracing::info!(job = %job.id, provider = ?job.provider_name, error = %e, "provider call failed");
+        }
+        Ok(Some(answer))
     }
 
-    /// `provider_submitted` / `provider_processing`: ask the provider.
-    async fn poll(&self, job: &mut ConversionJob) -> Result<Progress, StoreError> {
-        let rows = self.jobs.providers().await?;
-        let (Some(row), Some(tx_id)) = (
-            job.provider_id
-                .and_then(|id| rows.into_iter().find(|r| r.id == id)),
-            job.provider_tx_id.clone(),
-        ) else {
-            return self
-                .needs_review(
-                    job,
-                    "job at a provider without a provider or transaction id",
-                )
-                .await;
-        };
-        let polled = match self.provider(&row) {
-            Ok(provider) => provider.status(&tx_id).await,
-            Err(e) => Err(e),
-        };
-        match polled {
-            Ok(conversion) => {
-                let from = job.status;
-                let progress = self.apply_state(job, conversion).await?;
-                if job.status == from {
-                    return self.check_age(job).await;
-                }
-                Ok(progress)
-            }
-            Err(e) => {
-                tracing::warn!(job = %job.id, provider = %row.name, error = %e, "status poll failed");
-                self.check_age(job).await
-            }
+    /// Asks the job's provider for the conversion's state (bounded by `call_timeout`).
+    async fn poll(&self, job: &ConversionJob) -> Result<ProviderConversion, ProviderError> {
+        let (_, client) = self.job_provider(job).await?;
+        let tx_id = job.provider_tx_id.clone().unwrap_or_default();
+        match tokio::time::timeout(self.settings.call_timeout, client.status(&tx_id)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ProviderError::Retryable {
+                reason: "status poll timed out".into(),
+                retry_after_ms: None,
+            }),
         }
     }
 
-    /// Moves the job to match the provider's view.
-    async fn apply_state(
+    /// The provider accepted the conversion.
+    async fn submitted(
         &self,
         job: &mut ConversionJob,
+        lease: &Lease,
+        conversion: &ProviderConversion,
+    ) -> Result<Step, StoreError> {
+        job.provider_tx_id = Some(conversion.provider_tx_id.clone());
+        job.submitted_at = Some(self.clock.now());
+        job.status = JobStatus::ProviderSubmitted;
+        let note = format!(
+            "submitted to {} as {}",
+            job.provider_name.as_deref().unwrap_or("?"),
+            conversion.provider_tx_id
+        );
+        let change = Change::note(&note).response(Some(conversion.raw.clone()));
+        self.save(lease, job, JobStatus::Pending, change).await
+    }
+
+    async fn provider_completed(
+        &self,
+        job: &mut ConversionJob,
+        lease: &Lease,
         conversion: ProviderConversion,
-    ) -> Result<Progress, StoreError> {
-        let from = job.status;
-        match conversion.state {
-            ProviderState::Submitted => Ok(Progress::Waiting),
-            ProviderState::Processing if from == JobStatus::ProviderSubmitted => {
-                job.status = JobStatus::ProviderProcessing;
-                self.saved(job, from, "provider processing", Some(conversion.raw))
-                    .await
-            }
-            ProviderState::Processing => Ok(Progress::Waiting),
-            ProviderState::Completed {
-                destination_amount,
-                fee,
-                rate,
-            } => {
-                job.destination_amount = Some(destination_amount);
-                job.fee = Some(fee);
-                // Amounts stay exact; the rate is kept at the 10 places the
-                // ledger schema and the database carry.
-                job.exchange_rate = Some(rate.round_dp_with_strategy(
-                    crate::codec::records::RATE_SCALE,
-                    rust_decimal::RoundingStrategy::MidpointNearestEven,
-                ));
-                job.status = JobStatus::ProviderCompleted;
-                let note = format!(
-                    "provider completed: {destination_amount} received, fee {fee}, rate {rate}"
-                );
-                self.saved(job, from, &note, Some(conversion.raw)).await
-            }
-            ProviderState::Failed { reason } => {
-                if let Some(p) = job.provider_id {
-                    self.jobs.record_provider_failure(p).await?;
-                }
-                job.error_message = Some(reason.clone());
-                job.status = JobStatus::Failed;
-                metrics::counter!("treasury_jobs_failed_total").increment(1);
-                tracing::error!(job = %job.id, %reason, alert = true, "conversion failed at the provider");
-                self.saved(
-                    job,
-                    from,
-                    &format!("provider failed: {reason}"),
-                    Some(conversion.raw),
-                )
-                .await
-            }
-        }
-    }
-
-    async fn saved(
-        &self,
-        job: &ConversionJob,
-        from: JobStatus,
-        note: &str,
-        response: Option<serde_json::Value>,
-    ) -> Result<Progress, StoreError> {
-        Ok(if self.save(job, from, note, response, None).await? {
-            Progress::Moved
-        } else {
-            Progress::Done
-        })
-    }
-
-    /// Flags a job stale, or hands it to a person after the conversion timeout.
-    async fn check_age(&self, job: &mut ConversionJob) -> Result<Progress, StoreError> {
-        let Some(submitted) = job.submitted_at else {
-            return Ok(Progress::Waiting);
+    ) -> Result<Step, StoreError> {
+        let ProviderState::Completed {
+            destination_amount,
+            fee,
+            rate,
+        } = conversion.state
+        else {
+            unreachable!("recorded only for a completed conversion")
         };
-        let waited = Utc::now() - submitted;
-        if waited >= self.settings.conversion_timeout {
-            return self
-                .needs_review(job, &format!("no final answer from the provider after {}; check at the provider before acting", readable(waited)))
-                .await;
-        }
-        if waited >= self.settings.stale_after && job.stale_flagged_at.is_none() {
-            job.stale_flagged_at = Some(Utc::now());
-            tracing::warn!(job = %job.id, provider = ?job.provider_name, %waited, alert = true, "conversion job is stale");
-            self.save(job, job.status, "flagged stale", None, None)
-                .await?;
-        }
-        Ok(Progress::Waiting)
+        let from = job.status;
+        job.destination_amount = Some(destination_amount);
+        job.fee = Some(fee);
+        // Amounts stay exact; the rate is kept at the 10 places the ledger
+        // schema and the database carry.
+        job.exchange_rate = Some(rate.round_dp_with_strategy(
+            crate::codec::records::RATE_SCALE,
+            rust_decimal::RoundingStrategy::MidpointNearestEven,
+        ));
+        job.status = JobStatus::ProviderCompleted;
+        let note =
+            format!("provider completed: {destination_amount} received, fee {fee}, rate {rate}");
+        self.save(
+            lease,
+            job,
+            from,
+            Change::note(&note).response(Some(conversion.raw)),
+        )
+        .await
     }
 
-    async fn needs_review(
+    /// The provider did nothing with the job: give it up and choose the next.
+    async fn fall_back(
         &self,
         job: &mut ConversionJob,
-        why: &str,
-    ) -> Result<Progress, StoreError> {
-        let from = job.status;
-        job.status = JobStatus::NeedsReview;
-        job.error_message = Some(why.to_owned());
-        metrics::counter!("treasury_jobs_needs_review_total").increment(1);
-        tracing::error!(job = %job.id, reason = why, alert = true, "conversion job needs a person");
-        self.save(job, from, why, None, None).await?;
-        Ok(Progress::Done)
+        lease: &Lease,
+        error: &ProviderError,
+        calls: u32,
+    ) -> Result<Step, StoreError> {
+        let name = job.provider_name.clone().unwrap_or_default();
+        let outcome = failed_attempt(job);
+        job.retry_count += calls.saturating_sub(1) as i32;
+        job.attempted_providers.extend(job.provider_id);
+        job.provider_id = None;
+        job.provider_name = None;
+        job.provider_called_at = None;
+        job.error_message = Some(format!("{name}: {error}"));
+        tracing::warn!(job = %job.id, provider = %name, %error, calls,
+            "provider gave up; falling back to the next one");
+        let note = format!("{name} failed after {calls} attempts: {error}");
+        self.save(
+            lease,
+            job,
+            JobStatus::Pending,
+            Change::note(&note).outcome(outcome),
+        )
+        .await
     }
 
-    async fn fail(&self, job: &mut ConversionJob, why: String) -> Result<Progress, StoreError> {
+    /// The provider may hold a conversion for this job, so the job stays
+    /// with it: the same call, the same key, next monitor cycle.
+    async fn hold(
+        &self,
+        job: &mut ConversionJob,
+        lease: &Lease,
+        error: &ProviderError,
+        calls: u32,
+    ) -> Result<Step, StoreError> {
+        let name = job.provider_name.clone().unwrap_or_default();
+        job.retry_count += calls.saturating_sub(1) as i32;
+        job.error_message = Some(format!("{name}: {error}"));
+        metrics::counter!("treasury_jobs_held_total").increment(1);
+        tracing::warn!(job = %job.id, provider = %name, %error, calls,
+            "provider may have acted without answering; holding the job there (no fallback)");
+        let note = format!(
+            "held at {name}: outcome unknown after {calls} attempts ({error}); asking again next cycle"
+        );
+        self.save(lease, job, JobStatus::Pending, Change::note(&note))
+            .await
+    }
+
+    /// Ends the job's drive in `status` (`failed`, or `needs_review` for a
+    /// person), with `why` as its error message and note.
+    async fn end(
+        &self,
+        job: &mut ConversionJob,
+        lease: &Lease,
+        status: JobStatus,
+        why: &str,
+        change: Change<'_>,
+    ) -> Result<Step, StoreError> {
         let from = job.status;
-        job.status = JobStatus::Failed;
-        job.error_message = Some(why.clone());
-        metrics::counter!("treasury_jobs_failed_total").increment(1);
-        tracing::error!(job = %job.id, reason = %why, alert = true, "conversion job failed");
-        self.save(job, from, &why, None, None).await?;
-        Ok(Progress::Done)
+        job.status = status;
+        job.error_message = Some(why.to_owned());
+        if status == JobStatus::NeedsReview {
+            metrics::counter!("treasury_jobs_needs_review_total").increment(1);
+            tracing::error!(job = %job.id, reason = why, alert = true, "conversion job needs a person");
+        } else {
+            metrics::counter!("treasury_jobs_failed_total").increment(1);
+        }
+        self.save(
+            lease,
+            job,
+            from,
+            Change {
+                note: why,
+                ..change
+            },
+        )
+        .await
     }
 
     /// `provider_completed`: the posting, balances and completion, in one transaction.
-    async fn complete(&self, job: &mut ConversionJob) -> Result<Progress, StoreError> {
+    async fn complete(&self, job: &mut ConversionJob, lease: &Lease) -> Result<(), StoreError> {
         let (Some(destination_amount), Some(fee), Some(rate)) =
             (job.destination_amount, job.fee, job.exchange_rate)
         else {
             tracing::error!(job = %job.id, alert = true, "completed at the provider without amounts");
-            return Ok(Progress::Done);
+            return Ok(());
         };
         let settled = Settlement {
             destination_amount,
             fee,
             rate,
         };
-        let posting = match ledger::posting_for(job, &settled, Utc::now()) {
+        let now = self.clock.now();
+        let posting = match ledger::posting_for(job, &settled, now) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(job = %job.id, error = %e, alert = true, "ledger posting refused; job left for reconciliation");
-                return Ok(Progress::Done);
+                return Ok(());
             }
         };
         let payload = encode_posting(&self.codec, &posting)
@@ -622,12 +692,118 @@ impl JobWorker {
                 ("idempotency-key".into(), posting.idempotency_key.clone()),
             ],
         };
-        if self.jobs.complete_job(job, &posting, &message).await? {
+        if self
+            .jobs
+            .complete_job(lease, now, job, &posting, &message)
+            .await?
+        {
             job.status = JobStatus::Completed;
             metrics::counter!("treasury_jobs_completed_total").increment(1);
             tracing::info!(job = %job.id, posting = %posting.posting_id, "conversion completed and posted");
+        } else {
+            lost(lease);
         }
-        Ok(Progress::Done)
+        Ok(())
+    }
+}
+
+/// What a stored step says for the audit trail and provider health.
+struct Change<'a> {
+    /// The history note.
+    note: &'a str,
+    /// The provider's answer, kept on the job.
+    response: Option<serde_json::Value>,
+    /// Why the provider was chosen.
+    reason: Option<String>,
+    /// How the job's attempt at its provider ended, if it did.
+    outcome: Option<Outcome>,
+}
+
+impl<'a> Change<'a> {
+    fn note(note: &'a str) -> Self {
+        Self {
+            note,
+            response: None,
+            reason: None,
+            outcome: None,
+        }
+    }
+
+    fn response(self, response: Option<serde_json::Value>) -> Self {
+        Self { response, ..self }
+    }
+
+    fn reason(self, reason: String) -> Self {
+        Self {
+            reason: Some(reason),
+            ..self
+        }
+    }
+
+    fn outcome(self, outcome: Option<Outcome>) -> Self {
+        Self { outcome, ..self }
+    }
+}
+
+/// Stops renewing a lease when dropped.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether the step's write went through.
+enum Step {
+    /// Stored (or nothing to store): ask the policy again.
+    Next,
+    /// Refused, or nothing more to do: stop driving the job.
+    Stop,
+}
+
+fn lost(lease: &Lease) {
+    tracing::warn!(job = %lease.job, owner = %lease.owner, epoch = lease.epoch,
+        "job write refused: the lease lapsed, another worker took the job, or it changed; stopping before any further provider call");
+}
+
+/// A failed attempt at the job's provider, for its health.
+fn failed_attempt(job: &ConversionJob) -> Option<Outcome> {
+    job.provider_id.map(|provider| Outcome {
+        provider,
+        succeeded: false,
+    })
+}
+
+/// The provider's raw answer carried by the last input, for the audit trail.
+fn conversion_raw(last: Happened) -> Option<serde_json::Value> {
+    match last {
+        Happened::Initiated(Ok(c)) | Happened::Polled(Ok(c)) => Some(c.raw),
+        _ => None,
+    }
+}
+
+/// The message a person reads on a job in `needs_review`.
+fn review_reason(job: &ConversionJob, review: Review, last: &Happened) -> String {
+    let name = job.provider_name.as_deref().unwrap_or("the provider");
+    match review {
+        Review::MayHoldConversion { waited, .. } => {
+            let error = match last {
+                Happened::Initiated(Err(e)) => e.to_string(),
+                _ => "no answer".into(),
+            };
+            format!(
+                "{name} may hold conversion {} (a call went unanswered) but its last answer, {} after the command, was: {error}; \
+                 check at {name} whether it executed before resolving",
+                job.id,
+                readable(waited),
+            )
+        }
+        Review::NoFinalAnswer { waited } => format!(
+            "no final answer from the provider after {}; check at the provider before acting",
+            readable(waited)
+        ),
+        Review::NothingToAsk => "job at a provider without a provider or transaction id".into(),
     }
 }
 

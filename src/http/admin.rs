@@ -1,7 +1,8 @@
 //! Emergency manual overrides for operators, behind the bearer token: pause
 //! and resume auto-rebalance, change a provider's status, cancel a job that
 //! has not reached a provider (or that waits for a person). Every change is
-//! one statement or transaction and leaves an audit trail.
+//! one statement or transaction and leaves an audit trail; job status changes
+//! go through the job state machine in the store.
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -12,22 +13,17 @@ use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{ApiError, AppState, authorize, internal};
+use super::{ApiError, AppState, authorize, internal, json_body};
+use crate::domain::JobStatus;
 use crate::providers::ProviderStatus;
+use crate::store::jobs::JobStore;
+use crate::store::operator::{OperatorAction, OperatorOutcome};
 
 fn job_id(text: &str) -> Result<Uuid, ApiError> {
     text.parse().map_err(|_| ApiError {
         status: StatusCode::BAD_REQUEST,
         code: "bad_job_id",
         message: format!("{text:?} is not a uuid"),
-    })
-}
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        code: "bad_request",
-        message: e.body_text(),
     })
 }
 
@@ -111,7 +107,8 @@ pub async fn set_provider_status(
 /// `POST /v1/jobs/{id}/cancel`: only a `pending` job with no provider chosen
 /// (nothing sent yet) or one in `needs_review` (a person checked the provider)
 /// may be cancelled. A pending job held at a provider may already have been
-/// executed there, so it is refused until it reaches `needs_review`.
+/// executed there, so it is refused until it reaches `needs_review`. The job
+/// state machine decides, in the store ([`crate::store::operator`]).
 pub async fn cancel_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -119,63 +116,40 @@ pub async fn cancel_job(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let id = job_id(&id)?;
-    let pool = pg(&state)?.pool();
-    let mut tx = pool.begin().await.map_err(internal)?;
-    let found: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT status, provider_name FROM conversion_jobs WHERE id = $1 FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(internal)?;
-    let Some((from, provider)) = found else {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "unknown_job",
-            message: format!("no job {id}"),
-        });
-    };
-    if from == "pending"
-        && let Some(provider) = provider
-    {
-        return Err(ApiError {
-            status: StatusCode::CONFLICT,
-            code: "not_cancellable",
-            message: format!(
-                "job {id} is pending at {provider}, which may already hold the conversion; \
-                 it can be cancelled once it is in needs_review"
-            ),
-        });
-    }
-    if from != "pending" && from != "needs_review" {
-        return Err(ApiError {
-            status: StatusCode::CONFLICT,
-            code: "not_cancellable",
-            message: format!(
-                "job {id} is {from}; only pending or needs_review jobs can be cancelled"
-            ),
-        });
-    }
-    sqlx::query("UPDATE conversion_jobs SET status = 'cancelled', cancelled_at = now(), updated_at = now() WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(internal)?;
-    sqlx::query(
-        "INSERT INTO conversion_job_history (job_id, from_status, to_status, note) VALUES ($1, $2, 'cancelled', 'cancelled by an operator')",
-    )
-    .bind(id)
-    .bind(&from)
-    .execute(&mut *tx)
-    .await
-    .map_err(internal)?;
-    tx.commit().await.map_err(internal)?;
+    let (job, from) = apply(&state, id, &OperatorAction::Cancel, "not_cancellable").await?;
     tracing::warn!(job = %id, from = %from, "job cancelled by an operator");
-    Ok((
-        StatusCode::OK,
-        Json(json!({"job": id, "status": "cancelled"})),
-    )
-        .into_response())
+    Ok(Json(json!({"job": id, "status": job.status.as_str()})).into_response())
+}
+
+/// Applies an operator's action through the store, answering 404 for an
+/// unknown job and 409 (`refused_code`) when the state machine refuses.
+async fn apply(
+    state: &AppState,
+    id: Uuid,
+    action: &OperatorAction,
+    refused_code: &'static str,
+) -> Result<(Box<crate::domain::ConversionJob>, JobStatus), ApiError> {
+    match pg(state)?
+        .operator_change(id, action)
+        .await
+        .map_err(internal)?
+    {
+        OperatorOutcome::Done { job, from } => Ok((job, from)),
+        OperatorOutcome::NotFound => Err(unknown_job(id)),
+        OperatorOutcome::Refused { reason, .. } => Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: refused_code,
+            message: format!("job {id} is {reason}"),
+        }),
+    }
+}
+
+fn unknown_job(id: Uuid) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "unknown_job",
+        message: format!("no job {id}"),
+    }
 }
 
 /// Body of `POST /v1/jobs/{id}/resolve`: what a person found at the provider.
@@ -206,7 +180,7 @@ pub async fn resolve_job(
     headers: HeaderMap,
     body: Result<Json<Resolution>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    use crate::domain::{ConversionDirection, Money};
+    use crate::domain::Money;
 
     authorize(&state, &headers)?;
     let id = job_id(&id)?;
@@ -216,31 +190,13 @@ pub async fn resolve_job(
         code: "bad_resolution",
         message,
     };
-    let pool = pg(&state)?.pool();
-    let mut tx = pool.begin().await.map_err(internal)?;
-    let row: Option<(String, String, rust_decimal::Decimal)> = sqlx::query_as(
-        "SELECT status, direction, amount FROM conversion_jobs WHERE id = $1 FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(internal)?;
-    let Some((status, direction, amount)) = row else {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "unknown_job",
-            message: format!("no job {id}"),
-        });
-    };
-    if status != "needs_review" {
-        return Err(ApiError {
-            status: StatusCode::CONFLICT,
-            code: "not_in_review",
-            message: format!("job {id} is {status}; only needs_review jobs are resolved by hand"),
-        });
-    }
-    let direction: ConversionDirection = direction.parse().map_err(internal)?;
-    let (to, note) = match resolution {
+    let job = pg(&state)?
+        .job(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| unknown_job(id))?;
+    let direction = job.direction;
+    let action = match resolution {
         Resolution::Completed {
             destination_amount,
             fee,
@@ -251,57 +207,26 @@ pub async fn resolve_job(
                 .map_err(|e| bad(format!("destination_amount: {e}")))?;
             let charged = Money::new(direction.source_currency(), fee)
                 .map_err(|e| bad(format!("fee: {e}")))?;
-            if charged.value < rust_decimal::Decimal::ZERO || charged.value >= amount {
+            if charged.value < rust_decimal::Decimal::ZERO || charged.value >= job.amount.value {
                 return Err(bad(format!(
-                    "fee {fee} must be at least 0 and below the amount {amount}"
+                    "fee {fee} must be at least 0 and below the amount {}",
+                    job.amount.value
                 )));
             }
             if rate <= rust_decimal::Decimal::ZERO {
                 return Err(bad(format!("rate {rate} must be positive")));
             }
-            sqlx::query(
-                "UPDATE conversion_jobs SET status = 'provider_completed', provider_completed_at = now(),
-                        destination_amount = $2, fees_amount = $3, fees_currency = $4, exchange_rate = $5,
-                        provider_tx_id = coalesce($6, provider_tx_id),
-                        updated_at = now() WHERE id = $1",
-            )
-            .bind(id)
-            .bind(received.value)
-            .bind(charged.value)
-            .bind(charged.currency.code())
-            .bind(rate.round_dp(crate::codec::records::RATE_SCALE))
-            .bind(provider_tx_id.filter(|t| !t.trim().is_empty()))
-            .execute(&mut *tx)
-            .await
-            .map_err(internal)?;
-            (
-                "provider_completed",
-                format!("resolved by an operator: {received} received, fee {charged}, rate {rate}"),
-            )
+            OperatorAction::Completed {
+                destination_amount: received,
+                fee: charged,
+                rate,
+                provider_tx_id,
+            }
         }
-        Resolution::Failed { reason } => {
-            sqlx::query(
-                "UPDATE conversion_jobs SET status = 'failed', failed_at = now(), error_message = $2,
-                        updated_at = now() WHERE id = $1",
-            )
-            .bind(id)
-            .bind(&reason)
-            .execute(&mut *tx)
-            .await
-            .map_err(internal)?;
-            ("failed", format!("resolved by an operator: {reason}"))
-        }
+        Resolution::Failed { reason } => OperatorAction::Failed { reason },
     };
-    sqlx::query(
-        "INSERT INTO conversion_job_history (job_id, from_status, to_status, note) VALUES ($1, 'needs_review', $2, $3)",
-    )
-    .bind(id)
-    .bind(to)
-    .bind(&note)
-    .execute(&mut *tx)
-    .await
-    .map_err(internal)?;
-    tx.commit().await.map_err(internal)?;
-    tracing::warn!(job = %id, to, %note, "job resolved by an operator");
-    Ok(Json(json!({"job": id, "status": to})).into_response())
+    let (job, _) = apply(&state, id, &action, "not_in_review").await?;
+    let note = crate::store::operator::note(&action);
+    tracing::warn!(job = %id, to = job.status.as_str(), %note, "job resolved by an operator");
+    Ok(Json(json!({"job": id, "status": job.status.as_str()})).into_response())
 }

@@ -2,12 +2,13 @@
 //! operator endpoints (behind a bearer token). Errors are JSON with a 4xx/5xx.
 
 mod admin;
+pub mod conversions;
 pub mod webhooks;
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -31,6 +32,8 @@ pub struct AppState {
     pub wake_executor: Option<Arc<tokio::sync::Notify>>,
     /// Reads a secret by variable name (the process environment in production).
     pub env: SecretLookup,
+    /// Where `POST /v1/conversions` sends manual commands (absent: refused).
+    pub conversions: Option<conversions::ManualConversions>,
 }
 
 /// An error answered as `{"error": ..., "message": ...}`.
@@ -57,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/buffers", get(buffers))
         .route("/v1/settlement/trigger", post(trigger))
+        .route("/v1/conversions", post(conversions::create))
         .route("/v1/auto-rebalance/{action}", post(admin::set_paused))
         .route(
             "/v1/providers/{name}/status",
@@ -72,7 +76,82 @@ pub fn router(state: AppState) -> Router {
                 message: "no such endpoint".into(),
             }
         })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// A handler's JSON body, or the JSON error for its rejection: 413 for a
+/// body over the limit, 415 without a JSON content type, 400 otherwise.
+fn json_body<T>(
+    body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    body.map(|axum::Json(b)| b).map_err(|e| ApiError {
+        status: match e.status() {
+            s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+            _ => StatusCode::BAD_REQUEST,
+        },
+        code: match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_request",
+        },
+        message: e.body_text(),
+    })
+}
+
+/// Gives every error answer a JSON body. axum answers some requests itself
+/// before any handler runs — 405 for a wrong method, 413 for a body over the
+/// limit, 415, a 400 for a path it cannot parse — with plain text or nothing;
+/// those become `{"error": ..., "message": ...}` with the same status (and
+/// the same `Allow` header on a 405).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let mut answer = ApiError {
+        status,
+        code,
+        message,
+    }
+    .into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 7235), the token is not.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -112,7 +191,7 @@ pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Api
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
         Ok(())
     } else {

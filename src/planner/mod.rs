@@ -74,7 +74,10 @@ pub fn amount_limits(
         .iter()
         .filter(|r| r.status == ProviderStatus::Active)
     {
-        for direction in [ConversionDirection::UsdcToUsd, ConversionDirection::UsdToUsdc] {
+        for direction in [
+            ConversionDirection::UsdcToUsd,
+            ConversionDirection::UsdToUsdc,
+        ] {
             if !row.supports(direction) {
                 continue;
             }
@@ -287,8 +290,14 @@ fn merge(movements: &[routing::Movement]) -> Vec<routing::Movement> {
 /// some provider has no daily cap).
 pub fn daily_capacity(providers: &[ProviderRow]) -> BTreeMap<ConversionDirection, Option<Decimal>> {
     let mut capacity: BTreeMap<ConversionDirection, Option<Decimal>> = BTreeMap::new();
-    for row in providers.iter().filter(|r| r.status == ProviderStatus::Active) {
-        for direction in [ConversionDirection::UsdcToUsd, ConversionDirection::UsdToUsdc] {
+    for row in providers
+        .iter()
+        .filter(|r| r.status == ProviderStatus::Active)
+    {
+        for direction in [
+            ConversionDirection::UsdcToUsd,
+            ConversionDirection::UsdToUsdc,
+        ] {
             if !row.supports(direction) {
                 continue;
             }

@@ -78,7 +78,13 @@ impl Router {
         scale_down(s.spendable - keep.max(s.min), account)
     }
 
-    fn record(&mut self, source: BufferAccount, destination: BufferAccount, amount: Decimal, trigger: ConversionTrigger) {
+    fn record(
+        &mut self,
+        source: BufferAccount,
+        destination: BufferAccount,
+        amount: Decimal,
+        trigger: ConversionTrigger,
+    ) {
         let Some(direction) = ConversionDirection::between(source, destination) else {
             return;
         };
@@ -136,7 +142,10 @@ impl Router {
         } else {
             self.notes.push(PlanNote {
                 account,
-                note: format!("needs {} more than the USD buffers can give", remaining.round_dp(2)),
+                note: format!(
+                    "needs {} more than the USD buffers can give",
+                    remaining.round_dp(2)
+                ),
             });
         }
     }
@@ -201,7 +210,12 @@ impl Router {
             let room = scale_down(d.levels.ceiling - d.projected, account);
             let amount = excess.min(room);
             if amount > Decimal::ZERO {
-                self.record(account, destination, amount, ConversionTrigger::ScheduledRebalance);
+                self.record(
+                    account,
+                    destination,
+                    amount,
+                    ConversionTrigger::ScheduledRebalance,
+                );
                 excess -= amount;
             }
         }
@@ -218,7 +232,11 @@ impl Router {
                 .filter(|m| m.direction == d && m.trigger != ConversionTrigger::ScheduledRebalance)
                 .map(|m| m.amount)
                 .sum();
-            let total: Decimal = moves.iter().filter(|m| m.direction == d).map(|m| m.amount).sum();
+            let total: Decimal = moves
+                .iter()
+                .filter(|m| m.direction == d)
+                .map(|m| m.amount)
+                .sum();
             (urgent, needs, total)
         };
         let a = score(ConversionDirection::UsdToUsdc, &self.movements);
@@ -283,7 +301,11 @@ pub fn route(
         .collect();
     let key = |r: &Router, a: &BufferAccount| {
         let s = r.standing[a];
-        (s.projected >= s.min, s.projected - s.levels.return_point, *a)
+        (
+            s.projected >= s.min,
+            s.projected - s.levels.return_point,
+            *a,
+        )
     };
     needs.sort_by(|a, b| key(&router, a).cmp(&key(&router, b)));
     for account in needs {

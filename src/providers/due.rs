@@ -14,6 +14,12 @@
 //! functions [`quote_request_body`], [`transfer_request_body`], [`map_quote`]
 //! and [`map_transfer`], each stating its assumption.
 //!
+//! Reconciliation: the `Idempotency-Key` travels only as a request header, and
+//! Due's public reference documents no way to list transfers by it, so this
+//! client does not implement [`ConversionProvider::executions`] (`treasury
+//! reconcile --providers` says so; check Due's dashboard for transfers whose
+//! job is not `completed`).
+//!
 //! Settings (read by [`DueConfig::from_env`]):
 //!
 //! | variable | meaning | default |

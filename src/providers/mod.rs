@@ -14,8 +14,10 @@
 #![warn(missing_docs)]
 
 pub mod due;
+pub mod health;
 pub mod http;
 pub mod json;
+pub mod metered;
 pub mod registry;
 pub mod row;
 pub mod sandbox;
@@ -218,4 +220,27 @@ pub trait ConversionProvider: Send + Sync {
     async fn balance(&self, currency: Currency) -> Result<Money, ProviderError>;
     /// Whether the provider is reachable and accepting work.
     async fn health_check(&self) -> Result<(), ProviderError>;
+    /// Every conversion the provider executed for us, each under the
+    /// idempotency key it was initiated with (reconciliation: an execution
+    /// no completed job accounts for is money moved that the books miss).
+    /// `Ok(None)` when the provider's API cannot list them by key: the
+    /// default, and Due's and ZeroHash's (see their modules).
+    async fn executions(&self) -> Result<Option<Vec<ExecutedConversion>>, ProviderError> {
+        Ok(None)
+    }
+}
+
+/// A conversion a provider reports having executed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecutedConversion {
+    /// The key it was initiated with: a job id, for the engine's conversions.
+    pub idempotency_key: Uuid,
+    /// The provider's own id for it.
+    pub provider_tx_id: String,
+    /// Which way it converted.
+    pub direction: ConversionDirection,
+    /// What it took, in the direction's source currency.
+    pub amount: Money,
+    /// Where it stands at the provider.
+    pub state: ProviderState,
 }

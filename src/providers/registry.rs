@@ -139,7 +139,8 @@ impl ProviderRegistry {
         self.factories.keys().map(String::as_str).collect()
     }
 
-    /// Builds the provider a row describes. An unregistered `provider_type`,
+    /// Builds the provider a row describes, its calls counted in
+    /// `treasury_provider_requests_total`. An unregistered `provider_type`,
     /// or a setting or credential its constructor needs, is a
     /// [`ProviderError::Configuration`] error naming the type or variable.
     pub fn build(&self, row: &ProviderRow) -> Result<Arc<dyn ConversionProvider>, ProviderError> {
@@ -153,12 +154,14 @@ impl ProviderRegistry {
             ))
         })?;
         let env = &*self.env;
-        factory(row, env).map_err(|e| match e {
-            ProviderError::Configuration(msg) => {
-                ProviderError::Configuration(format!("provider {:?}: {msg}", row.name))
-            }
-            other => other,
-        })
+        factory(row, env)
+            .map(|p| Arc::new(super::metered::Metered::new(p)) as Arc<dyn ConversionProvider>)
+            .map_err(|e| match e {
+                ProviderError::Configuration(msg) => {
+                    ProviderError::Configuration(format!("provider {:?}: {msg}", row.name))
+                }
+                other => other,
+            })
     }
 }
 

@@ -38,7 +38,8 @@ use uuid::Uuid;
 
 use super::row::ProviderRow;
 use super::{
-    ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState, Quote,
+    ConversionProvider, ConversionRequest, ExecutedConversion, ProviderConversion, ProviderError,
+    ProviderState, Quote,
 };
 use crate::domain::{ConversionDirection, Currency, Money};
 
@@ -586,5 +587,25 @@ impl ConversionProvider for SandboxProvider {
         } else {
             Ok(())
         }
+    }
+
+    /// Every recorded conversion, in creation order, in its current state
+    /// (listing does not count as a status poll).
+    async fn executions(&self) -> Result<Option<Vec<ExecutedConversion>>, ProviderError> {
+        if self.lock().down {
+            return Err(Self::outage());
+        }
+        Ok(Some(
+            self.conversions()
+                .into_iter()
+                .map(|c| ExecutedConversion {
+                    idempotency_key: c.request.idempotency_key,
+                    provider_tx_id: c.provider_tx_id.clone(),
+                    direction: c.request.direction,
+                    amount: c.request.amount,
+                    state: c.state(),
+                })
+                .collect(),
+        ))
     }
 }

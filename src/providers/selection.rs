@@ -1,7 +1,8 @@
 //! Provider selection: which providers may run a conversion, in which order.
 //!
-//! [`select_providers`] is pure: it sees only the rows, the conversion and the
-//! volume already in flight, so it can be driven by property tests and the
+//! [`select_providers`] is pure: it sees only the rows, the conversion, the
+//! volume already in flight and each provider's recent track record (see
+//! [`super::health`]), so it can be driven by property tests and the
 //! simulator. The rules, in the order they are reported:
 //!
 //! 1. status `active` (`inactive` and `degraded` are skipped);
@@ -9,8 +10,11 @@
 //! 3. `min_amount <= amount <= max_amount`;
 //! 4. daily cap: `daily_volume_used + in_flight + amount <= daily_volume_limit`
 //!    (no limit → no cap);
-//! 5. health: once `success_count + failure_count >= min_attempts`, the success
-//!    rate must be at least `min_success_rate` (default 10 attempts, 80 %).
+//! 5. health: once the provider's recent track record (the job attempts it
+//!    finished within the health window, [`super::health::track_records`])
+//!    has `min_attempts` outcomes, its success rate must be at least
+//!    `min_success_rate` (default 10 attempts, 80 %). The lifetime counters
+//!    on the row are not judged, so a provider recovers when it does.
 //!
 //! Eligible providers are ordered by priority (lower first), then expected cost
 //! ([`expected_cost`], lower first), then name, then id: the first is the choice,
@@ -24,6 +28,7 @@ use rust_decimal_macros::dec;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::health::TrackRecord;
 use super::row::{ProviderRow, ProviderStatus};
 use crate::domain::ConversionDirection;
 
@@ -93,9 +98,9 @@ pub enum Rejection {
     },
     /// The recent success rate is below the health rule.
     Unhealthy {
-        /// Completed conversions.
+        /// Job attempts that completed within the health window.
         successes: i64,
-        /// Failed conversions.
+        /// Job attempts that did not, within the health window.
         failures: i64,
     },
 }
@@ -217,6 +222,7 @@ pub fn rejections(
     direction: ConversionDirection,
     amount: Decimal,
     in_flight: Decimal,
+    record: TrackRecord,
     health: &HealthRule,
 ) -> Vec<Rejection> {
     let mut reasons = Vec::new();
@@ -251,10 +257,10 @@ pub fn rejections(
             });
         }
     }
-    if !health.is_healthy(row.success_count, row.failure_count) {
+    if !health.is_healthy(record.successes, record.failures) {
         reasons.push(Rejection::Unhealthy {
-            successes: row.success_count,
-            failures: row.failure_count,
+            successes: record.successes,
+            failures: record.failures,
         });
     }
     reasons
@@ -262,20 +268,23 @@ pub fn rejections(
 
 /// Chooses among `candidates` for converting `amount` (source units) in
 /// `direction`. `in_flight` is, per provider id, the volume of that provider's
-/// jobs started today and not yet ended (missing = zero). Pure and
+/// jobs started today and not yet ended (missing = zero); `records` is, per
+/// provider id, its recent track record (missing = no outcomes yet). Pure and
 /// deterministic: the same inputs always give the same [`Selection`].
 pub fn select_providers(
     candidates: &[ProviderRow],
     direction: ConversionDirection,
     amount: Decimal,
     in_flight: &HashMap<Uuid, Decimal>,
+    records: &HashMap<Uuid, TrackRecord>,
     health: &HealthRule,
 ) -> Selection {
     let mut eligible = Vec::new();
     let mut rejected = Vec::new();
     for row in candidates {
         let flying = in_flight.get(&row.id).copied().unwrap_or(Decimal::ZERO);
-        let reasons = rejections(row, direction, amount, flying, health);
+        let record = records.get(&row.id).copied().unwrap_or_default();
+        let reasons = rejections(row, direction, amount, flying, record, health);
         if reasons.is_empty() {
             eligible.push(RankedProvider {
                 expected_cost: expected_cost(row, amount),

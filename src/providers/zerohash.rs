@@ -23,6 +23,10 @@
 //! reference, so whether a retried execute is deduplicated rests on ZeroHash
 //! honouring `X-REQUEST-ID`.
 //!
+//! Reconciliation: for the same reason a trade carries no key of ours (the
+//! `X-REQUEST-ID` is not stored on it), so trades cannot be matched to jobs
+//! and this client does not implement [`ConversionProvider::executions`].
+//!
 //! Settings (read by [`ZeroHashConfig::from_env`]):
 //!
 //! | variable | meaning | default |

@@ -34,9 +34,14 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
         return LowerBound::default();
     };
     let capital = world.start_capital();
-    let usd = |f: fn(&crate::domain::Thresholds) -> Decimal| f(&fiat.thresholds) + f(&broker.thresholds);
+    let usd =
+        |f: fn(&crate::domain::Thresholds) -> Decimal| f(&fiat.thresholds) + f(&broker.thresholds);
     let low = usdc.thresholds.min().max(capital - usd(|t| t.max()));
-    let high = usdc.thresholds.max().min(capital - usd(|t| t.min())).max(low);
+    let high = usdc
+        .thresholds
+        .max()
+        .min(capital - usd(|t| t.min()))
+        .max(low);
     let (mut lazy, mut jumping) = (usdc.start, usdc.start);
     let (mut volume, mut count) = (Decimal::ZERO, 0u64);
     for event in events {

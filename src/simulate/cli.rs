@@ -65,7 +65,11 @@ fn parse_seeds(text: &str) -> Result<RangeInclusive<u64>, String> {
         .split_once("..")
         .ok_or_else(|| format!("{text:?}: expected A..B, e.g. 1..200"))?;
     let a: u64 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
-    let b: u64 = b.trim().trim_start_matches('=').parse().map_err(|e| format!("{b:?}: {e}"))?;
+    let b: u64 = b
+        .trim()
+        .trim_start_matches('=')
+        .parse()
+        .map_err(|e| format!("{b:?}: {e}"))?;
     if b < a {
         return Err(format!("{text:?}: the range is empty"));
     }
@@ -109,11 +113,21 @@ pub fn run(args: SimulateArgs, settings: PlannerSettings) -> anyhow::Result<()> 
     }
     let started = Instant::now();
     let spinner = progress(1, "simulating 4 policies");
-    let compared = compare(&world, &events, &label, args.seed, settings, !args.keep_going)?;
+    let compared = compare(
+        &world,
+        &events,
+        &label,
+        args.seed,
+        settings,
+        !args.keep_going,
+    )?;
     spinner.finish_and_clear();
     let elapsed = started.elapsed();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&compared.comparison.to_json())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&compared.comparison.to_json())?
+        );
     } else {
         print!("{}", compared.comparison.table());
     }

@@ -14,8 +14,8 @@
 //! after a lost answer returns the same conversion: the simulation counts
 //! executions per command and an invariant checks that none completes twice.
 
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 use rand::{Rng, SeedableRng};
@@ -26,8 +26,9 @@ use uuid::Uuid;
 use super::scenario::{ProviderModel, SimProvider};
 use crate::domain::{BufferAccount, ConversionCommand, ConversionJob, JobStatus, Money};
 use crate::ledger::{self, Settlement};
-use crate::providers::selection::{HealthRule, select_providers};
 use crate::providers::SandboxBehaviour;
+use crate::providers::health::{AttemptOutcome, track_records};
+use crate::providers::selection::{HealthRule, select_providers};
 
 /// Money as it really is and as the engine books it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,6 +72,9 @@ pub struct SimJob {
     calls: u32,
 }
 
+/// The window provider health is judged over (the live default).
+const HEALTH_WINDOW: Duration = Duration::hours(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Step {
     /// A provider finishes a conversion (money moves for real).
@@ -109,6 +113,8 @@ pub struct SimExecutor {
     day: chrono::NaiveDate,
     /// Whether provider limits (min/max/cap) are ignored (per-event baseline).
     ignore_limits: bool,
+    /// One outcome per finished job attempt, for provider health.
+    outcomes: Vec<AttemptOutcome>,
 }
 
 impl SimExecutor {
@@ -135,6 +141,7 @@ impl SimExecutor {
             seq: 0,
             day: origin.date_naive(),
             ignore_limits,
+            outcomes: Vec::new(),
         }
     }
 
@@ -217,11 +224,15 @@ impl SimExecutor {
 
     fn down(&self, provider: usize, at: DateTime<Utc>) -> bool {
         let offset = at - self.origin;
-        self.providers[provider].model.outages.iter().any(|(from, to)| {
-            let from = Duration::from_std(*from).unwrap_or(Duration::MAX);
-            let to = Duration::from_std(*to).unwrap_or(Duration::MAX);
-            offset >= from && offset < to
-        })
+        self.providers[provider]
+            .model
+            .outages
+            .iter()
+            .any(|(from, to)| {
+                let from = Duration::from_std(*from).unwrap_or(Duration::MAX);
+                let to = Duration::from_std(*to).unwrap_or(Duration::MAX);
+                offset >= from && offset < to
+            })
     }
 
     fn next_monitor_tick(&self, at: DateTime<Utc>) -> DateTime<Utc> {
@@ -241,7 +252,7 @@ impl SimExecutor {
         }
         let provider = match self.jobs[index].provider {
             Some(p) => p,
-            None => match self.choose(index) {
+            None => match self.choose(index, now) {
                 Some(p) => p,
                 None => {
                     self.end(index, JobStatus::Failed, now, "no eligible provider");
@@ -273,7 +284,7 @@ impl SimExecutor {
             // A final failure at this provider: the money came back, so the
             // next provider may run the same command.
             let id = self.providers[provider].row.id;
-            self.providers[provider].row.failure_count += 1;
+            self.outcome(provider, now, false);
             let job = &mut self.jobs[index];
             job.job.attempted_providers.push(id);
             job.provider = None;
@@ -285,7 +296,21 @@ impl SimExecutor {
         }
     }
 
-    fn choose(&mut self, index: usize) -> Option<usize> {
+    fn outcome(&mut self, provider: usize, at: DateTime<Utc>, succeeded: bool) {
+        let row = &mut self.providers[provider].row;
+        if succeeded {
+            row.success_count += 1;
+        } else {
+            row.failure_count += 1;
+        }
+        self.outcomes.push(AttemptOutcome {
+            provider: row.id,
+            at,
+            succeeded,
+        });
+    }
+
+    fn choose(&mut self, index: usize, now: DateTime<Utc>) -> Option<usize> {
         let job = &self.jobs[index].job;
         if self.ignore_limits {
             return self
@@ -305,11 +330,15 @@ impl SimExecutor {
                 *in_flight.entry(self.providers[p].row.id).or_default() += j.job.amount.value;
             }
         }
+        let since = now - HEALTH_WINDOW;
+        self.outcomes.retain(|o| o.at > since);
+        let records = track_records(&self.outcomes, now, HEALTH_WINDOW);
         let selection = select_providers(
             &candidates,
             job.direction,
             job.amount.value,
             &in_flight,
+            &records,
             &self.health,
         );
         let chosen = selection.chosen()?.row.id;
@@ -329,7 +358,9 @@ impl SimExecutor {
         balances: &mut Balances,
     ) {
         self.jobs[index].calls += 1;
-        let existing = self.executions[index].iter().any(|e| e.provider == provider);
+        let existing = self.executions[index]
+            .iter()
+            .any(|e| e.provider == provider);
         if self.down(provider, now) && existing {
             // It may have executed: hold at this provider and ask again.
             let tick = self.next_monitor_tick(now);
@@ -340,7 +371,7 @@ impl SimExecutor {
             // Nothing reached the provider: retry, then fall back.
             if self.jobs[index].calls > self.max_retries {
                 let id = self.providers[provider].row.id;
-                self.providers[provider].row.failure_count += 1;
+                self.outcome(provider, now, false);
                 let job = &mut self.jobs[index];
                 job.job.attempted_providers.push(id);
                 job.provider = None;
@@ -389,10 +420,7 @@ impl SimExecutor {
 
     fn provider_finishes(&mut self, index: usize, balances: &mut Balances) {
         let job = self.jobs[index].job.clone();
-        let Some(execution) = self.executions[index]
-            .iter_mut()
-            .find(|e| !e.finished)
-        else {
+        let Some(execution) = self.executions[index].iter_mut().find(|e| !e.finished) else {
             return;
         };
         execution.finished = true;
@@ -430,14 +458,14 @@ impl SimExecutor {
                 for (account, delta) in ledger::buffer_movements(&posting) {
                     *balances.book.entry(account).or_default() += delta;
                 }
-                let row = &mut self.providers[provider].row;
-                row.success_count += 1;
-                row.daily_volume_used += job.amount.value;
+                self.outcome(provider, now, true);
+                self.providers[provider].row.daily_volume_used += job.amount.value;
                 self.jobs[index].job = job;
                 self.end(index, JobStatus::Completed, now, "completed");
-                outcomes
-                    .completed
-                    .push((index, self.jobs[index].job.amount.value - execution.destination.value));
+                outcomes.completed.push((
+                    index,
+                    self.jobs[index].job.amount.value - execution.destination.value,
+                ));
             }
             Err(e) => {
                 self.end(index, JobStatus::NeedsReview, now, &e.to_string());

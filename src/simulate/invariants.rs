@@ -49,7 +49,10 @@ pub fn check_plan(positions: &[BufferPosition], commands: &[ConversionCommand]) 
         .collect();
     let mut below_minimum = Vec::new();
     for command in commands {
-        let Some(position) = positions.iter().find(|p| p.account == command.source_account) else {
+        let Some(position) = positions
+            .iter()
+            .find(|p| p.account == command.source_account)
+        else {
             continue;
         };
         let left = spendable.entry(command.source_account).or_default();

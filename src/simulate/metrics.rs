@@ -94,7 +94,11 @@ impl Metrics {
     }
 
     /// Notes breaches starting or healing after a change at `now`.
-    pub fn after_change(&mut self, now: DateTime<Utc>, balances: &BTreeMap<BufferAccount, Decimal>) {
+    pub fn after_change(
+        &mut self,
+        now: DateTime<Utc>,
+        balances: &BTreeMap<BufferAccount, Decimal>,
+    ) {
         for (account, setup) in &self.setups {
             let balance = balances.get(account).copied().unwrap_or_default();
             let lowest = self.lowest.entry(*account).or_insert(balance);

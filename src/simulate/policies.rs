@@ -12,8 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use rust_decimal::{Decimal, MathematicalOps, RoundingStrategy};
 
 use crate::domain::{
-    BufferAccount, ConversionCommand, ConversionDirection, ConversionTrigger, FlowEvent,
-    Money,
+    BufferAccount, ConversionCommand, ConversionDirection, ConversionTrigger, FlowEvent, Money,
 };
 use crate::planner::{self, BufferPosition, FlowHistory, PlanInput, PlannerSettings};
 use crate::providers::ProviderRow;
@@ -119,12 +118,14 @@ impl Policy for PerEventPolicy {
             return Vec::new();
         };
         let (source, destination) = match direction {
-            ConversionDirection::UsdcToUsd => {
-                (BufferAccount::SystemBufferUsdc, BufferAccount::BrokerOperational)
-            }
-            ConversionDirection::UsdToUsdc => {
-                (BufferAccount::BrokerOperational, BufferAccount::SystemBufferUsdc)
-            }
+            ConversionDirection::UsdcToUsd => (
+                BufferAccount::SystemBufferUsdc,
+                BufferAccount::BrokerOperational,
+            ),
+            ConversionDirection::UsdToUsdc => (
+                BufferAccount::BrokerOperational,
+                BufferAccount::SystemBufferUsdc,
+            ),
         };
         let cycle_id = format!("event:{}", event.event_id);
         command(
@@ -214,13 +215,16 @@ impl BandPolicy {
     fn band(&self, view: &CycleView<'_>, p: &BufferPosition) -> Band {
         let nets: Vec<Decimal> = view.recent.iter().map(|t| t.net(p.account)).collect();
         let variance = planner::variance(&nets);
-        let batch = self.batch_sizes.get(&p.account).copied().unwrap_or_default();
+        let batch = self
+            .batch_sizes
+            .get(&p.account)
+            .copied()
+            .unwrap_or_default();
         let b = view
             .providers
             .iter()
             .map(|r| {
-                r.fee_fixed
-                    + batch * (r.fee_percentage + r.spread_bps / Decimal::from(10_000))
+                r.fee_fixed + batch * (r.fee_percentage + r.spread_bps / Decimal::from(10_000))
             })
             .min()
             .unwrap_or(Decimal::ONE)

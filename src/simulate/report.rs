@@ -121,7 +121,11 @@ impl Comparison {
     /// The terminal table.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{} ({} events, seed {})", self.trace, self.events, self.seed);
+        let _ = writeln!(
+            out,
+            "{} ({} events, seed {})",
+            self.trace, self.events, self.seed
+        );
         let _ = writeln!(
             out,
             "{:<14} {:>7} {:>12} {:>8} {:>8} {:>8} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",

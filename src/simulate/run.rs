@@ -133,7 +133,10 @@ pub fn run(
         recent: VecDeque::with_capacity(HISTORY_WINDOWS + 1),
         lead_times: VecDeque::with_capacity(LEAD_TIMES + 1),
         report: PolicyReport::named(policy.name()),
-        outcome_balances: start.iter().map(|(a, b)| (*a, vec![(origin, *b)])).collect(),
+        outcome_balances: start
+            .iter()
+            .map(|(a, b)| (*a, vec![(origin, *b)]))
+            .collect(),
         conversions: Vec::new(),
         step: 0,
     };
@@ -178,7 +181,10 @@ impl Run<'_> {
             what,
             state: format!(
                 "actual {:?}; book {:?}; in transit {}; costs {}",
-                self.balances.actual, self.balances.book, self.balances.in_transit, self.balances.costs
+                self.balances.actual,
+                self.balances.book,
+                self.balances.in_transit,
+                self.balances.costs
             ),
         }
     }
@@ -195,7 +201,13 @@ impl Run<'_> {
         let deltas = event.buffer_deltas();
         let unpaid = deltas.iter().any(|d| {
             d.delta < Decimal::ZERO
-                && self.balances.actual.get(&d.account).copied().unwrap_or_default() < -d.delta
+                && self
+                    .balances
+                    .actual
+                    .get(&d.account)
+                    .copied()
+                    .unwrap_or_default()
+                    < -d.delta
         });
         self.report.unpaid_events += u64::from(unpaid);
         for d in deltas {
@@ -264,23 +276,23 @@ impl Run<'_> {
             .buffers
             .iter()
             .map(|(account, setup)| {
-                let (incoming, outgoing) =
-                    self.executor
-                        .in_flight()
-                        .fold((Decimal::ZERO, Decimal::ZERO), |(i, o), job| {
-                            (
-                                i + if job.destination_account == *account {
-                                    job.amount.value
-                                } else {
-                                    Decimal::ZERO
-                                },
-                                o + if job.source_account == *account {
-                                    job.amount.value
-                                } else {
-                                    Decimal::ZERO
-                                },
-                            )
-                        });
+                let (incoming, outgoing) = self.executor.in_flight().fold(
+                    (Decimal::ZERO, Decimal::ZERO),
+                    |(i, o), job| {
+                        (
+                            i + if job.destination_account == *account {
+                                job.amount.value
+                            } else {
+                                Decimal::ZERO
+                            },
+                            o + if job.source_account == *account {
+                                job.amount.value
+                            } else {
+                                Decimal::ZERO
+                            },
+                        )
+                    },
+                );
                 BufferPosition {
                     account: *account,
                     thresholds: setup.thresholds,
@@ -325,7 +337,10 @@ impl Run<'_> {
             *self
                 .report
                 .volume_by_route
-                .entry(format!("{}->{}", job.job.source_account, job.job.destination_account))
+                .entry(format!(
+                    "{}->{}",
+                    job.job.source_account, job.job.destination_account
+                ))
                 .or_default() += job.job.amount.value;
             self.report.conversion_cost += cost;
             self.lead_times.push_back(now - job.started_at);
@@ -391,7 +406,12 @@ impl Run<'_> {
                         minutes_below_zero: minutes(e.below_zero_seconds),
                         minutes_above_max: minutes(e.above_max_seconds),
                         lowest: m.lowest.get(account).copied().unwrap_or_default(),
-                        final_balance: self.balances.actual.get(account).copied().unwrap_or_default(),
+                        final_balance: self
+                            .balances
+                            .actual
+                            .get(account)
+                            .copied()
+                            .unwrap_or_default(),
                     },
                 )
             })

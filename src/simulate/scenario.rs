@@ -144,9 +144,10 @@ impl Number {
     fn value(&self, field: &str) -> Result<f64, ScenarioError> {
         match self {
             Number::Float(f) => Ok(*f),
-            Number::Text(t) => t.trim().parse().map_err(|e| {
-                ScenarioError::Invalid(format!("{field} = {t:?}: {e}"))
-            }),
+            Number::Text(t) => t
+                .trim()
+                .parse()
+                .map_err(|e| ScenarioError::Invalid(format!("{field} = {t:?}: {e}"))),
         }
     }
 }
@@ -199,7 +200,10 @@ fn seeded_buffers() -> BTreeMap<BufferAccount, BufferSetup> {
 /// A provider row as the seeds write it, active in both directions.
 pub fn provider_row(name: &str, priority: i32) -> ProviderRow {
     ProviderRow {
-        id: Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("simulated provider {name}").as_bytes()),
+        id: Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("simulated provider {name}").as_bytes(),
+        ),
         name: name.to_owned(),
         provider_type: "sandbox".to_owned(),
         priority,
@@ -319,9 +323,9 @@ impl World {
             world.opportunity_cost_rate = rate;
         }
         for (name, b) in &file.buffers {
-            let account: BufferAccount = name.parse().map_err(|e| {
-                ScenarioError::Invalid(format!("[buffers] {name}: {e}"))
-            })?;
+            let account: BufferAccount = name
+                .parse()
+                .map_err(|e| ScenarioError::Invalid(format!("[buffers] {name}: {e}")))?;
             let seed = world.buffers[&account];
             let t = seed.thresholds;
             let thresholds = Thresholds::new(
@@ -509,9 +513,15 @@ outages = ["2d..2d2h"]
     fn bad_settings_are_named() {
         for (text, needle) in [
             ("cycle = \"soon\"", "cycle"),
-            ("[buffers]\nsystem_buffer_usdc = { min = \"5\", target = \"1\" }", "system_buffer_usdc"),
+            (
+                "[buffers]\nsystem_buffer_usdc = { min = \"5\", target = \"1\" }",
+                "system_buffer_usdc",
+            ),
             ("[buffers]\nnope = {}", "nope"),
-            ("[[providers]]\nname = \"X\"\nfailure_rate = 2.0", "failure_rate"),
+            (
+                "[[providers]]\nname = \"X\"\nfailure_rate = 2.0",
+                "failure_rate",
+            ),
             ("capital_scale = \"-1\"", "capital_scale"),
             ("unknown_key = 1", "unknown_key"),
         ] {

@@ -9,20 +9,21 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use rust_decimal_macros::dec;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
-use super::jobs::{JobStore, JobUpdate};
+use super::jobs::{JobStore, JobUpdate, Lease, LeasedJob, Outcome};
+use super::operator::{self, OperatorAction, OperatorOutcome};
 use super::{
-    PlanningRecords,
-    BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
-    Store, StoreError, StoreTx, TopicPartition, WindowRecord,
+    BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, PlanningRecords,
+    ProgressUpdate, Store, StoreError, StoreTx, TopicPartition, WindowRecord,
 };
 use crate::domain::{
-    BufferAccount, ConversionDirection, ConversionJob, JobStatus, LedgerPosting, Thresholds,
+    BufferAccount, BufferStatus, ConversionDirection, ConversionJob, JobStatus, LedgerPosting,
+    Thresholds,
 };
 use crate::planner::{AmountLimits, BufferPosition};
+use crate::providers::health::AttemptOutcome;
 use crate::providers::{ProviderRow, ProviderStatus};
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
 
@@ -38,104 +39,134 @@ struct WindowRow {
 struct State {
     offsets: BTreeMap<(String, TopicPartition), i64>,
     progress: BTreeMap<TopicPartition, PartitionProgress>,
-    processed: HashSet<Uuid>,
+    /// Counted event ids and when they were counted.
+    processed: HashMap<Uuid, DateTime<Utc>>,
+    /// Outbox messages a relay has claimed, until when (as in PostgreSQL).
+    claimed: HashMap<Uuid, DateTime<Utc>>,
     windows: BTreeMap<DateTime<Utc>, WindowRow>,
     next_window_start: Option<DateTime<Utc>>,
     paused: bool,
     buffers: BTreeMap<BufferAccount, (Thresholds, Decimal, Decimal)>,
-    limits: BTreeMap<ConversionDirection, AmountLimits>,
     planned: Vec<PlannedCommand>,
     outbox: Vec<(OutboxMessage, bool)>,
     triggers: Vec<(i64, Option<serde_json::Value>)>,
     jobs: BTreeMap<Uuid, MemoryJob>,
     providers: Vec<ProviderRow>,
     postings: BTreeMap<Uuid, LedgerPosting>,
+    /// One outcome per (job, provider).
+    outcomes: BTreeMap<(Uuid, Uuid), AttemptOutcome>,
+    announced: BTreeMap<BufferAccount, BufferStatus>,
 }
 
 #[derive(Debug, Clone)]
 struct MemoryJob {
     job: ConversionJob,
-    lease: Option<(String, std::time::Instant)>,
+    /// Owner and expiry (at the callers' clock).
+    lease: Option<(String, DateTime<Utc>)>,
+    /// Incremented on every new lease (the fencing token).
+    epoch: i64,
     history: Vec<(Option<JobStatus>, JobStatus, String)>,
     /// When the job completed (its posting's time).
     completed_at: Option<DateTime<Utc>>,
 }
 
-/// Two sandbox providers shaped like the seeded Due and ZeroHash rows.
-fn sandbox_providers() -> Vec<ProviderRow> {
-    let row = |id: u128, name: &str, priority, max, fee| ProviderRow {
-        id: Uuid::from_u128(id),
-        name: name.into(),
-        provider_type: "sandbox".into(),
-        priority,
-        status: ProviderStatus::Active,
-        supports_usdc_to_usd: true,
-        supports_usd_to_usdc: true,
-        min_amount: dec!(100),
-        max_amount: max,
-        daily_volume_limit: Some(dec!(10000000)),
-        daily_volume_used: Decimal::ZERO,
-        success_count: 0,
-        failure_count: 0,
-        fee_percentage: fee,
-        fee_fixed: Decimal::ZERO,
-        spread_bps: dec!(5),
-        credentials_ref: None,
-        base_url: None,
-    };
-    vec![
-        row(1, "SandboxDue", 1, dec!(500000), dec!(0.001)),
-        row(2, "SandboxZeroHash", 2, dec!(1000000), dec!(0.0015)),
-    ]
+impl MemoryJob {
+    /// Unfinished and not waiting for a person.
+    fn drivable(&self) -> bool {
+        !self.job.status.is_final() && self.job.status != JobStatus::NeedsReview
+    }
+
+    /// Nobody holds an unexpired lease at `now`.
+    fn lease_free(&self, now: DateTime<Utc>) -> bool {
+        self.lease.as_ref().is_none_or(|(_, until)| *until <= now)
+    }
+
+    /// Extends `lease` to `now + by` if it is the job's current, unexpired lease.
+    fn extend(&mut self, lease: &Lease, now: DateTime<Utc>, by: std::time::Duration) -> bool {
+        if !self.fenced(lease, now) {
+            return false;
+        }
+        self.lease = Some((lease.owner.clone(), now + chrono_duration(by)));
+        true
+    }
+
+    /// `lease` is the job's current, unexpired lease at `now`.
+    fn fenced(&self, lease: &Lease, now: DateTime<Utc>) -> bool {
+        self.epoch == lease.epoch
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|(who, until)| *who == lease.owner && *until > now)
+    }
 }
 
 impl State {
-    /// The same seeds as the migrations: thresholds, opening balances at
-    /// target, and the two seeded providers' amount limits.
+    /// One outcome per job and provider (a later one replaces it), and the
+    /// provider's lifetime counters.
+    fn record_outcome(&mut self, job: Uuid, outcome: Outcome, now: DateTime<Utc>) {
+        self.outcomes.insert(
+            (job, outcome.provider),
+            AttemptOutcome {
+                provider: outcome.provider,
+                at: now,
+                succeeded: outcome.succeeded,
+            },
+        );
+        if let Some(p) = self.providers.iter_mut().find(|p| p.id == outcome.provider) {
+            if outcome.succeeded {
+                p.success_count += 1;
+            } else {
+                p.failure_count += 1;
+            }
+        }
+    }
+}
+
+/// A lease length as a chrono duration (lengths beyond chrono's range are a day).
+fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or_else(|_| chrono::Duration::days(1))
+}
+
+impl State {
+    /// The migrations' seeds ([`super::seeds`]): thresholds, opening
+    /// balances at target, and the seeded providers, served by the sandbox
+    /// (`provider_type = 'sandbox'`: the demo runs no real provider).
     fn seeded() -> Self {
-        let seed = |min, target, max, batch| {
-            (
-                Thresholds::new(min, target, max).expect("seed thresholds are ordered"),
-                batch,
-                target,
-            )
-        };
-        let buffers = BTreeMap::from([
-            (
-                BufferAccount::SystemBufferUsdc,
-                seed(dec!(10000), dec!(50000), dec!(100000), dec!(20000)),
-            ),
-            (
-                BufferAccount::SystemBufferFiat,
-                seed(dec!(20000), dec!(100000), dec!(200000), dec!(50000)),
-            ),
-            (
-                BufferAccount::BrokerOperational,
-                seed(dec!(50000), dec!(200000), dec!(500000), dec!(100000)),
-            ),
-        ]);
-        let limits = AmountLimits {
-            min: dec!(100),
-            max: dec!(1000000),
-        };
+        let buffers = super::seeds::buffers()
+            .expect("the migration's buffer seeds read (checked by the store tests)")
+            .into_iter()
+            .map(|b| {
+                (
+                    b.account,
+                    (b.thresholds, b.batch_size, b.thresholds.target()),
+                )
+            })
+            .collect();
+        let providers = super::seeds::providers()
+            .expect("the migration's provider seeds read (checked by the store tests)")
+            .into_iter()
+            .map(|row| ProviderRow {
+                provider_type: "sandbox".into(),
+                ..row
+            })
+            .collect();
         Self {
             offsets: BTreeMap::new(),
             progress: BTreeMap::new(),
-            processed: HashSet::new(),
+            processed: HashMap::new(),
+            claimed: HashMap::new(),
             windows: BTreeMap::new(),
             next_window_start: None,
             paused: false,
             buffers,
-            limits: BTreeMap::from([
-                (ConversionDirection::UsdcToUsd, limits),
-                (ConversionDirection::UsdToUsdc, limits),
-            ]),
             planned: Vec::new(),
             outbox: Vec::new(),
             triggers: Vec::new(),
             jobs: BTreeMap::new(),
-            providers: sandbox_providers(),
+            providers,
             postings: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+            announced: BTreeMap::new(),
         }
     }
 }
@@ -198,14 +229,23 @@ impl Store for MemoryStore {
     }
 
     async fn outbox_pending(&self, limit: i64) -> Result<Vec<OutboxMessage>, StoreError> {
-        let state = self.state.lock().await;
-        Ok(state
-            .outbox
+        // Claims the messages for 30 s, as PostgreSQL does: another relay
+        // skips them meanwhile and takes them over if this one never marks them.
+        let mut state = self.state.lock().await;
+        let now = Utc::now();
+        let State {
+            outbox, claimed, ..
+        } = &mut *state;
+        let pending: Vec<OutboxMessage> = outbox
             .iter()
-            .filter(|(_, sent)| !sent)
+            .filter(|(m, sent)| !sent && claimed.get(&m.id).is_none_or(|until| *until < now))
             .take(limit.max(0) as usize)
             .map(|(m, _)| m.clone())
-            .collect())
+            .collect();
+        for m in &pending {
+            claimed.insert(m.id, now + chrono::Duration::seconds(30));
+        }
+        Ok(pending)
     }
 
     async fn mark_sent(&self, ids: &[Uuid]) -> Result<(), StoreError> {
@@ -270,9 +310,11 @@ impl Store for MemoryStore {
         Ok(id)
     }
 
-    async fn purge_processed(&self, _before: DateTime<Utc>) -> Result<u64, StoreError> {
-        // The demo's ids live only as long as the process.
-        Ok(0)
+    async fn purge_processed(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut state = self.state.lock().await;
+        let count = state.processed.len();
+        state.processed.retain(|_, at| *at >= before);
+        Ok((count - state.processed.len()) as u64)
     }
 
     async fn set_offsets(
@@ -287,6 +329,20 @@ impl Store for MemoryStore {
                 .insert((group.to_owned(), tp.clone()), *offset);
         }
         Ok(())
+    }
+
+    async fn jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let state = self.state.lock().await;
+        Ok(JobStatus::ALL
+            .map(|status| {
+                let n = state
+                    .jobs
+                    .values()
+                    .filter(|j| j.job.status == status)
+                    .count();
+                (status, n as i64)
+            })
+            .to_vec())
     }
 }
 
@@ -322,7 +378,13 @@ impl StoreTx for MemoryTx {
     async fn claim_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError> {
         Ok(events
             .iter()
-            .filter(|e| self.work.processed.insert(e.event_id))
+            .filter(|e| {
+                let new = !self.work.processed.contains_key(&e.event_id);
+                if new {
+                    self.work.processed.insert(e.event_id, Utc::now());
+                }
+                new
+            })
             .map(|e| e.event_id)
             .collect())
     }
@@ -488,7 +550,29 @@ impl StoreTx for MemoryTx {
     async fn amount_limits(
         &mut self,
     ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError> {
-        Ok(self.work.limits.clone())
+        let mut limits: BTreeMap<ConversionDirection, AmountLimits> = BTreeMap::new();
+        let active = self
+            .work
+            .providers
+            .iter()
+            .filter(|p| p.status == ProviderStatus::Active);
+        for row in active {
+            for direction in [
+                ConversionDirection::UsdcToUsd,
+                ConversionDirection::UsdToUsdc,
+            ] {
+                if !row.supports(direction) {
+                    continue;
+                }
+                let entry = limits.entry(direction).or_insert(AmountLimits {
+                    min: row.min_amount,
+                    max: row.max_amount,
+                });
+                entry.min = entry.min.min(row.min_amount);
+                entry.max = entry.max.max(row.max_amount);
+            }
+        }
+        Ok(limits)
     }
 
     async fn auto_rebalance_paused(&mut self) -> Result<bool, StoreError> {
@@ -549,6 +633,29 @@ impl StoreTx for MemoryTx {
         Ok(())
     }
 
+    async fn planned_command(&mut self, id: Uuid) -> Result<Option<PlannedCommand>, StoreError> {
+        Ok(self
+            .work
+            .planned
+            .iter()
+            .find(|p| p.command.command_id == id)
+            .cloned())
+    }
+
+    async fn announced_statuses(
+        &mut self,
+    ) -> Result<BTreeMap<BufferAccount, BufferStatus>, StoreError> {
+        Ok(self.work.announced.clone())
+    }
+
+    async fn record_announced(
+        &mut self,
+        statuses: &BTreeMap<BufferAccount, BufferStatus>,
+    ) -> Result<(), StoreError> {
+        self.work.announced.extend(statuses);
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let MemoryTx { mut guard, work } = *self;
         *guard = work;
@@ -586,6 +693,7 @@ impl JobStore for MemoryStore {
                 MemoryJob {
                     job: job.clone(),
                     lease: None,
+                    epoch: 0,
                     history: vec![(None, JobStatus::Pending, "created from command".into())],
                     completed_at: None,
                 },
@@ -595,61 +703,109 @@ impl JobStore for MemoryStore {
         Ok(created)
     }
 
-    async fn lease_jobs(
+    async fn open_jobs(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let state = self.state.lock().await;
+        let mut open: Vec<&MemoryJob> = state
+            .jobs
+            .values()
+            .filter(|j| j.drivable() && j.lease_free(now))
+            .collect();
+        open.sort_by_key(|j| (j.job.created_at, j.job.id));
+        Ok(open
+            .into_iter()
+            .take(limit.max(0) as usize)
+            .map(|j| j.job.id)
+            .collect())
+    }
+
+    async fn lease_job(
         &self,
+        job: Uuid,
         owner: &str,
+        now: DateTime<Utc>,
         lease: std::time::Duration,
-        limit: i64,
-    ) -> Result<Vec<ConversionJob>, StoreError> {
+    ) -> Result<Option<LeasedJob>, StoreError> {
         let mut state = self.state.lock().await;
-        let now = std::time::Instant::now();
-        let mut leased = Vec::new();
-        for entry in state.jobs.values_mut() {
-            if leased.len() as i64 >= limit {
-                break;
-            }
-            let open = !entry.job.status.is_final() && entry.job.status != JobStatus::NeedsReview;
-            let free = entry
-                .lease
-                .as_ref()
-                .is_none_or(|(who, until)| *until < now || who == owner);
-            if open && free {
-                entry.lease = Some((owner.to_owned(), now + lease));
-                leased.push(entry.job.clone());
-            }
+        let Some(entry) = state.jobs.get_mut(&job) else {
+            return Ok(None);
+        };
+        if !entry.drivable() || !entry.lease_free(now) {
+            return Ok(None);
         }
-        leased.sort_by_key(|j| j.created_at);
-        Ok(leased)
+        entry.epoch += 1;
+        entry.lease = Some((owner.to_owned(), now + chrono_duration(lease)));
+        Ok(Some(LeasedJob {
+            job: entry.job.clone(),
+            lease: Lease {
+                job,
+                owner: owner.to_owned(),
+                epoch: entry.epoch,
+            },
+        }))
     }
 
     async fn renew(
         &self,
-        owner: &str,
-        job: Uuid,
-        lease: std::time::Duration,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
     ) -> Result<bool, StoreError> {
         let mut state = self.state.lock().await;
-        match state.jobs.get_mut(&job) {
-            Some(entry) if entry.lease.as_ref().is_some_and(|(who, _)| who == owner) => {
-                entry.lease = Some((owner.to_owned(), std::time::Instant::now() + lease));
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        Ok(state
+            .jobs
+            .get_mut(&lease.job)
+            .is_some_and(|entry| entry.extend(lease, now, extend)))
     }
 
-    async fn release(&self, owner: &str, job: Uuid) -> Result<(), StoreError> {
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
-        if let Some(entry) = state.jobs.get_mut(&job)
-            && entry.lease.as_ref().is_some_and(|(who, _)| who == owner)
+        if let Some(entry) = state.jobs.get_mut(&lease.job)
+            && entry.epoch == lease.epoch
+            && entry
+                .lease
+                .as_ref()
+                .is_some_and(|(who, _)| *who == lease.owner)
         {
             entry.lease = None;
         }
         Ok(())
     }
 
+    async fn record_call(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(&lease.job) else {
+            return Ok(false);
+        };
+        let callable = entry.job.status == JobStatus::Pending && entry.job.provider_id.is_some();
+        if !callable || !entry.extend(lease, now, extend) {
+            return Ok(false);
+        }
+        entry.job.provider_called_at = Some(now);
+        Ok(true)
+    }
+
     async fn providers(&self) -> Result<Vec<ProviderRow>, StoreError> {
         Ok(self.state.lock().await.providers.clone())
+    }
+
+    async fn provider_outcomes(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<AttemptOutcome>, StoreError> {
+        let state = self.state.lock().await;
+        let mut outcomes: Vec<AttemptOutcome> = state
+            .outcomes
+            .values()
+            .filter(|o| o.at > since)
+            .copied()
+            .collect();
+        outcomes.sort_by_key(|o| o.at);
+        Ok(outcomes)
     }
 
     async fn in_flight_by_provider(&self) -> Result<HashMap<Uuid, Decimal>, StoreError> {
@@ -670,7 +826,7 @@ impl JobStore for MemoryStore {
         let Some(entry) = state.jobs.get_mut(&update.job.id) else {
             return Ok(false);
         };
-        if entry.job.status != update.from {
+        if entry.job.status != update.from || !entry.fenced(update.lease, update.now) {
             return Ok(false);
         }
         if update.job.status != update.from {
@@ -683,19 +839,16 @@ impl JobStore for MemoryStore {
         entry
             .history
             .push((Some(update.from), update.job.status, update.note.to_owned()));
-        Ok(true)
-    }
-
-    async fn record_provider_failure(&self, provider: Uuid) -> Result<(), StoreError> {
-        let mut state = self.state.lock().await;
-        if let Some(p) = state.providers.iter_mut().find(|p| p.id == provider) {
-            p.failure_count += 1;
+        if let Some(outcome) = update.outcome {
+            state.record_outcome(update.job.id, outcome, update.now);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn complete_job(
         &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
         job: &ConversionJob,
         posting: &LedgerPosting,
         message: &OutboxMessage,
@@ -707,7 +860,7 @@ impl JobStore for MemoryStore {
         let Some(entry) = state.jobs.get_mut(&job.id) else {
             return Ok(false);
         };
-        if entry.job.status != JobStatus::ProviderCompleted {
+        if entry.job.status != JobStatus::ProviderCompleted || !entry.fenced(lease, now) {
             return Ok(false);
         }
         entry.job = ConversionJob {
@@ -737,13 +890,15 @@ impl JobStore for MemoryStore {
         if let Some(b) = state.buffers.get_mut(&job.destination_account) {
             b.2 += destination.value;
         }
-        if let Some(p) = state
-            .providers
-            .iter_mut()
-            .find(|p| Some(p.id) == job.provider_id)
-        {
-            p.success_count += 1;
-            p.daily_volume_used += job.amount.value;
+        if let Some(provider) = job.provider_id {
+            if let Some(p) = state.providers.iter_mut().find(|p| p.id == provider) {
+                p.daily_volume_used += job.amount.value;
+            }
+            let outcome = Outcome {
+                provider,
+                succeeded: true,
+            };
+            state.record_outcome(job.id, outcome, now);
         }
         state.outbox.push((message.clone(), false));
         Ok(true)
@@ -751,6 +906,36 @@ impl JobStore for MemoryStore {
 
     async fn job(&self, id: Uuid) -> Result<Option<ConversionJob>, StoreError> {
         Ok(self.state.lock().await.jobs.get(&id).map(|j| j.job.clone()))
+    }
+
+    async fn operator_change(
+        &self,
+        id: Uuid,
+        action: &OperatorAction,
+    ) -> Result<OperatorOutcome, StoreError> {
+        let mut state = self.state.lock().await;
+        let Some(entry) = state.jobs.get_mut(&id) else {
+            return Ok(OperatorOutcome::NotFound);
+        };
+        let from = entry.job.status;
+        let to = match operator::decide(from, entry.job.provider_name.as_deref(), action) {
+            Ok(to) => to,
+            Err(reason) => {
+                return Ok(OperatorOutcome::Refused {
+                    status: from,
+                    reason,
+                });
+            }
+        };
+        entry.job = operator::applied(&entry.job, to, action);
+        entry.history.push((Some(from), to, operator::note(action)));
+        // Not a lease holder: whoever held the job is fenced off.
+        entry.lease = None;
+        entry.epoch += 1;
+        Ok(OperatorOutcome::Done {
+            job: Box::new(entry.job.clone()),
+            from,
+        })
     }
 }
 

@@ -7,8 +7,10 @@
 
 pub mod jobs;
 pub mod memory;
+pub mod operator;
 pub mod postgres;
 mod postgres_jobs;
+pub mod seeds;
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -18,7 +20,9 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::domain::{BufferAccount, BufferStatus, ConversionCommand, ConversionDirection};
+use crate::domain::{
+    BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, JobStatus,
+};
 use crate::planner::{AmountLimits, BufferPosition};
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
 
@@ -164,6 +168,9 @@ pub trait Store: Send + Sync {
         group: &str,
         offsets: &BTreeMap<TopicPartition, i64>,
     ) -> Result<(), StoreError>;
+    /// How many conversion jobs are in each status: every status, in
+    /// [`JobStatus::ALL`] order, 0 when none.
+    async fn jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError>;
 }
 
 /// One unit of work. Dropping it without [`StoreTx::commit`] rolls back.
@@ -245,6 +252,17 @@ pub trait StoreTx: Send {
         &mut self,
         since: DateTime<Utc>,
     ) -> Result<PlanningRecords, StoreError>;
+    /// A recorded command by id.
+    async fn planned_command(&mut self, id: Uuid) -> Result<Option<PlannedCommand>, StoreError>;
+    /// The status last announced on the buffer-alerts topic, per buffer.
+    async fn announced_statuses(
+        &mut self,
+    ) -> Result<BTreeMap<BufferAccount, BufferStatus>, StoreError>;
+    /// Records the statuses just announced (or confirmed).
+    async fn record_announced(
+        &mut self,
+        statuses: &BTreeMap<BufferAccount, BufferStatus>,
+    ) -> Result<(), StoreError>;
 
     /// Commits everything done in this transaction.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;

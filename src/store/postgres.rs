@@ -13,13 +13,12 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    PlanningRecords,
-    BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, ProgressUpdate,
-    Store, StoreError, StoreTx, TopicPartition, WindowRecord,
+    BufferReport, EventRef, LockMode, OffsetRange, OutboxMessage, PlannedCommand, PlanningRecords,
+    ProgressUpdate, Store, StoreError, StoreTx, TopicPartition, WindowRecord,
 };
 use crate::domain::{
     BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionTrigger,
-    Currency, Money, Thresholds,
+    Currency, JobStatus, Money, Thresholds,
 };
 use crate::planner::{AmountLimits, BufferPosition};
 use crate::window::{Flow, PartitionProgress, WindowTallies, WindowTally};
@@ -316,6 +315,21 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM conversion_jobs GROUP BY status")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut counts: Vec<(JobStatus, i64)> = JobStatus::ALL.map(|s| (s, 0)).to_vec();
+        for (status, n) in rows {
+            let status: JobStatus = parse(&status)?;
+            if let Some(entry) = counts.iter_mut().find(|(s, _)| *s == status) {
+                entry.1 = n;
+            }
+        }
+        Ok(counts)
     }
 }
 
@@ -851,6 +865,49 @@ impl StoreTx for PgTx {
             .bind(result)
             .execute(&mut *self.tx)
             .await?;
+        Ok(())
+    }
+
+    async fn planned_command(&mut self, id: Uuid) -> Result<Option<PlannedCommand>, StoreError> {
+        sqlx::query(
+            "SELECT command_id, cycle_id, direction, trigger_reason, currency, amount,
+                    source_account, destination_account, emitted, created_at
+               FROM planned_commands WHERE command_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?
+        .map(|r| planned_from_row(&r))
+        .transpose()
+    }
+
+    async fn announced_statuses(
+        &mut self,
+    ) -> Result<BTreeMap<BufferAccount, BufferStatus>, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT account_type, status FROM buffer_alert_state")
+                .fetch_all(&mut *self.tx)
+                .await?;
+        rows.iter()
+            .map(|(account, status)| Ok((parse(account)?, status_from_str(status)?)))
+            .collect()
+    }
+
+    async fn record_announced(
+        &mut self,
+        statuses: &BTreeMap<BufferAccount, BufferStatus>,
+    ) -> Result<(), StoreError> {
+        for (account, status) in statuses {
+            sqlx::query(
+                "INSERT INTO buffer_alert_state (account_type, status) VALUES ($1, $2)
+                 ON CONFLICT (account_type) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
+                 WHERE buffer_alert_state.status <> EXCLUDED.status",
+            )
+            .bind(account.as_str())
+            .bind(status.as_str())
+            .execute(&mut *self.tx)
+            .await?;
+        }
         Ok(())
     }
 

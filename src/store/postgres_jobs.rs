@@ -3,22 +3,34 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
-use super::jobs::{JobStore, JobUpdate};
+use super::jobs::{JobStore, JobUpdate, Lease, LeasedJob, Outcome};
+use super::operator::{self, OperatorAction, OperatorOutcome};
 use super::postgres::PgStore;
 use super::{OffsetRange, OutboxMessage, StoreError, StoreTx};
 use crate::domain::{ConversionJob, Currency, JobStatus, LedgerPosting, Money};
+use crate::providers::health::AttemptOutcome;
 use crate::providers::{ProviderRow, ProviderStatus};
 
 const JOB_COLUMNS: &str =
     "id, idempotency_key, direction, trigger_reason, status, amount, source_account,
     source_currency, destination_account, destination_currency, destination_amount, exchange_rate,
     fees_amount, fees_currency, provider_id, provider_name, provider_tx_id, attempted_providers,
-    retry_count, error_message, created_at, submitted_at, stale_flagged_at";
+    retry_count, error_message, created_at, submitted_at, stale_flagged_at, provider_called_at";
+
+/// Unfinished jobs that are not waiting for a person: the ones workers drive.
+const DRIVABLE: &str = "status NOT IN ('completed', 'failed', 'cancelled', 'needs_review')";
+
+/// The fence every write of a leased job passes: `$owner`, `$epoch` and `$now`
+/// are the lease's owner and epoch and the writer's clock reading.
+fn fence(owner: usize, epoch: usize, now: usize) -> String {
+    format!("lease_owner = ${owner} AND lease_epoch = ${epoch} AND lease_until > ${now}")
+}
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -71,6 +83,7 @@ fn job_from_row(r: &PgRow) -> Result<ConversionJob, StoreError> {
         created_at: r.get("created_at"),
         submitted_at: r.get("submitted_at"),
         stale_flagged_at: r.get("stale_flagged_at"),
+        provider_called_at: r.get("provider_called_at"),
     })
 }
 
@@ -123,24 +136,60 @@ async fn set_status(
     job: Uuid,
     from: JobStatus,
     to: JobStatus,
+    now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
     let column = status_timestamp(to);
     let sql = format!(
-        "UPDATE conversion_jobs SET status = $3, updated_at = now(){}
+        "UPDATE conversion_jobs SET status = $3, updated_at = $4{}
           WHERE id = $1 AND status = $2",
         column
-            .map(|c| format!(", {c} = COALESCE({c}, now())"))
+            .map(|c| format!(", {c} = COALESCE({c}, $4)"))
             .unwrap_or_default()
     );
     let done = sqlx::query(&sql)
         .bind(job)
         .bind(from.as_str())
         .bind(to.as_str())
+        .bind(now)
         .execute(&mut **tx)
         .await?
         .rows_affected()
         == 1;
     Ok(done)
+}
+
+/// Records how `job`'s attempt at a provider ended: one outcome per job and
+/// provider (a later one replaces it), and the provider's lifetime counters.
+async fn record_outcome(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    job: Uuid,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO provider_attempt_outcomes (job_id, provider_id, succeeded, decided_at)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (job_id, provider_id) DO UPDATE SET succeeded = $3, decided_at = $4",
+    )
+    .bind(job)
+    .bind(outcome.provider)
+    .bind(outcome.succeeded)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    let counters = if outcome.succeeded {
+        "success_count = success_count + 1, last_success_at = $2"
+    } else {
+        "failure_count = failure_count + 1, last_failure_at = $2"
+    };
+    sqlx::query(&format!(
+        "UPDATE conversion_providers SET {counters}, updated_at = $2 WHERE id = $1"
+    ))
+    .bind(outcome.provider)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The column that records when a job reached `status`.
@@ -155,6 +204,35 @@ fn status_timestamp(status: JobStatus) -> Option<&'static str> {
         JobStatus::Failed => Some("failed_at"),
         JobStatus::Cancelled => Some("cancelled_at"),
         JobStatus::NeedsReview => Some("needs_review_at"),
+    }
+}
+
+impl PgStore {
+    /// Extends an unexpired `lease` to `now + extend` (setting `set` too, for
+    /// rows that also match `only`); false if it is no longer held.
+    async fn extend_lease(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
+        set: &str,
+        only: &str,
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE conversion_jobs SET lease_until = $4 + make_interval(secs => $5){set}
+              WHERE id = $1 AND {} {only}",
+            fence(2, 3, 4)
+        );
+        Ok(sqlx::query(&sql)
+            .bind(lease.job)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .bind(now)
+            .bind(extend.as_secs_f64())
+            .execute(self.pool())
+            .await?
+            .rows_affected()
+            == 1)
     }
 }
 
@@ -207,64 +285,86 @@ impl JobStore for PgStore {
         Ok(created)
     }
 
-    async fn lease_jobs(
-        &self,
-        owner: &str,
-        lease: std::time::Duration,
-        limit: i64,
-    ) -> Result<Vec<ConversionJob>, StoreError> {
+    async fn open_jobs(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
         let sql = format!(
-            "UPDATE conversion_jobs SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
-              WHERE id IN (SELECT id FROM conversion_jobs
-                            WHERE status NOT IN ('completed', 'failed', 'cancelled', 'needs_review')
-                              AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $1)
-                            ORDER BY created_at
-                            LIMIT $3
-                            FOR UPDATE SKIP LOCKED)
-              RETURNING {JOB_COLUMNS}"
+            "SELECT id FROM conversion_jobs
+              WHERE {DRIVABLE} AND (lease_until IS NULL OR lease_until <= $1)
+              ORDER BY created_at, id LIMIT $2"
         );
-        let rows = sqlx::query(&sql)
-            .bind(owner)
-            .bind(lease.as_secs_f64())
+        Ok(sqlx::query_scalar(&sql)
+            .bind(now)
             .bind(limit)
             .fetch_all(self.pool())
+            .await?)
+    }
+
+    async fn lease_job(
+        &self,
+        job: Uuid,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: std::time::Duration,
+    ) -> Result<Option<LeasedJob>, StoreError> {
+        // Two workers racing for the row: the second UPDATE waits for the
+        // first to commit, re-reads the row and finds the lease taken.
+        let sql = format!(
+            "UPDATE conversion_jobs
+                SET lease_owner = $2, lease_until = $3 + make_interval(secs => $4),
+                    lease_epoch = lease_epoch + 1
+              WHERE id = $1 AND {DRIVABLE} AND (lease_until IS NULL OR lease_until <= $3)
+              RETURNING {JOB_COLUMNS}, lease_epoch"
+        );
+        let row = sqlx::query(&sql)
+            .bind(job)
+            .bind(owner)
+            .bind(now)
+            .bind(lease.as_secs_f64())
+            .fetch_optional(self.pool())
             .await?;
-        let mut jobs = rows
-            .iter()
-            .map(job_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        jobs.sort_by_key(|j| j.created_at);
-        Ok(jobs)
+        row.map(|r| {
+            Ok(LeasedJob {
+                job: job_from_row(&r)?,
+                lease: Lease {
+                    job,
+                    owner: owner.to_owned(),
+                    epoch: r.get("lease_epoch"),
+                },
+            })
+        })
+        .transpose()
     }
 
     async fn renew(
         &self,
-        owner: &str,
-        job: Uuid,
-        lease: std::time::Duration,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
     ) -> Result<bool, StoreError> {
-        Ok(sqlx::query(
-            "UPDATE conversion_jobs SET lease_until = now() + make_interval(secs => $3)
-              WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(job)
-        .bind(owner)
-        .bind(lease.as_secs_f64())
-        .execute(self.pool())
-        .await?
-        .rows_affected()
-            == 1)
+        self.extend_lease(lease, now, extend, "", "").await
     }
 
-    async fn release(&self, owner: &str, job: Uuid) -> Result<(), StoreError> {
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE conversion_jobs SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
+            "UPDATE conversion_jobs SET lease_owner = NULL, lease_until = NULL
+              WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
         )
-        .bind(job)
-        .bind(owner)
+        .bind(lease.job)
+        .bind(&lease.owner)
+        .bind(lease.epoch)
         .execute(self.pool())
         .await?;
         Ok(())
+    }
+
+    async fn record_call(
+        &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
+        extend: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        let set = ", provider_called_at = $4";
+        let only = "AND status = 'pending' AND provider_id IS NOT NULL";
+        self.extend_lease(lease, now, extend, set, only).await
     }
 
     async fn providers(&self) -> Result<Vec<ProviderRow>, StoreError> {
@@ -300,38 +400,66 @@ impl JobStore for PgStore {
             .collect())
     }
 
+    async fn provider_outcomes(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<AttemptOutcome>, StoreError> {
+        let rows: Vec<(Uuid, DateTime<Utc>, bool)> = sqlx::query_as(
+            "SELECT provider_id, decided_at, succeeded FROM provider_attempt_outcomes
+              WHERE decided_at > $1 ORDER BY decided_at",
+        )
+        .bind(since)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(provider, at, succeeded)| AttemptOutcome {
+                provider,
+                at,
+                succeeded,
+            })
+            .collect())
+    }
+
     async fn update_job(&self, update: JobUpdate<'_>) -> Result<bool, StoreError> {
         let job = update.job;
+        let lease = update.lease;
         let mut tx = self.pool().begin().await?;
-        let changed = sqlx::query(
+        let sql = format!(
             "UPDATE conversion_jobs SET
                 provider_id = $3, provider_name = $4, provider_tx_id = $5, attempted_providers = $6,
                 destination_amount = $7, exchange_rate = $8, fees_amount = $9, fees_currency = $10,
                 retry_count = $11, error_message = $12, submitted_at = $13, stale_flagged_at = $14,
                 provider_response = COALESCE($15, provider_response),
                 selection_reason = COALESCE($16, selection_reason),
-                updated_at = now()
-              WHERE id = $1 AND status = $2",
-        )
-        .bind(job.id)
-        .bind(update.from.as_str())
-        .bind(job.provider_id)
-        .bind(&job.provider_name)
-        .bind(&job.provider_tx_id)
-        .bind(&job.attempted_providers)
-        .bind(job.destination_amount.map(|m| m.value))
-        .bind(job.exchange_rate)
-        .bind(job.fee.map(|m| m.value))
-        .bind(job.fee.map(|m| m.currency.code()))
-        .bind(job.retry_count)
-        .bind(&job.error_message)
-        .bind(job.submitted_at)
-        .bind(job.stale_flagged_at)
-        .bind(update.provider_response)
-        .bind(update.selection_reason)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+                provider_called_at = $17, updated_at = $20
+              WHERE id = $1 AND status = $2 AND {}",
+            fence(18, 19, 20)
+        );
+        let changed = sqlx::query(&sql)
+            .bind(job.id)
+            .bind(update.from.as_str())
+            .bind(job.provider_id)
+            .bind(&job.provider_name)
+            .bind(&job.provider_tx_id)
+            .bind(&job.attempted_providers)
+            .bind(job.destination_amount.map(|m| m.value))
+            .bind(job.exchange_rate)
+            .bind(job.fee.map(|m| m.value))
+            .bind(job.fee.map(|m| m.currency.code()))
+            .bind(job.retry_count)
+            .bind(&job.error_message)
+            .bind(job.submitted_at)
+            .bind(job.stale_flagged_at)
+            .bind(update.provider_response)
+            .bind(update.selection_reason)
+            .bind(job.provider_called_at)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .bind(update.now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
             == 1;
         if !changed {
             return Ok(false);
@@ -341,28 +469,20 @@ impl JobStore for PgStore {
                 .from
                 .transition(job.status)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            set_status(&mut tx, job.id, update.from, job.status).await?;
-            history(&mut tx, job.id, Some(update.from), job.status, update.note).await?;
-        } else {
-            history(&mut tx, job.id, Some(update.from), job.status, update.note).await?;
+            set_status(&mut tx, job.id, update.from, job.status, update.now).await?;
+        }
+        history(&mut tx, job.id, Some(update.from), job.status, update.note).await?;
+        if let Some(outcome) = update.outcome {
+            record_outcome(&mut tx, job.id, outcome, update.now).await?;
         }
         tx.commit().await?;
         Ok(true)
     }
 
-    async fn record_provider_failure(&self, provider: Uuid) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE conversion_providers SET failure_count = failure_count + 1, last_failure_at = now(),
-                    updated_at = now() WHERE id = $1",
-        )
-        .bind(provider)
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
     async fn complete_job(
         &self,
+        lease: &Lease,
+        now: DateTime<Utc>,
         job: &ConversionJob,
         posting: &LedgerPosting,
         message: &OutboxMessage,
@@ -372,13 +492,28 @@ impl JobStore for PgStore {
             .ok_or_else(|| corrupt("completing a job with no destination amount"))?;
         let mut tx = self.begin_shared().await?;
         let pg = tx.pg_tx();
-        if !set_status(
-            pg,
-            job.id,
-            JobStatus::ProviderCompleted,
-            JobStatus::LedgerUpdating,
-        )
-        .await?
+        // The row stays locked to this transaction: no lease changes hands
+        // until it commits.
+        let fenced = format!(
+            "SELECT id FROM conversion_jobs WHERE id = $1 AND {} FOR UPDATE",
+            fence(2, 3, 4)
+        );
+        let held: Option<Uuid> = sqlx::query_scalar(&fenced)
+            .bind(job.id)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .bind(now)
+            .fetch_optional(&mut **pg)
+            .await?;
+        if held.is_none()
+            || !set_status(
+                pg,
+                job.id,
+                JobStatus::ProviderCompleted,
+                JobStatus::LedgerUpdating,
+                now,
+            )
+            .await?
         {
             return Ok(false);
         }
@@ -417,15 +552,26 @@ impl JobStore for PgStore {
         }
         if let Some(provider) = job.provider_id {
             sqlx::query(
-                "UPDATE conversion_providers SET success_count = success_count + 1, last_success_at = now(),
-                        daily_volume_used = daily_volume_used + $2, updated_at = now() WHERE id = $1",
+                "UPDATE conversion_providers SET daily_volume_used = daily_volume_used + $2 WHERE id = $1",
             )
             .bind(provider)
             .bind(job.amount.value)
             .execute(&mut **pg)
             .await?;
+            let outcome = Outcome {
+                provider,
+                succeeded: true,
+            };
+            record_outcome(pg, job.id, outcome, now).await?;
         }
-        set_status(pg, job.id, JobStatus::LedgerUpdating, JobStatus::Completed).await?;
+        set_status(
+            pg,
+            job.id,
+            JobStatus::LedgerUpdating,
+            JobStatus::Completed,
+            now,
+        )
+        .await?;
         history(
             pg,
             job.id,
@@ -448,5 +594,80 @@ impl JobStore for PgStore {
             .as_ref()
             .map(job_from_row)
             .transpose()
+    }
+
+    async fn operator_change(
+        &self,
+        id: Uuid,
+        action: &OperatorAction,
+    ) -> Result<OperatorOutcome, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let sql = format!("SELECT {JOB_COLUMNS} FROM conversion_jobs WHERE id = $1 FOR UPDATE");
+        let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&mut *tx).await? else {
+            return Ok(OperatorOutcome::NotFound);
+        };
+        let job = job_from_row(&row)?;
+        let to = match operator::decide(job.status, job.provider_name.as_deref(), action) {
+            Ok(to) => to,
+            Err(reason) => {
+                return Ok(OperatorOutcome::Refused {
+                    status: job.status,
+                    reason,
+                });
+            }
+        };
+        // Not a lease holder: whoever held the job is fenced off.
+        let sql = match action {
+            OperatorAction::Cancel => {
+                "UPDATE conversion_jobs SET status = $2, cancelled_at = now(), updated_at = now(),
+                        lease_owner = NULL, lease_until = NULL, lease_epoch = lease_epoch + 1
+                  WHERE id = $1"
+            }
+            OperatorAction::Completed { .. } => {
+                "UPDATE conversion_jobs SET status = $2, provider_completed_at = now(),
+                        destination_amount = $3, fees_amount = $4, fees_currency = $5,
+                        exchange_rate = $6, provider_tx_id = coalesce($7, provider_tx_id),
+                        updated_at = now(), lease_owner = NULL, lease_until = NULL,
+                        lease_epoch = lease_epoch + 1
+                  WHERE id = $1"
+            }
+            OperatorAction::Failed { .. } => {
+                "UPDATE conversion_jobs SET status = $2, failed_at = now(), error_message = $3,
+                        updated_at = now(), lease_owner = NULL, lease_until = NULL,
+                        lease_epoch = lease_epoch + 1
+                  WHERE id = $1"
+            }
+        };
+        let query = sqlx::query(sql).bind(id).bind(to.as_str());
+        let query = match action {
+            OperatorAction::Cancel => query,
+            OperatorAction::Completed {
+                destination_amount,
+                fee,
+                rate,
+                provider_tx_id,
+            } => query
+                .bind(destination_amount.value)
+                .bind(fee.value)
+                .bind(fee.currency.code())
+                .bind(rate.round_dp(crate::codec::records::RATE_SCALE))
+                .bind(provider_tx_id.clone().filter(|t| !t.trim().is_empty())),
+            OperatorAction::Failed { reason } => query.bind(reason.clone()),
+        };
+        query.execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO conversion_job_history (job_id, from_status, to_status, note) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(job.status.as_str())
+        .bind(to.as_str())
+        .bind(operator::note(action))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(OperatorOutcome::Done {
+            job: Box::new(operator::applied(&job, to, action)),
+            from: job.status,
+        })
     }
 }

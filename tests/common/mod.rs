@@ -50,6 +50,7 @@ pub fn unique_topics(test: &str) -> Topics {
         commands: format!("{test}.commands.{suffix}"),
         postings: format!("{test}.postings.{suffix}"),
         dlq: format!("{test}.dlq.{suffix}"),
+        buffer_alerts: format!("{test}.buffer-alerts.{suffix}"),
     }
 }
 
@@ -58,9 +59,18 @@ pub async fn create_topics(base: &ClientConfig, topics: &Topics, partitions: i32
     treasury::kafka::ensure_topics(base, &[&topics.funding, &topics.withdrawals], partitions)
         .await
         .expect("create input topics");
-    treasury::kafka::ensure_topics(base, &[&topics.commands, &topics.postings, &topics.dlq], 1)
-        .await
-        .expect("create output topics");
+    treasury::kafka::ensure_topics(
+        base,
+        &[
+            &topics.commands,
+            &topics.postings,
+            &topics.dlq,
+            &topics.buffer_alerts,
+        ],
+        1,
+    )
+    .await
+    .expect("create output topics");
 }
 
 /// A fixed start for generated event times (historical, so the processing
@@ -241,6 +251,7 @@ pub fn child_env(
         ("TREASURY_TOPIC_COMMANDS", topics.commands.clone()),
         ("TREASURY_TOPIC_POSTINGS", topics.postings.clone()),
         ("TREASURY_TOPIC_DLQ", topics.dlq.clone()),
+        ("TREASURY_TOPIC_BUFFER_ALERTS", topics.buffer_alerts.clone()),
         ("TREASURY_AGGREGATOR_GROUP", group.to_owned()),
         ("TREASURY_EXECUTOR_GROUP", format!("{group}-executor")),
         ("TREASURY_HTTP_ADDR", "127.0.0.1:0".to_owned()),
