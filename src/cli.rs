@@ -144,16 +144,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = connect(&config).await?;
             let report = store.buffer_report().await?;
             let jobs = active_jobs(&store).await?;
+            let levels = latest_levels(&store).await?;
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "buffers": report,
+                        "levels": levels,
                         "active_jobs": jobs,
                     }))?
                 );
             } else {
                 print!("{}", crate::report::render_status(&report));
+                print!("\n{}", crate::report::render_levels(&levels));
                 print!("\n{}", render_jobs(&jobs));
             }
             Ok(())
@@ -167,6 +170,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Each buffer's trigger level and return point as the latest settlement set them.
+async fn latest_levels(
+    store: &PgStore,
+) -> anyhow::Result<BTreeMap<String, crate::planner::BufferLevels>> {
+    let levels: Option<serde_json::Value> = sqlx::query_scalar(
+        "SELECT result->'levels' FROM settlement_windows
+          WHERE status = 'closed' AND result ? 'levels'
+          ORDER BY window_start DESC LIMIT 1",
+    )
+    .fetch_optional(store.pool())
+    .await?
+    .flatten();
+    Ok(levels
+        .map(serde_json::from_value)
+        .transpose()
+        .context("settlement_windows.result levels")?
+        .unwrap_or_default())
 }
 
 async fn connect(config: &Config) -> anyhow::Result<PgStore> {

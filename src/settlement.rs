@@ -170,6 +170,7 @@ impl Settlement {
             "status_after": result.plan.status_after,
             "commands": result.plan.commands,
             "notes": result.plan.notes,
+            "levels": result.plan.levels.iter().map(|(a, l)| (a.as_str(), l)).collect::<BTreeMap<_, _>>(),
             "emitted": result.emitted,
         });
         tx.close_window(start, end, watermark, &record).await?;

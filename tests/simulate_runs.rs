@@ -16,30 +16,9 @@ use treasury::simulate::invariants::check_plan;
 use treasury::simulate::report::PolicyReport;
 use treasury::simulate::scenario::World;
 
-/// The issue's cost model: 10 bps fee + 5 bps spread + 1.00 fixed, latency
-/// median 4 min / p99 25 min, the seeded limits.
-const COSTLY: &str = r#"
-[[providers]]
-name = "Due"
-fee_bps = "10"
-spread_bps = "5"
-fixed_fee = "1.00"
-min_amount = "100"
-max_amount = "500000"
-daily_limit = "5000000"
-latency_median = "4m"
-latency_p99 = "25m"
-[[providers]]
-name = "ZeroHash"
-fee_bps = "15"
-spread_bps = "5"
-fixed_fee = "1.00"
-min_amount = "100"
-max_amount = "1000000"
-daily_limit = "10000000"
-latency_median = "4m"
-latency_p99 = "25m"
-"#;
+/// The cost model the planner is judged on (10 bps fee + 5 bps spread + 1.00
+/// fixed, latency median 4 min / p99 25 min, the seeded limits).
+const COSTLY: &str = include_str!("scenarios/provider-costs.toml");
 
 fn world(scale: Decimal) -> World {
     World::from_toml(COSTLY, Some(scale)).expect("the test scenario parses")

@@ -22,13 +22,13 @@
 
 use chrono::Duration;
 use rust_decimal::{Decimal, MathematicalOps};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::history::FlowStats;
 use super::{BufferPosition, PlannerSettings};
 
 /// When and how far one buffer is refilled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BufferLevels {
     /// Projected below this, the buffer is refilled.
     pub trigger: Decimal,

@@ -307,7 +307,7 @@ pub fn route(
             *a,
         )
     };
-    needs.sort_by(|a, b| key(&router, a).cmp(&key(&router, b)));
+    needs.sort_by_key(|a| key(&router, a));
     for account in needs {
         router.meet(account);
     }

@@ -1,7 +1,7 @@
 //! `treasury simulate`: arguments and the report it prints.
 
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -204,7 +204,7 @@ fn run_seeds(
     }
 }
 
-fn draw(path: &PathBuf, label: &str, world: &World, compared: &Compared) -> anyhow::Result<()> {
+fn draw(path: &Path, label: &str, world: &World, compared: &Compared) -> anyhow::Result<()> {
     let series: Vec<BufferSeries> = world
         .buffers
         .iter()

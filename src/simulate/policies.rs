@@ -14,6 +14,7 @@ use rust_decimal::{Decimal, MathematicalOps, RoundingStrategy};
 use crate::domain::{
     BufferAccount, ConversionCommand, ConversionDirection, ConversionTrigger, FlowEvent, Money,
 };
+use crate::planner::routing::Movement;
 use crate::planner::{self, BufferPosition, FlowHistory, PlanInput, PlannerSettings};
 use crate::providers::ProviderRow;
 use crate::window::WindowTally;
@@ -75,27 +76,42 @@ impl Policy for EnginePolicy {
     }
 }
 
+/// The command for `movement`, the `sequence`-th of its direction in `cycle_id`.
 fn command(
     cycle_id: &str,
     sequence: u32,
-    direction: ConversionDirection,
-    trigger: ConversionTrigger,
-    amount: Decimal,
-    source: BufferAccount,
-    destination: BufferAccount,
     now: DateTime<Utc>,
+    movement: Movement,
 ) -> Option<ConversionCommand> {
-    let currency = direction.source_currency();
-    let value = amount.round_dp_with_strategy(currency.scale(), RoundingStrategy::AwayFromZero);
+    let currency = movement.direction.source_currency();
+    let value = movement
+        .amount
+        .round_dp_with_strategy(currency.scale(), RoundingStrategy::AwayFromZero);
     Some(ConversionCommand {
-        command_id: ConversionCommand::derive_id(cycle_id, direction, sequence),
-        direction,
-        trigger,
+        command_id: ConversionCommand::derive_id(cycle_id, movement.direction, sequence),
+        direction: movement.direction,
+        trigger: movement.trigger,
         amount: Money::positive(currency, value).ok()?,
-        source_account: source,
-        destination_account: destination,
+        source_account: movement.source,
+        destination_account: movement.destination,
         cycle_id: cycle_id.to_owned(),
         created_at: now,
+    })
+}
+
+/// A movement from `source` to `destination`, if their currencies differ.
+fn movement(
+    source: BufferAccount,
+    destination: BufferAccount,
+    amount: Decimal,
+    trigger: ConversionTrigger,
+) -> Option<Movement> {
+    Some(Movement {
+        source,
+        destination,
+        amount,
+        trigger,
+        direction: ConversionDirection::between(source, destination)?,
     })
 }
 
@@ -128,16 +144,13 @@ impl Policy for PerEventPolicy {
             ),
         };
         let cycle_id = format!("event:{}", event.event_id);
-        command(
-            &cycle_id,
-            0,
-            direction,
-            ConversionTrigger::BufferReplenishment,
-            amount,
+        movement(
             source,
             destination,
-            now,
+            amount,
+            ConversionTrigger::BufferReplenishment,
         )
+        .and_then(|m| command(&cycle_id, 0, now, m))
         .into_iter()
         .collect()
     }
@@ -169,20 +182,16 @@ impl Policy for OriginalRulePolicy {
                 BufferAccount::SystemBufferUsdc => BufferAccount::SystemBufferFiat,
                 _ => BufferAccount::SystemBufferUsdc,
             };
-            let Some(direction) = ConversionDirection::between(source, p.account) else {
+            let Some(m) = movement(
+                source,
+                p.account,
+                p.thresholds.target() - p.balance,
+                ConversionTrigger::Emergency,
+            ) else {
                 continue;
             };
             let sequence = commands.len() as u32;
-            commands.extend(command(
-                &view.cycle_id,
-                sequence,
-                direction,
-                ConversionTrigger::Emergency,
-                p.thresholds.target() - p.balance,
-                source,
-                p.account,
-                view.now,
-            ));
+            commands.extend(command(&view.cycle_id, sequence, view.now, m));
         }
         commands
     }
@@ -287,20 +296,16 @@ impl Policy for BandPolicy {
             let (Some(source), Some(destination)) = (source, destination) else {
                 continue;
             };
-            let Some(direction) = ConversionDirection::between(source, destination) else {
+            let Some(m) = movement(
+                source,
+                destination,
+                amount,
+                ConversionTrigger::BufferReplenishment,
+            ) else {
                 continue;
             };
             let sequence = commands.len() as u32;
-            commands.extend(command(
-                &view.cycle_id,
-                sequence,
-                direction,
-                ConversionTrigger::BufferReplenishment,
-                amount,
-                source,
-                destination,
-                view.now,
-            ));
+            commands.extend(command(&view.cycle_id, sequence, view.now, m));
         }
         commands
     }
