@@ -3,25 +3,33 @@
 //! executor's command intake) reads through it; what a stage does with a
 //! batch, and committing the new offsets with its work, is the stage's own.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, ClientContext, Offset};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::store::{Store, StoreError, TopicPartition};
 
-/// Partitions handed to or taken from this consumer since the loop last looked.
+/// Partitions handed to or taken from this consumer since the loop last
+/// looked. An assignment is not applied in the rebalance callback: the loop
+/// reads the partitions' stored offsets from the database (async) and then
+/// assigns them at those offsets, so the broker's first fetch is already at
+/// the stored position (librdkafka waits for the assign call meanwhile).
 #[derive(Default)]
 pub struct RebalanceLog {
-    assigned: Mutex<Vec<TopicPartition>>,
+    /// Partitions handed to us, not assigned yet.
+    pending: Mutex<Vec<TopicPartition>>,
     revoked: Mutex<Vec<TopicPartition>>,
 }
 
-fn partitions_of(list: &rdkafka::TopicPartitionList) -> Vec<TopicPartition> {
+fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
     list.elements()
         .iter()
         .map(|e| TopicPartition {
@@ -46,19 +54,43 @@ impl ClientContext for RebalanceLog {
 }
 
 impl ConsumerContext for RebalanceLog {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(list) => {
-                let parts = partitions_of(list);
-                tracing::info!(partitions = ?parts, "partitions assigned");
-                self.assigned.lock().expect("rebalance log").extend(parts);
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        list: &mut TopicPartitionList,
+    ) {
+        let parts = partitions_of(list);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                tracing::info!(partitions = ?parts, "partitions assigned; positioning them at their stored offsets");
+                self.pending.lock().expect("rebalance log").extend(parts);
             }
-            Rebalance::Revoke(list) => {
-                let parts = partitions_of(list);
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts, "partitions revoked");
+                self.pending
+                    .lock()
+                    .expect("rebalance log")
+                    .retain(|tp| !parts.contains(tp));
+                let result = if cooperative {
+                    consumer.incremental_unassign(list)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "could not give up revoked partitions");
+                }
                 self.revoked.lock().expect("rebalance log").extend(parts);
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            other => {
+                tracing::warn!(error = ?other, "rebalance error; giving up the assignment");
+                self.pending.lock().expect("rebalance log").clear();
+                let _ = consumer.unassign();
+            }
         }
     }
 }
@@ -100,6 +132,7 @@ pub struct GroupConsumer {
     /// number at EOF, so every assigned topic's partition of that number is
     /// marked; the next message from one clears it).
     at_end: HashSet<TopicPartition>,
+    first_fetched: HashMap<TopicPartition, i64>,
 }
 
 impl GroupConsumer {
@@ -121,25 +154,126 @@ impl GroupConsumer {
             positions: HashMap::new(),
             assigned: HashSet::new(),
             at_end: HashSet::new(),
+            first_fetched: HashMap::new(),
         })
     }
 
-    /// Applies and returns the partition changes since the last call.
-    pub fn take_rebalances(&mut self) -> Rebalanced {
-        let context = self.consumer.context();
-        let revoked: Vec<_> = std::mem::take(&mut *context.revoked.lock().expect("rebalance log"));
-        let assigned: Vec<_> =
-            std::mem::take(&mut *context.assigned.lock().expect("rebalance log"));
+    /// Applies and returns the partition changes since the last call. Newly
+    /// handed partitions are assigned at their stored offsets (from the
+    /// beginning when nothing is stored); if the offsets cannot be read, the
+    /// assignment stays pending and the error is returned (nothing is read
+    /// from those partitions meanwhile).
+    pub async fn take_rebalances(&mut self) -> Result<Rebalanced, StoreError> {
+        let pending: Vec<_> = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .pending
+                .lock()
+                .expect("rebalance log"),
+        );
+        let stored = if pending.is_empty() {
+            BTreeMap::new()
+        } else {
+            match self.store.load_offsets(&self.group, &pending).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    self.keep_pending(pending);
+                    return Err(e);
+                }
+            }
+        };
+        let revoked: Vec<_> = std::mem::take(
+            &mut *self
+                .consumer
+                .context()
+                .revoked
+                .lock()
+                .expect("rebalance log"),
+        );
         for tp in &revoked {
             self.positions.remove(tp);
             self.assigned.remove(tp);
             self.at_end.remove(tp);
+            self.first_fetched.remove(tp);
         }
-        for tp in &assigned {
-            self.positions.remove(tp);
+        if pending.is_empty() {
+            return Ok(Rebalanced {
+                assigned: Vec::new(),
+                revoked,
+            });
+        }
+        let mut list = TopicPartitionList::new();
+        for tp in &pending {
+            let offset = stored
+                .get(tp)
+                .map_or(Offset::Beginning, |next| Offset::Offset(*next));
+            if let Err(e) = list.add_partition_offset(&tp.topic, tp.partition, offset) {
+                tracing::warn!(error = %e, topic = %tp.topic, partition = tp.partition, "bad partition offset");
+            }
+        }
+        let assigned = match self.consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => self.consumer.incremental_assign(&list),
+            _ => self.consumer.assign(&list),
+        };
+        if let Err(e) = assigned {
+            tracing::warn!(error = %e, "assigning partitions failed; will retry");
+            self.keep_pending(pending);
+            return Ok(Rebalanced {
+                assigned: Vec::new(),
+                revoked,
+            });
+        }
+        for tp in &pending {
+            let position = match stored.get(tp) {
+                Some(next) => {
+                    tracing::info!(topic = %tp.topic, partition = tp.partition, offset = next,
+                        "partition positioned at its stored offset");
+                    Position::Expect {
+                        next: *next,
+                        seeked: true,
+                    }
+                }
+                None => Position::Fresh,
+            };
+            self.positions.insert(tp.clone(), position);
             self.assigned.insert(tp.clone());
+            self.first_fetched.remove(tp);
         }
-        Rebalanced { assigned, revoked }
+        Ok(Rebalanced {
+            assigned: pending,
+            revoked,
+        })
+    }
+
+    fn keep_pending(&self, pending: Vec<TopicPartition>) {
+        let mut queue = self
+            .consumer
+            .context()
+            .pending
+            .lock()
+            .expect("rebalance log");
+        let newer = std::mem::take(&mut *queue);
+        *queue = pending;
+        queue.extend(newer);
+    }
+
+    /// Whether partitions were handed to this consumer and wait for their
+    /// stored offsets to be read before they are assigned.
+    pub fn has_pending_assignment(&self) -> bool {
+        !self
+            .consumer
+            .context()
+            .pending
+            .lock()
+            .expect("rebalance log")
+            .is_empty()
+    }
+
+    /// The first offset the broker delivered from each partition since it
+    /// was assigned (what positioning on assignment is judged by).
+    pub fn first_fetched(&self) -> &HashMap<TopicPartition, i64> {
+        &self.first_fetched
     }
 
     /// Every partition of the subscribed topics, whoever is assigned them,
@@ -240,6 +374,9 @@ impl GroupConsumer {
             };
             drop(message);
             self.at_end.remove(&raw.tp);
+            self.first_fetched
+                .entry(raw.tp.clone())
+                .or_insert(raw.offset);
             if self.accept_position(&raw.tp, raw.offset).await? {
                 self.positions.insert(
                     raw.tp.clone(),
@@ -282,7 +419,7 @@ impl GroupConsumer {
         match position {
             Position::Fresh => Ok(true),
             Position::Expect { next, .. } if offset == next => Ok(true),
-            Position::Expect { next, .. } if offset < next => Ok(false),
+            Position::Expect { next, seeked: true } if offset < next => Ok(false),
             Position::Expect { next, seeked } => {
                 if seeked {
                     tracing::error!(topic = %tp.topic, partition = tp.partition, expected = next, got = offset,

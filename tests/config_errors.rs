@@ -27,7 +27,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(config.topics.postings, "ledger.postings");
     assert_eq!(config.topics.dlq, "treasury.dlq");
     assert_eq!(config.database_url, None);
-    assert_eq!(config.schema_registry_url, None);
+    assert_eq!(config.schema_registry, None);
     assert!(config.kafka_settings.is_empty());
     assert!(config.batch_size >= 1);
 }
@@ -72,7 +72,7 @@ fn valid_overrides_are_taken() {
     assert_eq!(config.topics.dlq, "ops_treasury-dlq.v2");
     assert_eq!(config.batch_size, 1);
     assert_eq!(
-        config.schema_registry_url.as_deref(),
+        config.schema_registry.map(|r| r.url).as_deref(),
         Some("https://registry.internal:8081")
     );
     assert_eq!(config.http_addr, "127.0.0.1:9000");

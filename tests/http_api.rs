@@ -17,6 +17,7 @@ async fn serve(pool: &PgPool, token: Option<&str>) -> String {
         admin_token: token.map(str::to_owned),
         wake_executor: None,
         env: Arc::new(|var: &str| (var == "DUE_WEBHOOK_SECRET").then(|| "whsec".to_owned())),
+        health: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

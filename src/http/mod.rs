@@ -2,6 +2,7 @@
 //! operator endpoints (behind a bearer token). Errors are JSON with a 4xx/5xx.
 
 mod admin;
+mod health;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub wake_executor: Option<Arc<tokio::sync::Notify>>,
     /// Reads a secret by variable name (the process environment in production).
     pub env: SecretLookup,
+    /// The roles' tasks and consumers, for `/readyz`.
+    pub health: crate::health::Health,
 }
 
 /// An error answered as `{"error": ..., "message": ...}`.
@@ -53,7 +56,9 @@ impl IntoResponse for ApiError {
 /// The router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .route("/healthz", get(health::readyz))
         .route("/metrics", get(metrics))
         .route("/v1/buffers", get(buffers))
         .route("/v1/settlement/trigger", post(trigger))

@@ -10,7 +10,7 @@ mod watermark;
 pub use tally::{Flow, WindowTallies, WindowTally};
 pub use watermark::{PartitionProgress, global_watermark, last_closable};
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 
 /// Window length and grace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +36,23 @@ impl WindowSpec {
         }
     }
 
-    /// Start of the window containing `at` (windows are aligned to the Unix epoch).
+    /// Start of the window containing `at` (windows are aligned to the Unix
+    /// epoch, in whole milliseconds). Total over every time chrono can hold:
+    /// a window that would start before the earliest representable time
+    /// starts at that time.
     pub fn window_start(&self, at: DateTime<Utc>) -> DateTime<Utc> {
-        at.duration_trunc(self.length)
-            .expect("window length is positive and times are in range")
+        let length = self.length.num_milliseconds().max(1);
+        let ms = at.timestamp_millis();
+        DateTime::from_timestamp_millis(ms - ms.rem_euclid(length))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
     }
 
-    /// End (exclusive) of the window starting at `start`.
+    /// End (exclusive) of the window starting at `start` (the latest
+    /// representable time for a window that would end after it).
     pub fn window_end(&self, start: DateTime<Utc>) -> DateTime<Utc> {
-        start + self.length
+        start
+            .checked_add_signed(self.length)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
     /// The window an event at `occurred_at` counts in, given that every window
