@@ -133,6 +133,8 @@ pub struct GroupConsumer {
     /// marked; the next message from one clears it).
     at_end: HashSet<TopicPartition>,
     first_fetched: HashMap<TopicPartition, i64>,
+    /// Forgotten partitions to seek back before the next read.
+    rewind: HashSet<TopicPartition>,
 }
 
 impl GroupConsumer {
@@ -155,6 +157,7 @@ impl GroupConsumer {
             assigned: HashSet::new(),
             at_end: HashSet::new(),
             first_fetched: HashMap::new(),
+            rewind: HashSet::new(),
         })
     }
 
@@ -196,6 +199,7 @@ impl GroupConsumer {
             self.assigned.remove(tp);
             self.at_end.remove(tp);
             self.first_fetched.remove(tp);
+            self.rewind.remove(tp);
         }
         if pending.is_empty() {
             return Ok(Rebalanced {
@@ -313,17 +317,60 @@ impl GroupConsumer {
         &self.at_end
     }
 
-    /// Forgets where `tps` stand: their next messages are positioned from the
-    /// database again (after a failed or conflicting commit).
+    /// Forgets where `tps` stand: before the next read they are sought back
+    /// to their stored offsets (after a failed or conflicting commit, or a
+    /// batch dropped because something was down), so the messages read but
+    /// not committed are read again even if nothing new arrives.
     pub fn forget<'a>(&mut self, tps: impl IntoIterator<Item = &'a TopicPartition>) {
         for tp in tps {
             self.positions.remove(tp);
+            if self.assigned.contains(tp) {
+                self.rewind.insert(tp.clone());
+            }
         }
     }
 
     /// Forgets every position.
     pub fn forget_all(&mut self) {
         self.positions.clear();
+        self.rewind.extend(self.assigned.iter().cloned());
+    }
+
+    /// Seeks forgotten partitions back to their stored offset (or, with
+    /// nothing stored, to where this assignment began reading).
+    async fn rewind_forgotten(&mut self) -> Result<(), StoreError> {
+        if self.rewind.is_empty() {
+            return Ok(());
+        }
+        let tps: Vec<TopicPartition> = self.rewind.iter().cloned().collect();
+        let stored = self.store.load_offsets(&self.group, &tps).await?;
+        for tp in tps {
+            self.rewind.remove(&tp);
+            let Some(next) = stored.get(&tp).or(self.first_fetched.get(&tp)).copied() else {
+                continue;
+            };
+            match self.consumer.seek(
+                &tp.topic,
+                tp.partition,
+                Offset::Offset(next),
+                Duration::from_secs(5),
+            ) {
+                Ok(()) => {
+                    tracing::debug!(topic = %tp.topic, partition = tp.partition, offset = next,
+                        "partition sought back to its stored offset");
+                    self.positions
+                        .insert(tp, Position::Expect { next, seeked: true });
+                }
+                Err(e) => {
+                    // The position stays unknown: the next message from the
+                    // partition is positioned as before (seek if it is not
+                    // the stored one).
+                    tracing::warn!(error = %e, topic = %tp.topic, partition = tp.partition,
+                        "seek back failed; repositioning on the next message");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Leaves the group.
@@ -338,6 +385,7 @@ impl GroupConsumer {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<RawMessage>, StoreError> {
+        self.rewind_forgotten().await?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut messages = Vec::new();
         while messages.len() < max {
@@ -405,7 +453,9 @@ impl GroupConsumer {
                     .store
                     .load_offsets(&self.group, std::slice::from_ref(tp))
                     .await?;
-                let p = match stored.get(tp) {
+                // Nothing stored: the partition is read from where this
+                // assignment began, also when a dropped batch is read again.
+                let p = match stored.get(tp).or(self.first_fetched.get(tp)) {
                     Some(next) => Position::Expect {
                         next: *next,
                         seeked: false,

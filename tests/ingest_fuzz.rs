@@ -76,7 +76,10 @@ fn currency() -> impl Strategy<Value = String> {
 }
 
 fn uuid() -> impl Strategy<Value = uuid::Uuid> {
-    prop_oneof![Just(uuid::Uuid::nil()), any::<u128>().prop_map(uuid::Uuid::from_u128),]
+    prop_oneof![
+        Just(uuid::Uuid::nil()),
+        any::<u128>().prop_map(uuid::Uuid::from_u128),
+    ]
 }
 
 #[derive(Debug, Clone)]

@@ -71,6 +71,8 @@ pub struct Intake {
     clock: SharedClock,
     settings: IntakeSettings,
     health: Health,
+    /// Batches committed so far.
+    batches: u64,
 }
 
 impl Intake {
@@ -95,6 +97,7 @@ impl Intake {
             clock,
             settings,
             health: Health::default(),
+            batches: 0,
         })
     }
 
@@ -115,10 +118,15 @@ impl Intake {
     ) -> Result<(), IntakeError> {
         let mut backoff = Backoff::default();
         while !shutdown.is_triggered() {
+            let committed = self.batches;
             match self.step().await {
                 Ok(created) => {
                     if !created.is_empty() {
                         wake.notify_one();
+                    }
+                    // Only a committed batch shows that what was down is back.
+                    if self.batches == committed {
+                        continue;
                     }
                     if backoff.is_retrying() {
                         tracing::info!("command intake resumed");
@@ -208,6 +216,7 @@ impl Intake {
             .await
         {
             Ok(created) => {
+                self.batches += 1;
                 for id in &created {
                     tracing::info!(job = %id, "conversion job created");
                 }

@@ -153,7 +153,10 @@ impl Ingest {
     pub async fn run(mut self, mut shutdown: Shutdown) -> Result<IngestTotals, IngestError> {
         let mut backoff = Backoff::default();
         while !shutdown.is_triggered() {
+            let committed = self.totals.batches;
             match self.step().await {
+                // Only a committed batch shows that what was down is back.
+                Ok(()) if self.totals.batches == committed => {}
                 Ok(()) => {
                     if backoff.is_retrying() {
                         tracing::info!("ingest resumed");
