@@ -15,7 +15,37 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
+use crate::codec::CodecError;
+use crate::health::ConsumerState;
 use crate::store::{Store, StoreError, TopicPartition};
+
+/// Why a stage's batch was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A writer schema could not be fetched because the registry is down.
+    #[error(transparent)]
+    Registry(CodecError),
+}
+
+impl ConsumeError {
+    /// Whether something is down (retry and hold) rather than broken (stop).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConsumeError::Store(e) => e.is_transient(),
+            ConsumeError::Registry(e) => e.is_transient(),
+        }
+    }
+
+    /// What is down, for the metric label and the log.
+    pub fn dependency(&self) -> &'static str {
+        match self {
+            ConsumeError::Store(_) => "database",
+            ConsumeError::Registry(_) => "schema_registry",
+        }
+    }
+}
 
 /// Partitions handed to or taken from this consumer since the loop last
 /// looked. An assignment is not applied in the rebalance callback: the loop
@@ -305,6 +335,14 @@ impl GroupConsumer {
             }
         }
         Ok(all)
+    }
+
+    /// Assigned partitions, or waiting for an assignment (for `/readyz`).
+    pub fn state(&self) -> ConsumerState {
+        match self.assigned.len() {
+            0 => ConsumerState::WaitingForAssignment,
+            partitions => ConsumerState::Assigned { partitions },
+        }
     }
 
     /// Partitions currently assigned to this consumer.

@@ -1,7 +1,11 @@
 //! The pause before retrying something that is down: doubling from a
-//! quarter second up to half a minute, back to the start after a success.
+//! quarter second up to half a minute, back to the start after a success;
+//! and how a consumer says it holds its partitions meanwhile.
 
 use std::time::Duration;
+
+use crate::health::{ConsumerState, Health};
+use crate::shutdown::Shutdown;
 
 const FIRST: Duration = Duration::from_millis(250);
 const LONGEST: Duration = Duration::from_secs(30);
@@ -31,6 +35,44 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.failures = 0;
     }
+}
+
+/// A consumer holds its partitions because `dependency` is down: says so
+/// (log, `treasury_consumer_held_total` and `treasury_consumer_held`, its
+/// `/readyz` state) and waits the next pause, or until shutdown.
+pub async fn hold(
+    consumer: &'static str,
+    dependency: &'static str,
+    error: &(dyn std::fmt::Display + Sync),
+    backoff: &mut Backoff,
+    health: &Health,
+    shutdown: &mut Shutdown,
+) {
+    let delay = backoff.next_delay();
+    tracing::warn!(consumer, dependency, %error, retry_in = ?delay,
+        "holding the partitions until this is back; the batch will be read again, nothing is dead-lettered");
+    metrics::counter!("treasury_consumer_held_total", "consumer" => consumer, "dependency" => dependency)
+        .increment(1);
+    metrics::gauge!("treasury_consumer_held", "consumer" => consumer).set(1.0);
+    health.consumer(
+        consumer,
+        ConsumerState::Held {
+            reason: format!("{dependency}: {error}"),
+        },
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.triggered() => {}
+    }
+}
+
+/// A held consumer committed a batch again.
+pub fn resumed(consumer: &'static str, backoff: &mut Backoff) {
+    if backoff.is_retrying() {
+        tracing::info!(consumer, "resumed");
+        metrics::gauge!("treasury_consumer_held", "consumer" => consumer).set(0.0);
+    }
+    backoff.reset();
 }
 
 #[cfg(test)]

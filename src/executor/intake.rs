@@ -14,11 +14,11 @@ use uuid::Uuid;
 use crate::clock::SharedClock;
 use crate::codec::records::command_from_value;
 use crate::codec::{Codec, CodecError, SchemaKind, wire};
-use crate::consumer::{GroupConsumer, RawMessage, offset_ranges};
+use crate::consumer::{ConsumeError, GroupConsumer, RawMessage, offset_ranges};
 use crate::dlq::{Refused, dead_letter};
 use crate::domain::ConversionJob;
 use crate::health::{ConsumerState, Health};
-use crate::retry::Backoff;
+use crate::retry::{self, Backoff};
 use crate::shutdown::Shutdown;
 use crate::store::jobs::JobStore;
 use crate::store::{Store, StoreError};
@@ -36,32 +36,8 @@ pub struct IntakeSettings {
 /// The name this consumer reports under in `/readyz`.
 pub const HEALTH_NAME: &str = "executor-intake";
 
-/// Why a command batch was not committed.
-#[derive(Debug, thiserror::Error)]
-pub enum IntakeError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A writer schema could not be fetched because the registry is down.
-    #[error(transparent)]
-    Registry(CodecError),
-}
-
-impl IntakeError {
-    /// Whether something is down (retry and hold) rather than broken (stop).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            IntakeError::Store(e) => e.is_transient(),
-            IntakeError::Registry(e) => e.is_transient(),
-        }
-    }
-
-    fn dependency(&self) -> &'static str {
-        match self {
-            IntakeError::Store(_) => "database",
-            IntakeError::Registry(_) => "schema_registry",
-        }
-    }
-}
+/// Why a batch was not committed.
+pub type IntakeError = ConsumeError;
 
 /// The command consumer.
 pub struct Intake {
@@ -128,32 +104,20 @@ impl Intake {
                     if self.batches == committed {
                         continue;
                     }
-                    if backoff.is_retrying() {
-                        tracing::info!("command intake resumed");
-                        metrics::gauge!("treasury_consumer_held", "consumer" => HEALTH_NAME)
-                            .set(0.0);
-                    }
-                    backoff.reset();
+                    retry::resumed(HEALTH_NAME, &mut backoff);
                 }
                 Err(e) if e.is_transient() => {
                     self.consumer.forget_all();
-                    let delay = backoff.next_delay();
                     let dependency = e.dependency();
-                    tracing::warn!(error = %e, dependency, retry_in = ?delay,
-                        "command intake holds its partitions until this is back; nothing is dead-lettered");
-                    metrics::counter!("treasury_consumer_held_total", "consumer" => HEALTH_NAME, "dependency" => dependency)
-                        .increment(1);
-                    metrics::gauge!("treasury_consumer_held", "consumer" => HEALTH_NAME).set(1.0);
-                    self.health.consumer(
+                    retry::hold(
                         HEALTH_NAME,
-                        ConsumerState::Held {
-                            reason: format!("{dependency}: {e}"),
-                        },
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.triggered() => {}
-                    }
+                        dependency,
+                        &e,
+                        &mut backoff,
+                        &self.health,
+                        &mut shutdown,
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "command intake cannot go on");
@@ -169,11 +133,7 @@ impl Intake {
     /// Reads one batch and commits it; returns the ids of new jobs.
     pub async fn step(&mut self) -> Result<Vec<Uuid>, IntakeError> {
         self.consumer.take_rebalances().await?;
-        let state = match self.consumer.assigned().len() {
-            0 => ConsumerState::WaitingForAssignment,
-            partitions => ConsumerState::Assigned { partitions },
-        };
-        self.health.consumer(HEALTH_NAME, state);
+        self.health.consumer(HEALTH_NAME, self.consumer.state());
         let messages = self
             .consumer
             .next_batch(self.settings.batch_size, self.settings.batch_max_wait)
@@ -189,7 +149,7 @@ impl Intake {
                 Ok(decoded) => decoded,
                 Err(e) => {
                     self.consumer.forget(messages.iter().map(|m| &m.tp));
-                    return Err(IntakeError::Registry(e));
+                    return Err(ConsumeError::Registry(e));
                 }
             };
             match decoded {

@@ -15,10 +15,10 @@ use super::batch::{BatchContext, BatchOutcome, Consumed, commit_batch, commit_pr
 use super::validate::{Rejection, decode_event};
 use crate::clock::SharedClock;
 use crate::codec::{Codec, CodecError, wire};
-use crate::consumer::{GroupConsumer, RawMessage};
+use crate::consumer::{ConsumeError, GroupConsumer, RawMessage};
 use crate::domain::{FlowEvent, FlowKind};
 use crate::health::{ConsumerState, Health};
-use crate::retry::Backoff;
+use crate::retry::{self, Backoff};
 use crate::shutdown::Shutdown;
 use crate::store::{LockMode, ProgressUpdate, Store, StoreError, TopicPartition};
 use crate::window::WindowSpec;
@@ -58,32 +58,7 @@ pub const PARTITION_REFRESH: Duration = Duration::from_secs(60);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a batch was not committed.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A writer schema could not be fetched because the registry is down.
-    #[error(transparent)]
-    Registry(CodecError),
-}
-
-impl IngestError {
-    /// Whether something is down (retry and hold) rather than broken (stop).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            IngestError::Store(e) => e.is_transient(),
-            IngestError::Registry(e) => e.is_transient(),
-        }
-    }
-
-    /// What is down, for the metric label and the log.
-    pub fn dependency(&self) -> &'static str {
-        match self {
-            IngestError::Store(_) => "database",
-            IngestError::Registry(_) => "schema_registry",
-        }
-    }
-}
+pub type IngestError = ConsumeError;
 
 /// The ingest driver.
 pub struct Ingest {
@@ -157,33 +132,19 @@ impl Ingest {
             match self.step().await {
                 // Only a committed batch shows that what was down is back.
                 Ok(()) if self.totals.batches == committed => {}
-                Ok(()) => {
-                    if backoff.is_retrying() {
-                        tracing::info!("ingest resumed");
-                        metrics::gauge!("treasury_consumer_held", "consumer" => HEALTH_NAME)
-                            .set(0.0);
-                    }
-                    backoff.reset();
-                }
+                Ok(()) => retry::resumed(HEALTH_NAME, &mut backoff),
                 Err(e) if e.is_transient() => {
                     self.consumer.forget_all();
-                    let delay = backoff.next_delay();
                     let dependency = e.dependency();
-                    tracing::warn!(error = %e, dependency, retry_in = ?delay,
-                        "ingest holds its partitions until this is back; the batch will be read again, nothing is dead-lettered");
-                    metrics::counter!("treasury_consumer_held_total", "consumer" => HEALTH_NAME, "dependency" => dependency)
-                        .increment(1);
-                    metrics::gauge!("treasury_consumer_held", "consumer" => HEALTH_NAME).set(1.0);
-                    self.health.consumer(
+                    retry::hold(
                         HEALTH_NAME,
-                        ConsumerState::Held {
-                            reason: format!("{dependency}: {e}"),
-                        },
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.triggered() => {}
-                    }
+                        dependency,
+                        &e,
+                        &mut backoff,
+                        &self.health,
+                        &mut shutdown,
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "ingest cannot go on");
@@ -218,7 +179,7 @@ impl Ingest {
         let messages = self
             .decode_all(raw, now)
             .await
-            .map_err(IngestError::Registry)?;
+            .map_err(ConsumeError::Registry)?;
         let caught_up = self.consumer.at_end().clone();
         if messages.is_empty() {
             let newly = !caught_up.is_subset(&self.reported_caught_up);
@@ -353,11 +314,7 @@ impl Ingest {
     /// they hold settlement back until their (new) consumer has read them.
     async fn apply_rebalances(&mut self) -> Result<(), StoreError> {
         let changes = self.consumer.take_rebalances().await?;
-        let state = match self.consumer.assigned().len() {
-            0 => ConsumerState::WaitingForAssignment,
-            partitions => ConsumerState::Assigned { partitions },
-        };
-        self.health.consumer(HEALTH_NAME, state);
+        self.health.consumer(HEALTH_NAME, self.consumer.state());
         let moved: Vec<TopicPartition> = changes
             .revoked
             .iter()
