@@ -419,3 +419,89 @@ fn a_missing_tls_file_fails_at_start_naming_the_setting() {
         "{error}"
     );
 }
+
+#[sqlx::test]
+async fn the_command_intake_holds_commands_while_the_registry_is_down(pool: PgPool) {
+    use treasury::executor::Intake;
+    use treasury::executor::intake::IntakeSettings;
+    use treasury::store::jobs::JobStore;
+
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let topics = common::unique_topics("intake_registry");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 1).await;
+    let registry = TestRegistry::start().await;
+    let config = config(&registry, &topics, &[]);
+    // The aggregator registered the command schema and wrote a command.
+    let writer = treasury::runtime::codec_for(&config).unwrap();
+    let (_trigger, mut listener) = treasury::shutdown::channel();
+    treasury::runtime::register_outputs(&writer, &config, &mut listener)
+        .await
+        .unwrap();
+    let direction = ConversionDirection::UsdcToUsd;
+    let command = ConversionCommand {
+        command_id: ConversionCommand::derive_id("w-7", direction, 0),
+        direction,
+        trigger: ConversionTrigger::BufferReplenishment,
+        amount: Money::positive(Currency::Usdc, Decimal::new(25_000, 0)).unwrap(),
+        source_account: BufferAccount::SystemBufferUsdc,
+        destination_account: BufferAccount::SystemBufferFiat,
+        cycle_id: "w-7".into(),
+        created_at: chrono::Utc::now(),
+    };
+    produce_raw(
+        &brokers,
+        &topics.commands,
+        &[encode_command(&writer, &command).unwrap()],
+    )
+    .await;
+
+    // The executor starts while the registry is down.
+    registry.set_down(true);
+    let store = common::pg_store(&pool);
+    let jobs: std::sync::Arc<dyn JobStore> =
+        std::sync::Arc::new(treasury::store::postgres::PgStore::from_pool(pool.clone()));
+    let mut intake = Intake::new(
+        &treasury::kafka::consumer_config(&base, "intake-registry"),
+        store,
+        jobs,
+        treasury::runtime::codec_for(&config).unwrap(),
+        treasury::clock::SystemClock::shared(),
+        IntakeSettings {
+            group: "intake-registry".into(),
+            commands_topic: topics.commands.clone(),
+            dlq_topic: topics.dlq.clone(),
+            batch_size: 100,
+            batch_max_wait: Duration::from_millis(100),
+        },
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut held = 0;
+    while held < 3 && tokio::time::Instant::now() < deadline {
+        match intake.step().await {
+            Err(e) => {
+                assert!(e.is_transient(), "{e}");
+                held += 1;
+            }
+            Ok(created) => assert!(created.is_empty()),
+        }
+    }
+    assert_eq!(held, 3, "the command was read and held, three times");
+    assert_eq!(dead_letters_queued(&pool).await, 0, "nothing dead-lettered");
+
+    registry.set_down(false);
+    let mut created = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while created.is_empty() && tokio::time::Instant::now() < deadline {
+        created.extend(intake.step().await.expect("registry is back"));
+    }
+    assert_eq!(
+        created.len(),
+        1,
+        "one job for the command once the registry is back"
+    );
+    assert_eq!(dead_letters_queued(&pool).await, 0);
+}
