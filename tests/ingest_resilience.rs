@@ -221,3 +221,62 @@ async fn a_task_that_cannot_go_on_stops_the_process_with_a_failure(pool: PgPool)
     assert!(!status.success(), "exit status {status}; log:\n{log}");
     assert!(log.contains("task ingest failed"), "log:\n{log}");
 }
+
+#[sqlx::test]
+async fn ingest_reports_progress_on_the_clock_it_is_given(pool: PgPool) {
+    use treasury::clock::{Clock, ManualClock};
+    use treasury::ingest::{Ingest, IngestSettings};
+
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let topics = common::unique_topics("clock");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 1).await;
+    let events = common::generate(94, 50, chrono::Duration::minutes(5));
+    common::produce(&base, &topics, &events).await;
+    let at = chrono::Utc.with_ymd_and_hms(2031, 3, 1, 0, 0, 0).unwrap();
+    let clock = std::sync::Arc::new(ManualClock::new(at));
+    let mut ingest = Ingest::new(
+        &treasury::kafka::consumer_config(&base, "clock"),
+        common::pg_store(&pool),
+        Codec::default(),
+        clock.clone(),
+        IngestSettings {
+            group: "clock".into(),
+            funding_topic: topics.funding.clone(),
+            withdrawal_topic: topics.withdrawals.clone(),
+            dlq_topic: topics.dlq.clone(),
+            spec: spec(),
+            batch_size: 100,
+            batch_max_wait: Duration::from_millis(100),
+        },
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let caught_up = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM partition_progress WHERE caught_up AND caught_up_since = $1",
+        )
+        .bind(at)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        n == 2
+    };
+    while !caught_up().await && tokio::time::Instant::now() < deadline {
+        ingest.step().await.unwrap();
+    }
+    assert_eq!(ingest.totals().counted, 50);
+    let reported: Vec<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT updated_at FROM partition_progress")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        reported,
+        vec![at, at],
+        "progress carries the driver's clock"
+    );
+    assert_eq!(clock.now(), at);
+}
