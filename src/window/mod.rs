@@ -84,3 +84,47 @@ impl WindowSpec {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DurationRound, TimeZone};
+
+    use super::*;
+
+    fn spec() -> WindowSpec {
+        WindowSpec::new(
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(30),
+        )
+    }
+
+    #[test]
+    fn windows_align_to_the_epoch_like_truncation_in_the_usual_range() {
+        let spec = spec();
+        for at in [
+            Utc.with_ymd_and_hms(2026, 1, 5, 9, 7, 31).unwrap(),
+            Utc.with_ymd_and_hms(1969, 12, 31, 23, 58, 1).unwrap(),
+            DateTime::UNIX_EPOCH,
+        ] {
+            assert_eq!(
+                spec.window_start(at),
+                at.duration_trunc(spec.length).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn any_representable_time_has_a_window() {
+        let spec = spec();
+        for at in [
+            DateTime::<Utc>::MIN_UTC,
+            DateTime::<Utc>::MAX_UTC,
+            Utc.with_ymd_and_hms(1600, 1, 1, 0, 0, 0).unwrap(),
+        ] {
+            let start = spec.window_start(at);
+            assert!(start <= at);
+            assert!(spec.window_end(start) >= start);
+            assert_eq!(spec.assign(at, None).window_start, start);
+        }
+    }
+}
