@@ -434,12 +434,20 @@ impl GroupConsumer {
             let message = match received {
                 Ok(m) => m,
                 Err(KafkaError::PartitionEOF(p)) => {
-                    let reached: Vec<TopicPartition> = self
+                    let candidates: Vec<TopicPartition> = self
                         .assigned
                         .iter()
                         .filter(|tp| tp.partition == p)
                         .cloned()
                         .collect();
+                    let reached: Vec<TopicPartition> = if candidates.len() == 1 {
+                        candidates
+                    } else {
+                        candidates
+                            .into_iter()
+                            .filter(|tp| self.read_to_high_watermark(tp))
+                            .collect()
+                    };
                     self.at_end.extend(reached);
                     continue;
                 }
@@ -475,6 +483,38 @@ impl GroupConsumer {
             }
         }
         Ok(messages)
+    }
+
+    /// Whether everything librdkafka has seen in `tp` (its high watermark as
+    /// of the last fetch response, no broker call) has been handed to us.
+    /// librdkafka names only the partition number at the end of a partition;
+    /// with several topics this tells which of them reached it: one still
+    /// fetching (or not fetched yet) has not.
+    fn read_to_high_watermark(&self, tp: &TopicPartition) -> bool {
+        let Ok(topic) = std::ffi::CString::new(tp.topic.as_str()) else {
+            return false;
+        };
+        let (mut low, mut high) = (-1_i64, -1_i64);
+        // SAFETY: the client pointer is valid for the consumer's lifetime,
+        // `topic` is NUL-terminated and outlives the call, and `low`/`high`
+        // are valid for writes; the call only reads librdkafka's cache.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                tp.partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || high < 0 {
+            return false;
+        }
+        match self.positions.get(tp) {
+            Some(Position::Expect { next, .. }) => *next >= high,
+            Some(Position::Fresh) => low >= 0 && low == high,
+            None => false,
+        }
     }
 
     /// Whether a message at `offset` is the next one for `tp`; seeks to the
