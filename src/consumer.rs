@@ -292,18 +292,6 @@ impl GroupConsumer {
         queue.extend(newer);
     }
 
-    /// Whether partitions were handed to this consumer and wait for their
-    /// stored offsets to be read before they are assigned.
-    pub fn has_pending_assignment(&self) -> bool {
-        !self
-            .consumer
-            .context()
-            .pending
-            .lock()
-            .expect("rebalance log")
-            .is_empty()
-    }
-
     /// The first offset the broker delivered from each partition since it
     /// was assigned (what positioning on assignment is judged by).
     pub fn first_fetched(&self) -> &HashMap<TopicPartition, i64> {
