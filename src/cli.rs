@@ -305,7 +305,7 @@ async fn convert(config: &Config, args: ConvertArgs) -> anyhow::Result<()> {
         reason: args.reason,
         force: args.force,
     };
-    let codec = runtime::codec_for(config);
+    let codec = runtime::codec_for(config)?;
     let to = crate::manual::Destination {
         codec: &codec,
         commands_topic: &config.topics.commands,

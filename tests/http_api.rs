@@ -18,6 +18,7 @@ async fn serve(pool: &PgPool, token: Option<&str>) -> String {
         wake_executor: None,
         env: Arc::new(|var: &str| (var == "DUE_WEBHOOK_SECRET").then(|| "whsec".to_owned())),
         conversions: None,
+        health: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
