@@ -52,7 +52,7 @@ pub fn codec_for(config: &Config) -> anyhow::Result<Codec> {
 }
 
 /// The engine's outputs and the topics they are written to.
-pub fn outputs(config: &Config) -> [(SchemaKind, &str); 3] {
+pub fn outputs(config: &Config) -> [(SchemaKind, &str); 4] {
     [
         (
             SchemaKind::ConversionCommand,
@@ -60,6 +60,10 @@ pub fn outputs(config: &Config) -> [(SchemaKind, &str); 3] {
         ),
         (SchemaKind::LedgerPosting, config.topics.postings.as_str()),
         (SchemaKind::DeadLetter, config.topics.dlq.as_str()),
+        (
+            SchemaKind::BufferAlert,
+            config.topics.buffer_alerts.as_str(),
+        ),
     ]
 }
 

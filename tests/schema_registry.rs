@@ -1,8 +1,8 @@
 //! The Schema Registry is the authority when configured: input ids are
 //! resolved there (never by the engine's local ids), the engine registers
 //! its output schemas and writes the registry's ids, and a registry outage
-//! dead-letters nothing. Against a registry-compatible server whose ids 1..5
-//! hold other teams' schemas, the real broker and PostgreSQL.
+//! dead-letters nothing. Against a registry-compatible server whose ids 1..6
+//! (every local id) hold other teams' schemas, the real broker and PostgreSQL.
 
 mod common;
 #[path = "common/registry.rs"]
@@ -15,11 +15,14 @@ use chrono::TimeZone;
 use registry::TestRegistry;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use treasury::alerts::BufferAlert;
+use treasury::codec::alert::{buffer_alert_from_value, encode_buffer_alert};
 use treasury::codec::records::{DeadLetter, FlowRecord, encode_command};
 use treasury::codec::{Codec, CodecError, SchemaKind, wire};
 use treasury::config::{Config, Topics};
 use treasury::domain::{
-    BufferAccount, ConversionCommand, ConversionDirection, ConversionTrigger, Currency, Money,
+    BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionTrigger,
+    Currency, Money, Thresholds,
 };
 use treasury::ingest::{Ingest, IngestSettings};
 use treasury::window::WindowSpec;
@@ -41,6 +44,10 @@ fn config(registry: &TestRegistry, topics: &Topics, extra: &[(&str, &str)]) -> C
             topics.postings.clone(),
         ),
         ("TREASURY_TOPIC_DLQ".to_owned(), topics.dlq.clone()),
+        (
+            "TREASURY_TOPIC_BUFFER_ALERTS".to_owned(),
+            topics.buffer_alerts.clone(),
+        ),
     ];
     vars.extend(
         extra
@@ -130,7 +137,7 @@ async fn registry_ids_are_read_and_written_and_an_outage_dead_letters_nothing(po
         &format!("{}-value", topics.withdrawals),
         SchemaKind::WithdrawalEvent.source(),
     );
-    assert!(funding_id > 5 && withdrawal_id > 5);
+    assert!(funding_id > 6 && withdrawal_id > 6);
 
     let config = config(&registry, &topics, &[]);
     let codec = treasury::runtime::codec_for(&config).expect("codec");
@@ -152,7 +159,7 @@ async fn registry_ids_are_read_and_written_and_an_outage_dead_letters_nothing(po
             .expect("registered");
         assert_eq!(r.subject, format!("{topic}-value"), "TopicNameStrategy");
         assert_eq!(subjects.get(&r.subject), Some(&r.id));
-        assert!(r.id > 5, "{kind:?} got id {}, not a local id", r.id);
+        assert!(r.id > 6, "{kind:?} got id {}, not a local id", r.id);
     }
 
     // The registry is down while events arrive: 10 deposits and 10
@@ -293,6 +300,42 @@ async fn registry_ids_are_read_and_written_and_an_outage_dead_letters_nothing(po
         &Value::String("w-1".into()),
         "a registry-aware consumer reads the command"
     );
+
+    // And buffer alerts, under the subject of their own topic.
+    let window_start = chrono::Utc.with_ymd_and_hms(2026, 1, 5, 9, 0, 0).unwrap();
+    let alert = BufferAlert {
+        alert_id: BufferAlert::derive_id("w-1", BufferAccount::SystemBufferUsdc),
+        account: BufferAccount::SystemBufferUsdc,
+        from: BufferStatus::Healthy,
+        to: BufferStatus::CriticalLow,
+        balance: Decimal::new(1_000, 0),
+        thresholds: Thresholds::new(
+            Decimal::new(10_000, 0),
+            Decimal::new(50_000, 0),
+            Decimal::new(100_000, 0),
+        )
+        .unwrap(),
+        cycle_id: "w-1".into(),
+        window_start,
+        window_end: window_start + chrono::Duration::minutes(5),
+        occurred_at: window_start + chrono::Duration::minutes(5),
+    };
+    let alert_output = registered
+        .iter()
+        .find(|r| r.kind == SchemaKind::BufferAlert)
+        .expect("buffer alerts registered");
+    assert_eq!(
+        alert_output.subject,
+        format!("{}-value", topics.buffer_alerts)
+    );
+    let bytes = encode_buffer_alert(&codec, &alert).unwrap();
+    let (id, value) = read_through_registry(&registry, &bytes);
+    assert_eq!(id, alert_output.id);
+    assert_eq!(
+        buffer_alert_from_value(&value).expect("a buffer alert"),
+        alert,
+        "a registry-aware consumer reads the alert"
+    );
 }
 
 #[tokio::test]
@@ -354,6 +397,7 @@ async fn subjects_follow_the_strategy_lookups_never_register_and_credentials_are
         SchemaKind::ConversionCommand,
         SchemaKind::LedgerPosting,
         SchemaKind::DeadLetter,
+        SchemaKind::BufferAlert,
     ] {
         ids.push(registry.add(&kind.full_name(), kind.source()));
     }

@@ -1,8 +1,8 @@
 //! A Schema Registry for tests, compatible with the Confluent REST calls the
 //! engine makes: `GET /schemas/ids/{id}`, `POST /subjects/{subject}/versions`
 //! (register) and `POST /subjects/{subject}` (look up). Ids start at 101;
-//! ids 1..=5 hold unrelated schemas, as in a registry shared with other
-//! teams. It can be taken down (every call answers 503) and brought back,
+//! ids 1..=6 (every local id) hold unrelated schemas, as in a registry
+//! shared with other teams. It can be taken down (every call answers 503) and brought back,
 //! and can require basic auth.
 #![allow(dead_code)]
 
@@ -16,13 +16,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-/// Schemas another team registered first, under ids 1..=5.
-pub const FOREIGN_SCHEMAS: [&str; 5] = [
+/// Schemas another team registered first, under ids 1..=6.
+pub const FOREIGN_SCHEMAS: [&str; 6] = [
     r#"{"type":"record","name":"Other","namespace":"com.example","fields":[{"name":"other_id","type":"int"},{"name":"weight","type":"double"}]}"#,
     r#"{"type":"record","name":"Click","namespace":"com.example","fields":[{"name":"url","type":"string"}]}"#,
     r#"{"type":"record","name":"Order","namespace":"com.example","fields":[{"name":"order_id","type":"long"},{"name":"total","type":"double"}]}"#,
     r#"{"type":"record","name":"Ping","namespace":"com.example","fields":[]}"#,
     r#"{"type":"string"}"#,
+    r#"{"type":"record","name":"Alert","namespace":"com.example","fields":[{"name":"level","type":"string"}]}"#,
 ];
 
 #[derive(Default)]
