@@ -66,6 +66,16 @@ pub async fn hold(
     }
 }
 
+/// Exports `consumer`'s hold series from start-up (not held, never held), so
+/// that rules and dashboards see them before the first outage.
+pub fn register_series(consumer: &'static str) {
+    metrics::gauge!("treasury_consumer_held", "consumer" => consumer).set(0.0);
+    for dependency in ["database", "schema_registry"] {
+        metrics::counter!("treasury_consumer_held_total", "consumer" => consumer, "dependency" => dependency)
+            .increment(0);
+    }
+}
+
 /// A held consumer committed a batch again.
 pub fn resumed(consumer: &'static str, backoff: &mut Backoff) {
     if backoff.is_retrying() {

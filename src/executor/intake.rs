@@ -80,6 +80,7 @@ impl Intake {
     /// Reports this consumer's state to `health` (for `/readyz`).
     pub fn reporting_to(mut self, health: Health) -> Self {
         health.consumer(HEALTH_NAME, ConsumerState::Starting);
+        retry::register_series(HEALTH_NAME);
         self.health = health;
         self
     }

@@ -108,6 +108,7 @@ impl Ingest {
     /// Reports this consumer's state to `health` (for `/readyz`).
     pub fn reporting_to(mut self, health: Health) -> Self {
         health.consumer(HEALTH_NAME, ConsumerState::Starting);
+        retry::register_series(HEALTH_NAME);
         self.health = health;
         self
     }
