@@ -643,6 +643,7 @@ async fn engine(
         &treasury::kafka::consumer_config(base, &group),
         store,
         Codec::default(),
+        treasury::clock::SystemClock::shared(),
         IngestSettings {
             group: group.clone(),
             funding_topic: funding.to_owned(),

@@ -334,7 +334,18 @@ async fn convert(config: &Config, args: ConvertArgs) -> anyhow::Result<()> {
         reason: args.reason,
         force: args.force,
     };
-    let codec = runtime::codec_for(config);
+    let codec = runtime::codec_for(config)?;
+    // With a Schema Registry the command is written under the registry's id:
+    // give the one output this writes its id first (an unavailable registry
+    // is an error here, to run again, rather than a wait).
+    codec
+        .source()
+        .register_outputs(&[(
+            crate::codec::SchemaKind::ConversionCommand,
+            config.topics.commands.as_str(),
+        )])
+        .await
+        .context("registering the conversion command schema (SCHEMA_REGISTRY_*)")?;
     let to = crate::manual::Destination {
         codec: &codec,
         commands_topic: &config.topics.commands,

@@ -101,8 +101,9 @@ pub struct Config {
     pub aggregator_group: String,
     /// Consumer group of the executor role (`TREASURY_EXECUTOR_GROUP`).
     pub executor_group: String,
-    /// Optional Confluent Schema Registry (`SCHEMA_REGISTRY_URL`).
-    pub schema_registry_url: Option<String>,
+    /// Optional Confluent Schema Registry (`SCHEMA_REGISTRY_URL` and the
+    /// other `SCHEMA_REGISTRY_*` settings); with one, it is the authority on ids.
+    pub schema_registry: Option<crate::codec::RegistrySettings>,
     /// Address of the HTTP server for health, metrics and operator endpoints (`TREASURY_HTTP_ADDR`).
     pub http_addr: String,
     /// Bearer token for operator endpoints (`TREASURY_ADMIN_TOKEN`); shown masked.
@@ -188,7 +189,7 @@ impl Config {
             executor_group: env
                 .text("TREASURY_EXECUTOR_GROUP")
                 .unwrap_or_else(|| "treasury-executor".into()),
-            schema_registry_url: env.url("SCHEMA_REGISTRY_URL")?,
+            schema_registry: env.schema_registry()?,
             http_addr: env.socket_addr("TREASURY_HTTP_ADDR", "0.0.0.0:8080")?,
             admin_token: env.text("TREASURY_ADMIN_TOKEN"),
             planner: PlannerSettings {
@@ -249,6 +250,16 @@ impl Config {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.as_deref().map(mask_url_password);
         shown.admin_token = shown.admin_token.as_ref().map(|_| "****".into());
+        if let Some(registry) = shown.schema_registry.as_mut() {
+            registry.basic_auth_user_info =
+                registry
+                    .basic_auth_user_info
+                    .as_deref()
+                    .map(|info| match info.split_once(':') {
+                        Some((user, _)) => format!("{user}:****"),
+                        None => "****".into(),
+                    });
+        }
         for (key, value) in shown.kafka_settings.iter_mut() {
             if key.contains("password") || key.contains("secret") || key.contains("key") {
                 *value = "****".into();
@@ -378,6 +389,28 @@ impl Vars<'_> {
             }
             Some(v) => Err(Self::error(name, &v, "an http:// or https:// URL")),
         }
+    }
+
+    /// The `SCHEMA_REGISTRY_*` settings, named like Confluent clients' ones.
+    fn schema_registry(&self) -> Result<Option<crate::codec::RegistrySettings>, ConfigError> {
+        let Some(url) = self.url("SCHEMA_REGISTRY_URL")? else {
+            return Ok(None);
+        };
+        let path = |name: &str| self.text(name).map(std::path::PathBuf::from);
+        Ok(Some(crate::codec::RegistrySettings {
+            basic_auth_user_info: self.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"),
+            ssl_ca_location: path("SCHEMA_REGISTRY_SSL_CA_LOCATION"),
+            ssl_certificate_location: path("SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION"),
+            ssl_key_location: path("SCHEMA_REGISTRY_SSL_KEY_LOCATION"),
+            auto_register: self.boolean("SCHEMA_REGISTRY_AUTO_REGISTER", true)?,
+            subject_name_strategy: self.parsed(
+                "SCHEMA_REGISTRY_SUBJECT_NAME_STRATEGY",
+                "TopicNameStrategy",
+                "TopicNameStrategy, RecordNameStrategy or TopicRecordNameStrategy",
+                |_| true,
+            )?,
+            ..crate::codec::RegistrySettings::new(&url)
+        }))
     }
 
     fn socket_addr(&self, name: &str, default: &str) -> Result<String, ConfigError> {

@@ -41,6 +41,9 @@ pub fn dead_letter(
         reason,
         error_kind,
     } = refused;
+    // Text columns and headers cannot hold NUL; the original bytes are kept
+    // whole in the record.
+    let reason = &reason.replace('\0', "\\0");
     let record = DeadLetter {
         source_topic: tp.topic.clone(),
         source_partition: tp.partition,
@@ -65,7 +68,7 @@ pub fn dead_letter(
     Ok(OutboxMessage {
         id,
         topic: dlq_topic.to_owned(),
-        key: key.map(|k| String::from_utf8_lossy(k).into_owned()),
+        key: key.map(|k| String::from_utf8_lossy(k).replace('\0', "\u{fffd}")),
         payload: encoded,
         headers: vec![
             ("message-id".into(), id.to_string()),

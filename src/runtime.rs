@@ -1,13 +1,18 @@
 //! Wiring for `treasury run`: builds the roles' tasks from the configuration
-//! and runs them until SIGTERM/SIGINT, then stops them in order.
+//! and runs them until SIGTERM/SIGINT, then stops them in order. A task that
+//! ends on its own (an error, a panic) stops the process with a non-zero
+//! exit, so that the orchestrator restarts it instead of leaving a process
+//! that answers health checks and does nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::codec::{Codec, SchemaSource};
+use crate::clock::{SharedClock, SystemClock};
+use crate::codec::{Codec, RegisteredOutput, RegistryClient, SchemaKind, SchemaSource};
 use crate::config::Config;
+use crate::health::Health;
 use crate::ingest::{Ingest, IngestSettings};
 use crate::relay::Relay;
 use crate::settlement::{Settlement, SettlementSettings};
@@ -26,11 +31,76 @@ pub enum Role {
     Executor,
 }
 
-/// The codec for this configuration (local schemas, plus the registry if set).
-pub fn codec_for(config: &Config) -> Codec {
-    match &config.schema_registry_url {
-        Some(url) => Codec::new(SchemaSource::with_registry(url)),
-        None => Codec::default(),
+/// A role's task, named for logs and `/readyz`; it ends with an error when
+/// it cannot go on.
+pub type NamedTask = (&'static str, tokio::task::JoinHandle<anyhow::Result<()>>);
+
+/// The codec for this configuration: the local schemas, or with a Schema
+/// Registry configured, the registry as the only authority on ids.
+pub fn codec_for(config: &Config) -> anyhow::Result<Codec> {
+    match &config.schema_registry {
+        Some(settings) => {
+            let client = RegistryClient::new(settings)?;
+            Ok(Codec::new(SchemaSource::with_registry(
+                client,
+                settings.subject_name_strategy,
+                settings.auto_register,
+            )))
+        }
+        None => Ok(Codec::default()),
+    }
+}
+
+/// The engine's outputs and the topics they are written to.
+pub fn outputs(config: &Config) -> [(SchemaKind, &str); 4] {
+    [
+        (
+            SchemaKind::ConversionCommand,
+            config.topics.commands.as_str(),
+        ),
+        (SchemaKind::LedgerPosting, config.topics.postings.as_str()),
+        (SchemaKind::DeadLetter, config.topics.dlq.as_str()),
+        (
+            SchemaKind::BufferAlert,
+            config.topics.buffer_alerts.as_str(),
+        ),
+    ]
+}
+
+/// Gives the output schemas their registry ids before anything is written,
+/// waiting (with a growing pause) while the registry is unavailable, and
+/// logs each subject and id. A refusal (a schema the registry will not
+/// register, or one not registered with `SCHEMA_REGISTRY_AUTO_REGISTER=false`)
+/// stops start-up.
+pub async fn register_outputs(
+    codec: &Codec,
+    config: &Config,
+    shutdown: &mut Shutdown,
+) -> anyhow::Result<Vec<RegisteredOutput>> {
+    let mut backoff = crate::retry::Backoff::default();
+    loop {
+        match codec.source().register_outputs(&outputs(config)).await {
+            Ok(registered) => {
+                for r in &registered {
+                    tracing::info!(schema = ?r.kind, subject = %r.subject, id = r.id,
+                        "output schema registered");
+                }
+                return Ok(registered);
+            }
+            Err(e) if e.is_transient() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay,
+                    "schema registry unavailable; waiting before writing anything");
+                metrics::counter!("treasury_schema_registry_unavailable_total").increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.triggered() => anyhow::bail!("stopped while waiting for the schema registry"),
+                }
+            }
+            Err(e) => {
+                return Err(e).context("registering the output schemas (SCHEMA_REGISTRY_*)");
+            }
+        }
     }
 }
 
@@ -79,16 +149,20 @@ pub fn spawn_aggregator(
     config: &Config,
     store: Arc<dyn Store>,
     codec: Codec,
+    clock: SharedClock,
+    health: &Health,
     shutdown: &shutdown::ShutdownTrigger,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Vec<NamedTask>> {
     let base = kafka::base_config(config);
     let ingest = Ingest::new(
         &kafka::consumer_config(&base, &config.aggregator_group),
         store.clone(),
         codec.clone(),
+        clock,
         ingest_settings(config),
     )
-    .context("creating the aggregator consumer")?;
+    .context("creating the aggregator consumer")?
+    .reporting_to(health.clone());
     let producer = kafka::idempotent_producer(&base).context("creating the outbox producer")?;
     let relay = Relay::new(store.clone(), producer);
     let settlement = Settlement::new(store, codec, settlement_settings(config))
@@ -98,15 +172,33 @@ pub fn spawn_aggregator(
     let settle_stop = shutdown.subscribe();
     let relay_stop = shutdown.subscribe();
     Ok(vec![
-        tokio::spawn(async move {
-            ingest.run(ingest_stop).await;
-        }),
-        tokio::spawn(settlement.run(settle_stop, tick)),
-        tokio::spawn(relay.run(relay_stop, Duration::from_millis(200))),
+        (
+            "ingest",
+            tokio::spawn(async move {
+                ingest.run(ingest_stop).await?;
+                Ok(())
+            }),
+        ),
+        (
+            "settlement",
+            tokio::spawn(async move {
+                settlement.run(settle_stop, tick).await;
+                Ok(())
+            }),
+        ),
+        ("aggregator-relay", spawn_relay(relay, relay_stop)),
     ])
 }
 
-/// `treasury run`: the chosen roles against PostgreSQL and Kafka.
+fn spawn_relay(relay: Relay, stop: Shutdown) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        relay.run(stop, Duration::from_millis(200)).await;
+        Ok(())
+    })
+}
+
+/// `treasury run`: the chosen roles against PostgreSQL and Kafka. Returns an
+/// error (the process exits non-zero) when a task ends on its own.
 pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     let url = config.require_database_url()?;
     let store = PgStore::connect(url)
@@ -115,12 +207,15 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     store.migrate().await.context("applying migrations")?;
     let metrics = crate::telemetry::init_metrics();
     let pg = store.clone();
+    // One clock for every driver: ingest, intake, the job worker and its timings.
+    let clock = SystemClock::shared();
     let jobs: Arc<dyn crate::store::jobs::JobStore> = Arc::new(crate::telemetry::jobs::Timed::new(
         Arc::new(store.clone()),
-        crate::clock::SystemClock::shared(),
+        clock.clone(),
     ));
     let jobs_for_gauges = jobs.clone();
     let store: Arc<dyn Store> = Arc::new(store);
+    let health = Health::default();
     let provider_names: Vec<String> = jobs
         .providers()
         .await
@@ -129,21 +224,36 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         .map(|p| p.name)
         .collect();
     crate::telemetry::register_series(&provider_names);
-    let codec = codec_for(&config);
     let (trigger, _) = shutdown::channel();
-    let mut tasks = Vec::new();
+    let codec = codec_for(&config)?;
+    let mut registering = trigger.subscribe();
+    tokio::select! {
+        registered = register_outputs(&codec, &config, &mut registering) => { registered?; }
+        _ = shutdown::os_signal() => return Ok(()),
+    }
+    let mut tasks: Vec<NamedTask> = Vec::new();
     if roles.contains(&Role::Aggregator) {
         tasks.extend(spawn_aggregator(
             &config,
             store.clone(),
             codec.clone(),
+            clock.clone(),
+            &health,
             &trigger,
         )?);
     }
     let mut wake_executor = None;
     if roles.contains(&Role::Executor) {
         let registry = crate::providers::registry::ProviderRegistry::from_process_env(None);
-        let parts = crate::executor::build(&config, store.clone(), jobs, codec.clone(), registry)?;
+        let mut parts = crate::executor::build(
+            &config,
+            store.clone(),
+            jobs,
+            codec.clone(),
+            clock.clone(),
+            registry,
+        )?;
+        parts.intake = parts.intake.reporting_to(health.clone());
         wake_executor = Some(parts.worker.waker());
         tasks.extend(crate::executor::spawn(parts, &trigger));
         if !roles.contains(&Role::Aggregator) {
@@ -152,9 +262,7 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
             let producer =
                 kafka::idempotent_producer(&base).context("creating the outbox producer")?;
             let relay = Relay::new(store.clone(), producer);
-            tasks.push(tokio::spawn(
-                relay.run(trigger.subscribe(), Duration::from_millis(200)),
-            ));
+            tasks.push(("executor-relay", spawn_relay(relay, trigger.subscribe())));
         }
     }
     metrics::gauge!("treasury_settlement_interval_seconds")
@@ -168,7 +276,7 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
                 .await
                 .context("reading the last settlement")?;
         metrics::gauge!("treasury_last_settlement_timestamp_seconds")
-            .set(last.unwrap_or_else(chrono::Utc::now).timestamp() as f64);
+            .set(last.unwrap_or_else(|| clock.now()).timestamp() as f64);
     }
     if let Err(e) = crate::telemetry::refresh_gauges(store.as_ref(), jobs_for_gauges.as_ref()).await
     {
@@ -183,14 +291,26 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     if let Err(e) = lag.refresh().await {
         tracing::warn!(error = %e, "consumer lag not measured");
     }
-    tasks.push(tokio::spawn(
-        lag.run(trigger.subscribe(), Duration::from_secs(5)),
+    let lag_stop = trigger.subscribe();
+    tasks.push((
+        "consumer-lag",
+        tokio::spawn(async move {
+            lag.run(lag_stop, Duration::from_secs(5)).await;
+            Ok(())
+        }),
     ));
-    tasks.push(tokio::spawn(refresh_gauges_until(
-        store.clone(),
-        jobs_for_gauges,
-        trigger.subscribe(),
-    )));
+    let gauges_stop = trigger.subscribe();
+    let gauges_store = store.clone();
+    tasks.push((
+        "gauges",
+        tokio::spawn(async move {
+            refresh_gauges_until(gauges_store, jobs_for_gauges, gauges_stop).await;
+            Ok(())
+        }),
+    ));
+    for (name, _) in &tasks {
+        health.task_running(name);
+    }
     let http_stop = trigger.subscribe();
     let app = http::router(http::AppState {
         store: store.clone(),
@@ -203,6 +323,7 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
             codec: codec.clone(),
             commands_topic: config.topics.commands.clone(),
         }),
+        health: health.clone(),
     });
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await
@@ -214,14 +335,53 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
             .with_graceful_shutdown(async move { stop.triggered().await })
             .await;
     });
-    shutdown::os_signal().await;
-    tracing::info!("shutdown requested; finishing the batch in hand");
+    let outcome = supervise(tasks, &health, &trigger).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    outcome
+}
+
+/// Waits for SIGTERM/SIGINT or for a task to end on its own, whichever comes
+/// first; then stops every task (the batch in hand is finished). A task that
+/// ended on its own, with an error, a panic or nothing, is an error.
+pub async fn supervise(
+    tasks: Vec<NamedTask>,
+    health: &Health,
+    trigger: &shutdown::ShutdownTrigger,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut running: futures::stream::FuturesUnordered<_> = tasks
+        .into_iter()
+        .map(|(name, handle)| async move { (name, handle.await) })
+        .collect();
+    let died = tokio::select! {
+        _ = shutdown::os_signal() => None,
+        Some((name, ended)) = running.next() => Some((name, ended)),
+    };
+    let failure = died.map(|(name, ended)| {
+        let reason = match ended {
+            Ok(Ok(())) => "ended without being asked to".to_owned(),
+            Ok(Err(e)) => format!("failed: {e:#}"),
+            Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e)),
+            Err(e) => format!("was cancelled: {e}"),
+        };
+        tracing::error!(task = name, %reason, "a task stopped; the process exits so that it is restarted");
+        health.task_ended(name, &reason);
+        anyhow::anyhow!("task {name} {reason}")
+    });
+    if failure.is_none() {
+        tracing::info!("shutdown requested; finishing the batch in hand");
+    }
     trigger.trigger();
     let stop_all = async {
-        for task in tasks {
-            let _ = task.await;
+        while let Some((name, ended)) = running.next().await {
+            match ended {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(task = name, error = %e, "task ended with an error while stopping")
+                }
+                Err(e) => tracing::warn!(task = name, error = %e, "task panicked while stopping"),
+            }
         }
-        let _ = server.await;
     };
     if tokio::time::timeout(Duration::from_secs(25), stop_all)
         .await
@@ -231,7 +391,16 @@ pub async fn run(config: Config, roles: &[Role]) -> anyhow::Result<()> {
             "tasks did not stop within 25s; exiting anyway (uncommitted work is re-read on restart)"
         );
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// The consumer groups of `roles` and the topics each reads.

@@ -110,6 +110,7 @@ pub fn register_series(providers: &[String]) {
         }
     }
     metrics::gauge!("treasury_stale_jobs").increment(0.0);
+    metrics::counter!("treasury_schema_registry_unavailable_total").increment(0);
 }
 
 /// Sets the gauges that mirror the system of record: each buffer's balance,

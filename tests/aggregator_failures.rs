@@ -227,6 +227,7 @@ async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
         &treasury::kafka::consumer_config(&base, "outage"),
         store.clone(),
         treasury::codec::Codec::default(),
+        treasury::clock::SystemClock::shared(),
         IngestSettings {
             group: "outage".into(),
             funding_topic: topics.funding.clone(),
@@ -256,7 +257,7 @@ async fn a_broker_outage_delays_but_loses_and_doubles_nothing(pool: PgPool) {
     })
     .await;
     stop.trigger();
-    let totals = task.await.unwrap();
+    let totals = task.await.unwrap().expect("ingest ends cleanly");
     assert!(
         all,
         "counted {} of 3000 (had {during} when the broker went down)",

@@ -33,7 +33,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(config.topics.postings, "ledger.postings");
     assert_eq!(config.topics.dlq, "treasury.dlq");
     assert_eq!(config.database_url, None);
-    assert_eq!(config.schema_registry_url, None);
+    assert_eq!(config.schema_registry, None);
     assert!(config.kafka_settings.is_empty());
     assert!(config.batch_size >= 1);
 }
@@ -78,7 +78,7 @@ fn valid_overrides_are_taken() {
     assert_eq!(config.topics.dlq, "ops_treasury-dlq.v2");
     assert_eq!(config.batch_size, 1);
     assert_eq!(
-        config.schema_registry_url.as_deref(),
+        config.schema_registry.map(|r| r.url).as_deref(),
         Some("https://registry.internal:8081")
     );
     assert_eq!(config.http_addr, "127.0.0.1:9000");
@@ -367,4 +367,50 @@ fn missing_database_url_names_the_variable() {
     let e = load(&[]).unwrap().require_database_url().unwrap_err();
     assert_eq!(e.variable, "DATABASE_URL");
     assert!(e.to_string().contains("DATABASE_URL"));
+}
+
+#[test]
+fn schema_registry_settings_are_read_like_confluent_clients_and_masked() {
+    use treasury::codec::SubjectNameStrategy;
+
+    let registry = load(&[
+        ("SCHEMA_REGISTRY_URL", "https://registry.internal:8081"),
+        ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "svc:s3cret"),
+        ("SCHEMA_REGISTRY_AUTO_REGISTER", "false"),
+        (
+            "SCHEMA_REGISTRY_SUBJECT_NAME_STRATEGY",
+            "io.confluent.kafka.serializers.subject.TopicRecordNameStrategy",
+        ),
+        ("SCHEMA_REGISTRY_SSL_CA_LOCATION", "/etc/registry/ca.pem"),
+    ])
+    .unwrap();
+    let settings = registry.schema_registry.clone().unwrap();
+    assert!(!settings.auto_register);
+    assert_eq!(
+        settings.subject_name_strategy,
+        SubjectNameStrategy::TopicRecordNameStrategy
+    );
+    assert_eq!(
+        settings.ssl_ca_location.as_deref(),
+        Some(std::path::Path::new("/etc/registry/ca.pem"))
+    );
+    let shown = registry.masked().schema_registry.unwrap();
+    assert_eq!(shown.basic_auth_user_info.as_deref(), Some("svc:****"));
+
+    let defaults = load(&[("SCHEMA_REGISTRY_URL", "http://localhost:8081")])
+        .unwrap()
+        .schema_registry
+        .unwrap();
+    assert!(defaults.auto_register);
+    assert_eq!(
+        defaults.subject_name_strategy,
+        SubjectNameStrategy::TopicNameStrategy
+    );
+
+    let error = load(&[
+        ("SCHEMA_REGISTRY_URL", "http://localhost:8081"),
+        ("SCHEMA_REGISTRY_SUBJECT_NAME_STRATEGY", "ByMood"),
+    ])
+    .unwrap_err();
+    assert_eq!(error.variable, "SCHEMA_REGISTRY_SUBJECT_NAME_STRATEGY");
 }

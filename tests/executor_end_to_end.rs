@@ -189,6 +189,7 @@ fn intake(pool: &PgPool, brokers: &str, topics: &Topics, group: &str) -> Intake 
         store,
         jobs,
         Codec::default(),
+        treasury::clock::SystemClock::shared(),
         IntakeSettings {
             group: group.to_owned(),
             commands_topic: topics.commands.clone(),
@@ -320,14 +321,22 @@ async fn events_become_completed_jobs_with_one_balanced_posting_each_even_on_rep
         common::pg_store(&pool),
         treasury::kafka::idempotent_producer(&base).expect("producer"),
     );
-    tasks.push(tokio::spawn(relay.run(listener, Duration::from_millis(50))));
+    tasks.push((
+        "relay",
+        tokio::spawn(async move {
+            relay.run(listener, Duration::from_millis(50)).await;
+            Ok(())
+        }),
+    ));
     let done = common::wait_until(Duration::from_secs(120), || {
         all_jobs_completed(&pool, n as i64)
     })
     .await;
     stop.trigger();
-    for task in tasks {
-        task.await.expect("executor task");
+    for (name, task) in tasks {
+        task.await
+            .expect("executor task")
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     assert!(
         done,

@@ -817,6 +817,7 @@ async fn commands_redelivered_and_replayed_through_kafka_make_one_job(pool: PgPo
                 store.clone(),
                 store.clone(),
                 codec,
+                treasury::clock::SystemClock::shared(),
                 settings,
             )
             .unwrap();

@@ -18,6 +18,7 @@ async fn serve(pool: &PgPool, token: Option<&str>) -> String {
         wake_executor: None,
         env: Arc::new(|var: &str| (var == "DUE_WEBHOOK_SECRET").then(|| "whsec".to_owned())),
         conversions: None,
+        health: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -33,8 +34,27 @@ async fn json(response: reqwest::Response) -> (u16, Value) {
 #[sqlx::test]
 async fn health_and_buffers_answer_json(pool: PgPool) {
     let base = serve(&pool, Some("s3cret")).await;
-    let (status, body) = json(reqwest::get(format!("{base}/healthz")).await.unwrap()).await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    // The probes are open although a token is configured, and answer JSON.
+    for probe in ["livez", "readyz", "healthz"] {
+        let (status, body) = json(reqwest::get(format!("{base}/{probe}")).await.unwrap()).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("ok")),
+            "{probe}"
+        );
+    }
+    let (status, body) = json(
+        reqwest::Client::new()
+            .post(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        status, 405,
+        "a probe is GET only, and says so in JSON: {body}"
+    );
     let (status, body) = json(reqwest::get(format!("{base}/v1/buffers")).await.unwrap()).await;
     assert_eq!(status, 200);
     let accounts: Vec<&str> = body

@@ -41,6 +41,7 @@ async fn serve(pool: &PgPool, commands_topic: &str) -> String {
             codec: Codec::default(),
             commands_topic: commands_topic.to_owned(),
         }),
+        health: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -245,11 +246,13 @@ fn executor(
 ) -> ExecutorParts {
     let group = format!("manual-exec-{}", &Uuid::new_v4().simple().to_string()[..8]);
     let jobs: Arc<dyn JobStore> = Arc::new(PgStore::from_pool(pool.clone()));
+    let clock = treasury::clock::SystemClock::shared();
     let intake = Intake::new(
         &treasury::kafka::consumer_config(&common::base(brokers), &group),
         common::pg_store(pool),
         jobs,
         Codec::default(),
+        clock.clone(),
         IntakeSettings {
             group: group.clone(),
             commands_topic: topics.commands.clone(),
@@ -275,7 +278,7 @@ fn executor(
             call_timeout: Duration::from_secs(30),
             health_window: chrono::Duration::hours(1),
         },
-        treasury::clock::SystemClock::shared(),
+        clock,
     );
     ExecutorParts { intake, worker }
 }
@@ -310,7 +313,13 @@ async fn a_manual_conversion_reaches_its_ledger_posting(pool: PgPool) {
         common::pg_store(&pool),
         treasury::kafka::idempotent_producer(&base_config).expect("producer"),
     );
-    tasks.push(tokio::spawn(relay.run(listener, Duration::from_millis(50))));
+    tasks.push((
+        "relay",
+        tokio::spawn(async move {
+            relay.run(listener, Duration::from_millis(50)).await;
+            Ok(())
+        }),
+    ));
     let posted = common::wait_until(Duration::from_secs(90), || async {
         count(
             &pool,
@@ -322,8 +331,10 @@ async fn a_manual_conversion_reaches_its_ledger_posting(pool: PgPool) {
     })
     .await;
     stop.trigger();
-    for task in tasks {
-        task.await.expect("executor task");
+    for (name, task) in tasks {
+        task.await
+            .expect("executor task")
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     assert!(posted, "the manual conversion completed with one posting");
     let (key, trigger, amount): (String, String, Decimal) =

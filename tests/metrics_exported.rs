@@ -170,6 +170,27 @@ async fn a_fresh_engine_exports_every_series_deploy_uses(pool: PgPool) {
             ],
         ));
     }
+    // A consumer held while the database or the registry is down is visible
+    // before the first outage.
+    for consumer in ["ingest", "executor-intake"] {
+        expected.push((
+            "treasury_consumer_held",
+            vec![("consumer", consumer.into())],
+        ));
+        for dependency in ["database", "schema_registry"] {
+            expected.push((
+                "treasury_consumer_held_total",
+                vec![
+                    ("consumer", consumer.into()),
+                    ("dependency", dependency.into()),
+                ],
+            ));
+        }
+    }
+    assert!(
+        exported.contains("treasury_schema_registry_unavailable_total"),
+        "the registry outage counter is exported from start-up:\n{exposition}"
+    );
     for provider in ["Due", "ZeroHash"] {
         expected.push((
             "treasury_provider_requests_total",

@@ -6,6 +6,7 @@
 
 pub mod alert;
 pub mod records;
+pub mod registry;
 pub mod schemas;
 pub mod values;
 pub mod wire;
@@ -18,7 +19,8 @@ use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 
-pub use schemas::{SchemaKind, SchemaSource};
+pub use registry::{RegistryClient, RegistrySettings, SubjectNameStrategy};
+pub use schemas::{RegisteredOutput, SchemaKind, SchemaSource};
 pub use wire::FramingError;
 
 /// Why bytes could not be decoded or a value encoded.
@@ -44,6 +46,18 @@ pub enum CodecError {
     Encode { kind: SchemaKind, reason: String },
     #[error("schema registry: {0}")]
     Registry(String),
+    /// The registry could not answer now (down, overloaded, refusing the
+    /// credentials): nothing the message did; retry, never dead-letter.
+    #[error("schema registry unavailable: {0}")]
+    RegistryUnavailable(String),
+}
+
+impl CodecError {
+    /// Whether the failure is something being down rather than the bytes
+    /// being bad: the message must be retried, not refused.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::RegistryUnavailable(_))
+    }
 }
 
 /// Resolved readers by (writer schema id, reader kind).
@@ -75,15 +89,17 @@ impl Codec {
         &self.source
     }
 
-    /// Encodes `value` (which must match `kind`'s schema) with `kind`'s local id.
+    /// Encodes `value` (which must match `kind`'s schema), framed with the id
+    /// `kind` is written with (the registry's, when there is one).
     pub fn encode(&self, kind: SchemaKind, value: Value) -> Result<Vec<u8>, CodecError> {
+        let id = self.source.output_id(kind)?;
         let body = writer_for(kind)?
             .write_value_to_vec(value)
             .map_err(|e| CodecError::Encode {
                 kind,
                 reason: e.to_string(),
             })?;
-        Ok(wire::frame(kind.local_id(), &body))
+        Ok(wire::frame(id, &body))
     }
 
     /// Decodes a framed message, reading it as `reader` (schema resolution

@@ -1,5 +1,7 @@
 //! The engine's Avro schemas: embedded from `schemas/` at build time, each with
-//! a local id, and optionally resolved through a Schema Registry over HTTP.
+//! a local id, and the ids schemas go by: the local ids, or with a Schema
+//! Registry configured, only the registry's (it is the authority: a local id
+//! never shadows it).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -7,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use apache_avro::Schema;
 
 use super::CodecError;
+use super::registry::{RegistryClient, SubjectNameStrategy};
 
 /// The record types the engine reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,6 +58,14 @@ impl SchemaKind {
         }
     }
 
+    /// The record's full name (`treasury.FundingEvent`), for subject names.
+    pub fn full_name(self) -> String {
+        match self.schema() {
+            Schema::Record(record) => record.name.fullname(None),
+            _ => format!("{self:?}"),
+        }
+    }
+
     /// The parsed schema. Schemas live for the whole process, so decoders can
     /// keep resolved forms of them without re-parsing per message.
     pub fn schema(self) -> &'static Schema {
@@ -73,12 +84,29 @@ impl SchemaKind {
     }
 }
 
-/// Where writer schemas come from: the embedded ones, plus (when configured)
-/// a Schema Registry whose answers are cached for the life of the process.
+/// Where writer schemas come from and which id each output schema is written
+/// with: the embedded schemas under their local ids, or (with a registry)
+/// only what the registry says, cached for the life of the process.
 #[derive(Clone)]
 pub struct SchemaSource {
-    registry: Option<RegistryClient>,
+    registry: Option<Registry>,
     by_id: Arc<RwLock<HashMap<u32, &'static Schema>>>,
+    output_ids: Arc<RwLock<HashMap<SchemaKind, u32>>>,
+}
+
+#[derive(Clone)]
+struct Registry {
+    client: RegistryClient,
+    strategy: SubjectNameStrategy,
+    auto_register: bool,
+}
+
+/// An output schema as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredOutput {
+    pub kind: SchemaKind,
+    pub subject: String,
+    pub id: u32,
 }
 
 impl SchemaSource {
@@ -88,27 +116,52 @@ impl SchemaSource {
             .into_iter()
             .map(|kind| (kind.local_id(), kind.schema()))
             .collect();
+        let output_ids = SchemaKind::ALL
+            .into_iter()
+            .map(|kind| (kind, kind.local_id()))
+            .collect();
         Self {
             registry: None,
             by_id: Arc::new(RwLock::new(by_id)),
+            output_ids: Arc::new(RwLock::new(output_ids)),
         }
     }
 
-    /// Embedded schemas plus a Schema Registry at `url` for ids not known locally.
-    pub fn with_registry(url: &str) -> Self {
+    /// A Schema Registry as the only authority on ids: every input id is
+    /// asked there, and outputs are written only once
+    /// [`SchemaSource::register_outputs`] has given them the registry's ids.
+    pub fn with_registry(
+        client: RegistryClient,
+        strategy: SubjectNameStrategy,
+        auto_register: bool,
+    ) -> Self {
         Self {
-            registry: Some(RegistryClient::new(url)),
-            ..Self::embedded()
+            registry: Some(Registry {
+                client,
+                strategy,
+                auto_register,
+            }),
+            by_id: Arc::default(),
+            output_ids: Arc::default(),
         }
+    }
+
+    /// Whether a registry is the authority.
+    pub fn has_registry(&self) -> bool {
+        self.registry.is_some()
     }
 
     /// Registers an extra writer schema under `id` (schema evolution, tests).
     pub fn register(&self, id: u32, schema: Schema) {
         let leaked: &'static Schema = Box::leak(Box::new(schema));
+        self.insert(id, leaked);
+    }
+
+    fn insert(&self, id: u32, schema: &'static Schema) {
         self.by_id
             .write()
             .expect("schema cache lock poisoned")
-            .insert(id, leaked);
+            .insert(id, schema);
     }
 
     /// The cached writer schema for `id`, if known.
@@ -120,7 +173,9 @@ impl SchemaSource {
             .copied()
     }
 
-    /// The writer schema for `id`, asking the registry (once) if it is not cached.
+    /// The writer schema for `id`, asking the registry (once) if it is not
+    /// cached. [`CodecError::RegistryUnavailable`] when the registry cannot
+    /// answer now.
     pub async fn writer_schema(&self, id: u32) -> Result<&'static Schema, CodecError> {
         if let Some(schema) = self.cached(id) {
             return Ok(schema);
@@ -128,53 +183,75 @@ impl SchemaSource {
         let Some(registry) = &self.registry else {
             return Err(CodecError::UnknownSchemaId(id));
         };
-        let schema = registry.fetch(id).await?;
-        self.register(id, schema);
+        let text = registry.client.schema_by_id(id).await?;
+        let schema = Schema::parse_str(&text).map_err(|e| CodecError::CorruptBody {
+            id,
+            reason: format!("the registry's schema {id} does not parse: {e}"),
+        })?;
+        // Our own schemas keep their static form, so reading them needs no
+        // resolution.
+        let known = SchemaKind::ALL
+            .into_iter()
+            .map(SchemaKind::schema)
+            .find(|own| **own == schema);
+        match known {
+            Some(own) => self.insert(id, own),
+            None => self.register(id, schema),
+        }
         self.cached(id).ok_or(CodecError::UnknownSchemaId(id))
     }
-}
 
-/// A minimal Confluent Schema Registry client (GET /schemas/ids/{id}).
-#[derive(Clone)]
-struct RegistryClient {
-    base_url: String,
-    http: reqwest::Client,
-}
-
-#[derive(serde::Deserialize)]
-struct RegistrySchema {
-    schema: String,
-}
-
-impl RegistryClient {
-    fn new(url: &str) -> Self {
-        Self {
-            base_url: url.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(10))
-                .build()
-                .expect("a client with only a timeout set builds"),
-        }
+    /// The id `kind` is written with.
+    pub fn output_id(&self, kind: SchemaKind) -> Result<u32, CodecError> {
+        self.output_ids
+            .read()
+            .expect("output id lock poisoned")
+            .get(&kind)
+            .copied()
+            .ok_or_else(|| {
+                CodecError::RegistryUnavailable(format!(
+                    "no registry id for {kind:?} yet (output schemas not registered)"
+                ))
+            })
     }
 
-    async fn fetch(&self, id: u32) -> Result<Schema, CodecError> {
-        let url = format!("{}/schemas/ids/{id}", self.base_url);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| CodecError::Registry(format!("GET {url}: {e}")))?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Err(CodecError::UnknownSchemaId(id));
+    /// With a registry: registers (or, without auto-registration, looks up)
+    /// each output schema under its subject for `topic` and writes it with
+    /// the registry's id from then on. Without one: the local ids.
+    pub async fn register_outputs(
+        &self,
+        outputs: &[(SchemaKind, &str)],
+    ) -> Result<Vec<RegisteredOutput>, CodecError> {
+        let Some(registry) = &self.registry else {
+            return Ok(outputs
+                .iter()
+                .map(|(kind, topic)| RegisteredOutput {
+                    kind: *kind,
+                    subject: format!("{topic} (local schema, no registry)"),
+                    id: kind.local_id(),
+                })
+                .collect());
+        };
+        let mut registered = Vec::new();
+        for (kind, topic) in outputs {
+            let subject = registry.strategy.subject(topic, &kind.full_name());
+            let text = kind.source();
+            let id = if registry.auto_register {
+                registry.client.register(&subject, text).await?
+            } else {
+                registry.client.lookup(&subject, text).await?
+            };
+            self.insert(id, kind.schema());
+            self.output_ids
+                .write()
+                .expect("output id lock poisoned")
+                .insert(*kind, id);
+            registered.push(RegisteredOutput {
+                kind: *kind,
+                subject,
+                id,
+            });
         }
-        let body: RegistrySchema = response
-            .error_for_status()
-            .map_err(|e| CodecError::Registry(format!("GET {url}: {e}")))?
-            .json()
-            .await
-            .map_err(|e| CodecError::Registry(format!("GET {url}: {e}")))?;
-        Schema::parse_str(&body.schema)
-            .map_err(|e| CodecError::Registry(format!("schema {id} does not parse: {e}")))
+        Ok(registered)
     }
 }

@@ -89,6 +89,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &crate::kafka::consumer_config(&base, "treasury-demo"),
         shared.clone(),
         codec.clone(),
+        crate::clock::SystemClock::shared(),
         IngestSettings {
             group: "treasury-demo".into(),
             funding_topic: topics.funding.clone(),
@@ -129,6 +130,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         shared.clone(),
         jobs.clone(),
         codec.clone(),
+        crate::clock::SystemClock::shared(),
         IntakeSettings {
             group: "treasury-demo-executor".into(),
             commands_topic: topics.commands.clone(),
@@ -222,10 +224,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         print_cycle(&result);
     }
     stop.trigger();
-    let totals = ingest_task.await?;
+    let totals = ingest_task.await??;
     let _ = relay_task.await;
     let _ = watcher_task.await;
-    for task in executor_tasks {
+    for (_, task) in executor_tasks {
         let _ = task.await;
     }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 pub use intake::Intake;
 pub use worker::{JobWorker, WorkerSettings};
 
+use crate::clock::SharedClock;
 use crate::codec::Codec;
 use crate::config::Config;
 use crate::providers::registry::ProviderRegistry;
@@ -58,24 +59,35 @@ pub struct ExecutorParts {
     pub worker: JobWorker,
 }
 
-/// Spawns the executor's tasks: command intake and the job worker.
-pub fn spawn(parts: ExecutorParts, shutdown: &ShutdownTrigger) -> Vec<tokio::task::JoinHandle<()>> {
+/// Spawns the executor's tasks, named: command intake and the job worker.
+pub fn spawn(parts: ExecutorParts, shutdown: &ShutdownTrigger) -> Vec<crate::runtime::NamedTask> {
     let ExecutorParts { intake, worker } = parts;
     let wake = worker.waker();
     let intake_stop = shutdown.subscribe();
     let worker_stop = shutdown.subscribe();
     vec![
-        tokio::spawn(async move { intake.run(intake_stop, wake).await }),
-        tokio::spawn(async move { worker.run(worker_stop).await }),
+        (
+            "executor-intake",
+            tokio::spawn(async move { Ok(intake.run(intake_stop, wake).await?) }),
+        ),
+        (
+            "executor-worker",
+            tokio::spawn(async move {
+                worker.run(worker_stop).await;
+                Ok(())
+            }),
+        ),
     ]
 }
 
-/// Builds the executor from the configuration.
+/// Builds the executor from the configuration; intake and worker both run
+/// on `clock`.
 pub fn build(
     config: &Config,
     store: Arc<dyn Store>,
     jobs: Arc<dyn JobStore>,
     codec: Codec,
+    clock: SharedClock,
     registry: ProviderRegistry,
 ) -> anyhow::Result<ExecutorParts> {
     let base = crate::kafka::base_config(config);
@@ -84,6 +96,7 @@ pub fn build(
         store,
         jobs.clone(),
         codec.clone(),
+        clock.clone(),
         intake::IntakeSettings {
             group: config.executor_group.clone(),
             commands_topic: config.topics.commands.clone(),
@@ -97,12 +110,6 @@ pub fn build(
         std::env::var("HOSTNAME").unwrap_or_else(|_| "treasury".into()),
         uuid::Uuid::new_v4().simple()
     );
-    let worker = JobWorker::new(
-        jobs,
-        registry,
-        codec,
-        worker_settings(config, owner),
-        crate::clock::SystemClock::shared(),
-    );
+    let worker = JobWorker::new(jobs, registry, codec, worker_settings(config, owner), clock);
     Ok(ExecutorParts { intake, worker })
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod conversions;
+mod health;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub env: SecretLookup,
     /// Where `POST /v1/conversions` sends manual commands (absent: refused).
     pub conversions: Option<conversions::ManualConversions>,
+    /// The roles' tasks and consumers, for `/readyz`.
+    pub health: crate::health::Health,
 }
 
 /// An error answered as `{"error": ..., "message": ...}`.
@@ -56,7 +59,9 @@ impl IntoResponse for ApiError {
 /// The router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .route("/healthz", get(health::readyz))
         .route("/metrics", get(metrics))
         .route("/v1/buffers", get(buffers))
         .route("/v1/settlement/trigger", post(trigger))

@@ -7,15 +7,18 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 
 use super::batch::{BatchContext, BatchOutcome, Consumed, commit_batch, commit_progress};
 use super::validate::{Rejection, decode_event};
-use crate::codec::{Codec, wire};
-use crate::consumer::{GroupConsumer, RawMessage};
+use crate::clock::SharedClock;
+use crate::codec::{Codec, CodecError, wire};
+use crate::consumer::{ConsumeError, GroupConsumer, RawMessage};
 use crate::domain::{FlowEvent, FlowKind};
+use crate::health::{ConsumerState, Health};
+use crate::retry::{self, Backoff};
 use crate::shutdown::Shutdown;
 use crate::store::{LockMode, ProgressUpdate, Store, StoreError, TopicPartition};
 use crate::window::WindowSpec;
@@ -54,16 +57,21 @@ pub const PARTITION_REFRESH: Duration = Duration::from_secs(60);
 /// How long one metadata request may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a batch was not committed.
+pub type IngestError = ConsumeError;
+
 /// The ingest driver.
 pub struct Ingest {
     consumer: GroupConsumer,
     store: Arc<dyn Store>,
     codec: Codec,
+    clock: SharedClock,
     settings: IngestSettings,
+    health: Health,
     reported_caught_up: HashSet<TopicPartition>,
-    last_report: tokio::time::Instant,
+    last_report: DateTime<Utc>,
     /// When every input partition was last registered with settlement.
-    partitions_registered_at: Option<tokio::time::Instant>,
+    partitions_registered_at: Option<DateTime<Utc>>,
     totals: IngestTotals,
 }
 
@@ -73,6 +81,7 @@ impl Ingest {
         consumer_config: &ClientConfig,
         store: Arc<dyn Store>,
         codec: Codec,
+        clock: SharedClock,
         settings: IngestSettings,
     ) -> Result<Self, KafkaError> {
         let consumer = GroupConsumer::new(
@@ -81,16 +90,27 @@ impl Ingest {
             store.clone(),
             &settings.group,
         )?;
+        let last_report = clock.now();
         Ok(Self {
             consumer,
             store,
             codec,
+            clock,
             settings,
+            health: Health::default(),
             reported_caught_up: HashSet::new(),
-            last_report: tokio::time::Instant::now(),
+            last_report,
             partitions_registered_at: None,
             totals: IngestTotals::default(),
         })
+    }
+
+    /// Reports this consumer's state to `health` (for `/readyz`).
+    pub fn reporting_to(mut self, health: Health) -> Self {
+        health.consumer(HEALTH_NAME, ConsumerState::Starting);
+        retry::register_series(HEALTH_NAME);
+        self.health = health;
+        self
     }
 
     /// Totals so far.
@@ -101,12 +121,37 @@ impl Ingest {
     /// Reads and commits batches until `shutdown`; the batch in hand is
     /// committed before returning (a step waits at most `batch_max_wait` for
     /// messages), then the consumer leaves the group.
-    pub async fn run(mut self, shutdown: Shutdown) -> IngestTotals {
+    ///
+    /// When something is down (database, registry) the batch is dropped and
+    /// read again from the stored offsets after a growing pause: the
+    /// partitions are held, nothing is dead-lettered or skipped. Any other
+    /// failure ends the run with the error (the process exits and restarts).
+    pub async fn run(mut self, mut shutdown: Shutdown) -> Result<IngestTotals, IngestError> {
+        let mut backoff = Backoff::default();
         while !shutdown.is_triggered() {
-            if let Err(e) = self.step().await {
-                tracing::warn!(error = %e, "ingest batch not committed; partitions will be re-read");
-                self.consumer.forget_all();
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            let committed = self.totals.batches;
+            match self.step().await {
+                // Only a committed batch shows that what was down is back.
+                Ok(()) if self.totals.batches == committed => {}
+                Ok(()) => retry::resumed(HEALTH_NAME, &mut backoff),
+                Err(e) if e.is_transient() => {
+                    self.consumer.forget_all();
+                    let dependency = e.dependency();
+                    retry::hold(
+                        HEALTH_NAME,
+                        dependency,
+                        &e,
+                        &mut backoff,
+                        &self.health,
+                        &mut shutdown,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "ingest cannot go on");
+                    self.consumer.close();
+                    return Err(e);
+                }
             }
         }
         // Hand the partitions over honestly: no longer vouched for as caught up.
@@ -116,12 +161,12 @@ impl Ingest {
         }
         self.consumer.close();
         tracing::info!(totals = ?self.totals, "ingest stopped");
-        self.totals
+        Ok(self.totals)
     }
 
     /// Fills one batch and commits it. Messages read but not committed are
     /// read again from the stored offsets.
-    pub async fn step(&mut self) -> Result<(), StoreError> {
+    pub async fn step(&mut self) -> Result<(), IngestError> {
         if !self.register_partitions().await? {
             tokio::time::sleep(Duration::from_millis(500)).await;
             return Ok(());
@@ -131,12 +176,15 @@ impl Ingest {
             .consumer
             .next_batch(self.settings.batch_size, self.settings.batch_max_wait)
             .await?;
-        let messages = self.decode_all(raw).await;
+        let now = self.clock.now();
+        let messages = self
+            .decode_all(raw, now)
+            .await
+            .map_err(ConsumeError::Registry)?;
         let caught_up = self.consumer.at_end().clone();
-        let now = Utc::now();
         if messages.is_empty() {
             let newly = !caught_up.is_subset(&self.reported_caught_up);
-            if newly || self.last_report.elapsed() >= CAUGHT_UP_HEARTBEAT {
+            if newly || self.since(self.last_report) >= CAUGHT_UP_HEARTBEAT {
                 let reports: Vec<ProgressUpdate> = caught_up
                     .iter()
                     .map(|tp| ProgressUpdate {
@@ -148,7 +196,7 @@ impl Ingest {
                     .collect();
                 commit_progress(self.store.as_ref(), &reports).await?;
                 self.reported_caught_up = caught_up;
-                self.last_report = tokio::time::Instant::now();
+                self.last_report = now;
             }
             return Ok(());
         }
@@ -179,9 +227,14 @@ impl Ingest {
             }
             Err(e) => {
                 self.consumer.forget(messages.iter().map(|m| &m.tp));
-                Err(e)
+                Err(e.into())
             }
         }
+    }
+
+    /// How long ago `at` was, on this driver's clock (zero if in the future).
+    fn since(&self, at: DateTime<Utc>) -> Duration {
+        (self.clock.now() - at).to_std().unwrap_or_default()
     }
 
     fn record(
@@ -194,7 +247,7 @@ impl Ingest {
             self.reported_caught_up.remove(&m.tp);
         }
         self.reported_caught_up.extend(caught_up.iter().cloned());
-        self.last_report = tokio::time::Instant::now();
+        self.last_report = self.clock.now();
         self.totals.counted += outcome.counted;
         self.totals.duplicates += outcome.duplicates;
         self.totals.late += outcome.late;
@@ -228,7 +281,7 @@ impl Ingest {
     async fn register_partitions(&mut self) -> Result<bool, StoreError> {
         if self
             .partitions_registered_at
-            .is_some_and(|at| at.elapsed() < PARTITION_REFRESH)
+            .is_some_and(|at| self.since(at) < PARTITION_REFRESH)
         {
             return Ok(true);
         }
@@ -241,7 +294,7 @@ impl Ingest {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not refresh the input partitions; keeping the known ones");
-                self.partitions_registered_at = Some(tokio::time::Instant::now());
+                self.partitions_registered_at = Some(self.clock.now());
                 return Ok(true);
             }
         };
@@ -254,14 +307,15 @@ impl Ingest {
                 "input partitions registered with settlement"
             );
         }
-        self.partitions_registered_at = Some(tokio::time::Instant::now());
+        self.partitions_registered_at = Some(self.clock.now());
         Ok(true)
     }
 
     /// Newly assigned and revoked partitions are recorded as not caught up:
     /// they hold settlement back until their (new) consumer has read them.
     async fn apply_rebalances(&mut self) -> Result<(), StoreError> {
-        let changes = self.consumer.take_rebalances();
+        let changes = self.consumer.take_rebalances().await?;
+        self.health.consumer(HEALTH_NAME, self.consumer.state());
         let moved: Vec<TopicPartition> = changes
             .revoked
             .iter()
@@ -276,7 +330,7 @@ impl Ingest {
         for tp in partitions {
             self.reported_caught_up.remove(tp);
         }
-        let now = Utc::now();
+        let now = self.clock.now();
         let updates: Vec<ProgressUpdate> = partitions
             .iter()
             .map(|tp| ProgressUpdate {
@@ -289,7 +343,14 @@ impl Ingest {
         commit_progress(self.store.as_ref(), &updates).await
     }
 
-    async fn decode_all(&self, messages: Vec<RawMessage>) -> Vec<Consumed> {
+    /// Decodes and validates `messages`. Fails (and nothing of the batch
+    /// may be committed) when a writer schema cannot be fetched because the
+    /// registry is down: that says nothing about the message.
+    async fn decode_all(
+        &self,
+        messages: Vec<RawMessage>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Consumed>, CodecError> {
         let mut decoded = Vec::with_capacity(messages.len());
         for m in messages {
             let kind = if m.tp.topic == self.settings.funding_topic {
@@ -297,7 +358,7 @@ impl Ingest {
             } else {
                 FlowKind::Withdrawal
             };
-            let outcome = self.decode(kind, m.payload.as_deref()).await;
+            let outcome = self.decode(kind, m.payload.as_deref(), now).await?;
             decoded.push(Consumed {
                 tp: m.tp,
                 offset: m.offset,
@@ -306,15 +367,28 @@ impl Ingest {
                 outcome,
             });
         }
-        decoded
+        Ok(decoded)
     }
 
-    async fn decode(&self, kind: FlowKind, payload: Option<&[u8]>) -> Result<FlowEvent, Rejection> {
+    async fn decode(
+        &self,
+        kind: FlowKind,
+        payload: Option<&[u8]>,
+        now: DateTime<Utc>,
+    ) -> Result<Result<FlowEvent, Rejection>, CodecError> {
         if let Some(bytes) = payload
             && let Ok((id, _)) = wire::split(bytes)
+            && let Err(e) = self.codec.source().writer_schema(id).await
         {
-            self.codec.source().writer_schema(id).await?;
+            return if e.is_transient() {
+                Err(e)
+            } else {
+                Ok(Err(Rejection::Decode(e)))
+            };
         }
-        decode_event(&self.codec, kind, payload, Utc::now())
+        Ok(decode_event(&self.codec, kind, payload, now))
     }
 }
+
+/// The name this consumer reports under in `/readyz`.
+pub const HEALTH_NAME: &str = "ingest";

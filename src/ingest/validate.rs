@@ -10,6 +10,10 @@ use crate::domain::{Currency, FlowEvent, FlowKind, Money};
 /// Events further in the future than this are refused.
 pub const MAX_FUTURE_SKEW: Duration = Duration::hours(1);
 
+/// Events before this (the Unix epoch) are refused: no deposit or withdrawal
+/// happened then, and every later time can be windowed and stored.
+pub const EARLIEST_EVENT_TIME: DateTime<Utc> = DateTime::UNIX_EPOCH;
+
 /// Why an input message was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -28,6 +32,8 @@ pub enum Rejection {
         at: DateTime<Utc>,
         max_skew_minutes: i64,
     },
+    #[error("event time {0} is before {EARLIEST_EVENT_TIME}")]
+    TooOld(DateTime<Utc>),
 }
 
 impl Rejection {
@@ -40,6 +46,7 @@ impl Rejection {
             Rejection::Amount(_) => "invalid_amount",
             Rejection::Id(_) => "invalid_id",
             Rejection::FromTheFuture { .. } => "future_timestamp",
+            Rejection::TooOld(_) => "ancient_timestamp",
         }
     }
 }
@@ -83,6 +90,9 @@ pub fn validate(
     }
     if record.user_id.is_nil() {
         return Err(Rejection::Id("user_id is the nil uuid"));
+    }
+    if record.occurred_at < EARLIEST_EVENT_TIME {
+        return Err(Rejection::TooOld(record.occurred_at));
     }
     if record.occurred_at > now + MAX_FUTURE_SKEW {
         return Err(Rejection::FromTheFuture {

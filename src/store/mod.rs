@@ -46,6 +46,36 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// Whether retrying may succeed: the database unreachable, restarting,
+    /// overloaded, or a lost race between transactions. A missing table, a
+    /// constraint or invalid stored data is not transient: retrying changes
+    /// nothing, and the process should stop and say so.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    // Connection exception, insufficient resources, operator
+                    // intervention (shutdown, cancel), system error; and
+                    // serialization failure or deadlock.
+                    ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c))
+                        || code == "40001"
+                        || code == "40P01"
+                }),
+                _ => false,
+            },
+            StoreError::OffsetConflict { .. } => true,
+            StoreError::Migration(_) | StoreError::Corrupt(_) => false,
+        }
+    }
+}
+
 /// How a transaction coordinates with others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {

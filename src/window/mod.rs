@@ -10,7 +10,7 @@ mod watermark;
 pub use tally::{Flow, WindowTallies, WindowTally};
 pub use watermark::{PartitionProgress, global_watermark, last_closable};
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 
 /// Window length and grace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +36,23 @@ impl WindowSpec {
         }
     }
 
-    /// Start of the window containing `at` (windows are aligned to the Unix epoch).
+    /// Start of the window containing `at` (windows are aligned to the Unix
+    /// epoch, in whole milliseconds). Total over every time chrono can hold:
+    /// a window that would start before the earliest representable time
+    /// starts at that time.
     pub fn window_start(&self, at: DateTime<Utc>) -> DateTime<Utc> {
-        at.duration_trunc(self.length)
-            .expect("window length is positive and times are in range")
+        let length = self.length.num_milliseconds().max(1);
+        let ms = at.timestamp_millis();
+        DateTime::from_timestamp_millis(ms - ms.rem_euclid(length))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
     }
 
-    /// End (exclusive) of the window starting at `start`.
+    /// End (exclusive) of the window starting at `start` (the latest
+    /// representable time for a window that would end after it).
     pub fn window_end(&self, start: DateTime<Utc>) -> DateTime<Utc> {
-        start + self.length
+        start
+            .checked_add_signed(self.length)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
     }
 
     /// The window an event at `occurred_at` counts in, given that every window
@@ -74,5 +82,49 @@ impl WindowSpec {
             "window:{}",
             start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DurationRound, TimeZone};
+
+    use super::*;
+
+    fn spec() -> WindowSpec {
+        WindowSpec::new(
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(30),
+        )
+    }
+
+    #[test]
+    fn windows_align_to_the_epoch_like_truncation_in_the_usual_range() {
+        let spec = spec();
+        for at in [
+            Utc.with_ymd_and_hms(2026, 1, 5, 9, 7, 31).unwrap(),
+            Utc.with_ymd_and_hms(1969, 12, 31, 23, 58, 1).unwrap(),
+            DateTime::UNIX_EPOCH,
+        ] {
+            assert_eq!(
+                spec.window_start(at),
+                at.duration_trunc(spec.length).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn any_representable_time_has_a_window() {
+        let spec = spec();
+        for at in [
+            DateTime::<Utc>::MIN_UTC,
+            DateTime::<Utc>::MAX_UTC,
+            Utc.with_ymd_and_hms(1600, 1, 1, 0, 0, 0).unwrap(),
+        ] {
+            let start = spec.window_start(at);
+            assert!(start <= at);
+            assert!(spec.window_end(start) >= start);
+            assert_eq!(spec.assign(at, None).window_start, start);
+        }
     }
 }

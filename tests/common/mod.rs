@@ -296,6 +296,7 @@ where
         &treasury::kafka::consumer_config(&base, group),
         store.clone(),
         codec.clone(),
+        treasury::clock::SystemClock::shared(),
         IngestSettings {
             group: group.to_owned(),
             funding_topic: topics.funding.clone(),
@@ -328,7 +329,7 @@ where
         tokio::spawn({
             let l = listener.clone();
             async move {
-                ingest.run(l).await;
+                ingest.run(l).await.expect("ingest");
             }
         }),
         tokio::spawn(settlement.run(listener.clone(), Duration::from_millis(100))),
