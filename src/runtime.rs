@@ -158,7 +158,7 @@ pub fn spawn_aggregator(
         &kafka::consumer_config(&base, &config.aggregator_group),
         store.clone(),
         codec.clone(),
-        clock,
+        clock.clone(),
         ingest_settings(config),
     )
     .context("creating the aggregator consumer")?
@@ -166,7 +166,8 @@ pub fn spawn_aggregator(
     let producer = kafka::idempotent_producer(&base).context("creating the outbox producer")?;
     let relay = Relay::new(store.clone(), producer);
     let settlement = Settlement::new(store, codec, settlement_settings(config))
-        .with_buffer_alerts(&config.topics.buffer_alerts);
+        .with_buffer_alerts(&config.topics.buffer_alerts)
+        .with_clock(clock);
     let tick = settlement_tick(config);
     let ingest_stop: Shutdown = shutdown.subscribe();
     let settle_stop = shutdown.subscribe();

@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::clock::{SharedClock, SystemClock};
 use crate::codec::Codec;
 use crate::codec::records::encode_command;
 use crate::domain::{BufferAccount, ConversionCommand};
@@ -56,6 +57,8 @@ pub struct Settlement {
     settings: SettlementSettings,
     /// Where buffer status crossings are announced (none: not announced).
     buffer_alerts_topic: Option<String>,
+    /// Where the settlement loop reads "now".
+    clock: SharedClock,
 }
 
 impl Settlement {
@@ -65,7 +68,14 @@ impl Settlement {
             codec,
             settings,
             buffer_alerts_topic: None,
+            clock: SystemClock::shared(),
         }
+    }
+
+    /// Reads the time from `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Announces buffer status crossings on `topic` ([`crate::alerts`]).
@@ -262,7 +272,7 @@ impl Settlement {
                 _ = interval.tick() => {}
                 _ = shutdown.triggered() => break,
             }
-            let now = Utc::now();
+            let now = self.clock.now();
             if let Err(e) = self.run_cycle(now).await {
                 tracing::warn!(error = %e, "settlement cycle failed; retrying next tick");
             }
