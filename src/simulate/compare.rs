@@ -2,8 +2,6 @@
 //! side by side with the lower bound. Policies run on separate threads; each
 //! run is deterministic, so the comparison is too.
 
-use rust_decimal::Decimal;
-
 use super::bound::lower_bound;
 use super::invariants::Violation;
 use super::policies::{BandPolicy, EnginePolicy, OriginalRulePolicy, PerEventPolicy, Policy};
@@ -124,9 +122,4 @@ pub fn engine_only(
             record: false,
         },
     )
-}
-
-/// Relative difference helper for reports: `a / b` (zero when `b` is zero).
-pub fn ratio(a: Decimal, b: Decimal) -> Decimal {
-    if b.is_zero() { Decimal::ZERO } else { a / b }
 }

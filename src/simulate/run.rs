@@ -242,16 +242,16 @@ impl Run<'_> {
             self.recent.pop_front();
         }
         let positions = self.positions();
-        let recent: Vec<WindowTally> = self.recent.iter().cloned().collect();
-        let lead_times: Vec<Duration> = self.lead_times.iter().copied().collect();
         let providers = self.executor.rows();
+        self.recent.make_contiguous();
+        self.lead_times.make_contiguous();
         let view = CycleView {
             cycle_id: WindowSpec::cycle_id(window),
             now: self.spec.window_end(window),
             positions: positions.clone(),
             providers: &providers,
-            recent: &recent,
-            lead_times: &lead_times,
+            recent: self.recent.as_slices().0,
+            lead_times: self.lead_times.as_slices().0,
             cycle: self.spec.length,
         };
         let commands = policy.on_cycle(&view);
