@@ -211,6 +211,10 @@ impl Config {
                     env.duration("TREASURY_PLANNER_DEFAULT_LEAD_TIME", "30m")?,
                 )
                 .unwrap_or(chrono::Duration::minutes(30)),
+                watch_interval: chrono::Duration::from_std(
+                    env.duration("TREASURY_PLANNER_WATCH_INTERVAL", "1m")?,
+                )
+                .unwrap_or(chrono::Duration::minutes(1)),
             },
             reconcile_tolerance: env.parsed(
                 "TREASURY_RECONCILE_TOLERANCE",

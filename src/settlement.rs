@@ -3,6 +3,16 @@
 //! window's net flows to the buffers, asks the planner what to convert, and
 //! records the result and the commands, all in one exclusive transaction.
 //! Operator triggers are handled in the same cycle.
+//!
+//! Between window closes the cycle also *watches*: at most once per
+//! `TREASURY_PLANNER_WATCH_INTERVAL` it plans again with the flows already
+//! counted in the open windows added to each balance (they have moved real
+//! money, though the book settles them only at the close). A burst that
+//! drains a buffer is then answered within the watch interval instead of at
+//! the window's end plus grace. A watch records commands only when the
+//! planner finds something to do; its cycle id is `watch:<time>`, and what
+//! it planned is in flight for every later cycle, so nothing is planned
+//! twice. `treasury simulate` runs the same watch on its clock.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +27,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::codec::Codec;
 use crate::codec::records::encode_command;
 use crate::domain::{BufferAccount, ConversionCommand};
-use crate::planner::{FlowHistory, Plan, PlanInput, PlannerSettings, fill_windows, plan};
+use crate::planner::{FlowHistory, Plan, PlanInput, PlannerSettings, Watch, fill_windows, plan};
 use crate::shutdown::Shutdown;
 use crate::store::{LockMode, OutboxMessage, PlannedCommand, Store, StoreError, StoreTx};
 use crate::window::{WindowSpec, WindowTally, global_watermark, last_closable};
@@ -59,6 +69,8 @@ pub struct Settlement {
     buffer_alerts_topic: Option<String>,
     /// Where the settlement loop reads "now".
     clock: SharedClock,
+    /// When this process last watched between window closes.
+    last_watch: Arc<std::sync::Mutex<Option<DateTime<Utc>>>>,
 }
 
 impl Settlement {
@@ -69,6 +81,7 @@ impl Settlement {
             settings,
             buffer_alerts_topic: None,
             clock: SystemClock::shared(),
+            last_watch: Arc::default(),
         }
     }
 
@@ -126,7 +139,7 @@ impl Settlement {
         for trigger in tx.pending_triggers().await? {
             let cycle_id = format!("trigger:{trigger}");
             let result = self
-                .plan_and_record(tx.as_mut(), cycle_id, now, WindowTally::default())
+                .plan_and_record(tx.as_mut(), cycle_id, now, WindowTally::default(), None)
                 .await?;
             tx.finish_trigger(
                 trigger,
@@ -135,8 +148,43 @@ impl Settlement {
             .await?;
             results.push(result);
         }
+        let closed = results.iter().any(|r| r.cycle_id.starts_with("window:"));
+        // A watch only acts: with auto-rebalance off or paused it has
+        // nothing to add to what the window closes record.
+        if !closed
+            && self.settings.auto_rebalance
+            && !tx.auto_rebalance_paused().await?
+            && self.watch_due(now)
+        {
+            let mut open = Vec::new();
+            for start in tx.open_windows().await? {
+                open.push((start, tx.window_tally(start).await?));
+            }
+            let watch = Watch::at(
+                now,
+                open.iter().map(|(start, tally)| (*start, tally)),
+                self.settings.spec.length,
+                self.settings.spec.grace,
+            );
+            let cycle_id = format!(
+                "watch:{}",
+                now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            );
+            let result = self
+                .plan_and_record(
+                    tx.as_mut(),
+                    cycle_id,
+                    now,
+                    WindowTally::default(),
+                    Some(watch),
+                )
+                .await?;
+            if !result.plan.commands.is_empty() {
+                results.push(result);
+            }
+        }
         tx.commit().await?;
-        if results.iter().any(|r| r.cycle_id.starts_with("window:")) {
+        if closed {
             metrics::gauge!("treasury_last_settlement_timestamp_seconds")
                 .set(now.timestamp() as f64);
         }
@@ -165,7 +213,7 @@ impl Settlement {
             crate::alerts::announce(tx, &self.codec, topic, &window, &before).await?;
         }
         let result = self
-            .plan_and_record(tx, WindowSpec::cycle_id(start), end, tally.clone())
+            .plan_and_record(tx, WindowSpec::cycle_id(start), end, tally.clone(), None)
             .await?;
         let after = balances(tx).await?;
         let record = json!({
@@ -187,12 +235,33 @@ impl Settlement {
         Ok(result)
     }
 
+    /// Whether a watch is due at `now` (and, if so, marks it done).
+    fn watch_due(&self, now: DateTime<Utc>) -> bool {
+        let interval = self.settings.planner.watch_interval;
+        if interval <= chrono::Duration::zero() {
+            return false;
+        }
+        let mut last = self
+            .last_watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *last {
+            Some(at) if now - at < interval => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
+
+    /// Plans one cycle and records it (`watch`: a watch between closes).
     async fn plan_and_record(
         &self,
         tx: &mut dyn StoreTx,
         cycle_id: String,
         at: DateTime<Utc>,
         tally: WindowTally,
+        watch: Option<Watch>,
     ) -> Result<CycleResult, StoreError> {
         let settings = self.settings.planner;
         let lookback = self.settings.spec.length * settings.lookback_windows as i32;
@@ -218,6 +287,7 @@ impl Settlement {
                 self.settings.spec.length,
             ),
             settings,
+            watch,
         };
         let planned = plan(&input);
         let emitted = self.settings.auto_rebalance && !tx.auto_rebalance_paused().await?;

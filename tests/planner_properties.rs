@@ -154,6 +154,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                 window: Duration::minutes(5),
                 history,
                 settings: PlannerSettings::default(),
+                watch: None,
             }
         })
 }

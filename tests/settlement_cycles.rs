@@ -10,10 +10,12 @@ use chrono::{DateTime, TimeZone, Utc};
 use rust_decimal_macros::dec;
 use sqlx::PgPool;
 use treasury::codec::Codec;
+use treasury::domain::{Currency, FlowEvent, FlowKind, Money};
+use treasury::planner::PlannerSettings;
 use treasury::settlement::{Settlement, SettlementSettings};
 use treasury::store::postgres::PgStore;
 use treasury::store::{LockMode, ProgressUpdate, Store, TopicPartition};
-use treasury::window::WindowSpec;
+use treasury::window::{Assignment, WindowSpec, WindowTallies};
 
 fn spec() -> WindowSpec {
     WindowSpec::new(Duration::from_secs(300), Duration::from_secs(30))
@@ -23,7 +25,20 @@ fn t(minutes: i64) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 2, 2, 10, 0, 0).unwrap() + chrono::Duration::minutes(minutes)
 }
 
+/// Settlement as these tests drive it: at window closes and triggers only
+/// (the watch between closes has its own test).
 fn settlement(pool: &PgPool, auto_rebalance: bool) -> Settlement {
+    settlement_with(
+        pool,
+        auto_rebalance,
+        PlannerSettings {
+            watch_interval: chrono::Duration::zero(),
+            ..PlannerSettings::default()
+        },
+    )
+}
+
+fn settlement_with(pool: &PgPool, auto_rebalance: bool, planner: PlannerSettings) -> Settlement {
     Settlement::new(
         Arc::new(PgStore::from_pool(pool.clone())),
         Codec::default(),
@@ -34,7 +49,7 @@ fn settlement(pool: &PgPool, auto_rebalance: bool) -> Settlement {
             commands_topic: "commands".into(),
             auto_rebalance,
             dedup_retention: chrono::Duration::days(7),
-            planner: Default::default(),
+            planner,
         },
     )
 }
@@ -93,6 +108,99 @@ async fn finish_job(pool: &PgPool, command_id: uuid::Uuid, status: &str) {
     .execute(pool)
     .await
     .unwrap();
+}
+
+/// Counts USDC withdrawals totalling `total` into the window starting at `window`.
+async fn withdraw_usdc(
+    pool: &PgPool,
+    window: DateTime<Utc>,
+    at: DateTime<Utc>,
+    total: rust_decimal::Decimal,
+) {
+    let store = PgStore::from_pool(pool.clone());
+    let mut tx = store.begin(LockMode::Shared).await.unwrap();
+    let mut tallies = WindowTallies::default();
+    tallies.add(
+        &FlowEvent {
+            event_id: uuid::Uuid::new_v4(),
+            kind: FlowKind::Withdrawal,
+            user_id: uuid::Uuid::from_u128(7),
+            amount: Money::positive(Currency::Usdc, total).unwrap(),
+            occurred_at: at,
+        },
+        Assignment {
+            window_start: window,
+            late: false,
+        },
+    );
+    tx.add_tallies(&tallies, chrono::Duration::minutes(5))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[sqlx::test]
+async fn a_burst_in_an_open_window_is_answered_before_the_window_closes(pool: PgPool) {
+    let planner = PlannerSettings::default();
+    assert_eq!(planner.watch_interval, chrono::Duration::minutes(1));
+    let settle = settlement_with(&pool, true, planner);
+    progress_to(&pool, t(1)).await;
+    assert!(
+        settle.run_cycle(t(1)).await.unwrap().is_empty(),
+        "buffers at target: the watch plans nothing"
+    );
+    // 45,000 USDC leaves system_buffer_usdc (target 50,000, min 10,000)
+    // three minutes into the window 10:00–10:05, which closes at 10:05:30.
+    withdraw_usdc(&pool, t(0), t(3), dec!(45000)).await;
+    progress_to(&pool, t(4)).await;
+    let watched = settle.run_cycle(t(4)).await.unwrap();
+    let commands = planned(&pool).await;
+    assert_eq!(commands.len(), 1, "the watch refills at once: {watched:?}");
+    assert_eq!(commands[0].1, "usd_to_usdc");
+    assert!(
+        commands[0].2 >= dec!(45000),
+        "back to at least the target: {}",
+        commands[0].2
+    );
+    assert!(watched[0].cycle_id.starts_with("watch:"));
+    assert!(watched[0].emitted);
+    // Within the watch interval nothing runs again; after it, the refill in
+    // flight is counted and nothing new is planned.
+    progress_to(&pool, t(5)).await;
+    assert!(
+        settle
+            .run_cycle(t(4) + chrono::Duration::seconds(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        settle
+            .run_cycle(t(5) + chrono::Duration::seconds(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The window's close settles the flows and plans nothing twice.
+    progress_to(&pool, t(6)).await;
+    let closed = settle.run_cycle(t(6)).await.unwrap();
+    assert!(closed.iter().any(|r| r.cycle_id.starts_with("window:")));
+    assert_eq!(
+        planned(&pool).await.len(),
+        1,
+        "the close counts the watch's refill"
+    );
+    let balance: rust_decimal::Decimal = sqlx::query_scalar(
+        "SELECT balance FROM buffer_balances WHERE account_type = 'system_buffer_usdc'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        balance,
+        dec!(5000),
+        "the book settles the withdrawal once, at the close"
+    );
 }
 
 #[sqlx::test]

@@ -166,6 +166,7 @@ fn input(positions: Vec<BufferPosition>) -> PlanInput {
         window: Duration::minutes(5),
         history: FlowHistory::default(),
         settings: PlannerSettings::default(),
+        watch: None,
     }
 }
 

@@ -9,6 +9,8 @@
 //!   gives (USD from either USD buffer, USDC to either), a buffer that needs
 //!   gives nothing, money in flight toward a buffer is not spendable, a
 //!   buffer above its max sweeps its excess, one direction per cycle.
+//! - [`Watch`]: between window closes, the open windows' flows; a watch plans
+//!   only when some buffer is draining too fast to wait for the close.
 //! - Here: amounts fitted to the active providers (smallest minimum, daily
 //!   capacity left, pieces no larger than the largest maximum), and commands
 //!   with ids derived from (cycle, direction, sequence): the same inputs
@@ -26,9 +28,11 @@ use serde::Serialize;
 mod history;
 pub mod levels;
 pub mod routing;
+mod watch;
 
 pub use history::{FlowHistory, FlowStats, fill_windows, quantile, variance};
 pub use levels::{BufferLevels, levels as buffer_levels};
+pub use watch::Watch;
 
 use crate::domain::{
     BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionTrigger, Money,
@@ -109,6 +113,11 @@ pub struct PlannerSettings {
     /// (`TREASURY_PLANNER_DEFAULT_LEAD_TIME`).
     #[serde(with = "humantime_chrono")]
     pub default_lead_time: chrono::Duration,
+    /// How often, between window closes, the planner looks again with the
+    /// open windows' flows counted, so a burst is answered before its window
+    /// closes (`TREASURY_PLANNER_WATCH_INTERVAL`; zero turns the watch off).
+    #[serde(with = "humantime_chrono")]
+    pub watch_interval: chrono::Duration,
 }
 
 impl Default for PlannerSettings {
@@ -117,6 +126,7 @@ impl Default for PlannerSettings {
             safety_factor: Decimal::from(2),
             lookback_windows: 288,
             default_lead_time: chrono::Duration::minutes(30),
+            watch_interval: chrono::Duration::minutes(1),
         }
     }
 }
@@ -143,6 +153,8 @@ pub struct PlanInput {
     /// Recent flows and lead times.
     pub history: FlowHistory,
     pub settings: PlannerSettings,
+    /// Set for a watch between window closes (None: a close or a trigger).
+    pub watch: Option<Watch>,
 }
 
 /// A buffer the planner looked at and did not (fully) refill, and why.
@@ -170,8 +182,15 @@ pub fn plan(input: &PlanInput) -> Plan {
         .history
         .lead_time_p95
         .unwrap_or(input.settings.default_lead_time);
-    let levels: BTreeMap<BufferAccount, BufferLevels> = input
-        .positions
+    let watched;
+    let positions: &[BufferPosition] = match &input.watch {
+        None => &input.positions,
+        Some(watch) => {
+            watched = watch.positions(&input.positions);
+            &watched
+        }
+    };
+    let levels: BTreeMap<BufferAccount, BufferLevels> = positions
         .iter()
         .map(|p| {
             let stats = input.history.stats(p.account);
@@ -181,7 +200,22 @@ pub fn plan(input: &PlanInput) -> Plan {
             )
         })
         .collect();
-    let (movements, mut notes) = routing::route(&input.positions, &levels);
+    if let Some(watch) = &input.watch
+        && !watch.must_act(positions, lead)
+    {
+        let status: BTreeMap<BufferAccount, BufferStatus> = positions
+            .iter()
+            .map(|p| (p.account, p.thresholds.status(p.projected())))
+            .collect();
+        return Plan {
+            commands: Vec::new(),
+            notes: Vec::new(),
+            status_before: status.clone(),
+            status_after: status,
+            levels,
+        };
+    }
+    let (movements, mut notes) = routing::route(positions, &levels);
     let limits = amount_limits(&input.providers);
     let capacity = daily_capacity(&input.providers);
     let mut commands = Vec::new();
@@ -247,8 +281,7 @@ pub fn plan(input: &PlanInput) -> Plan {
         }
     }
     let status = |delta: &BTreeMap<BufferAccount, Decimal>| {
-        input
-            .positions
+        positions
             .iter()
             .map(|p| {
                 let level = p.projected() + delta.get(&p.account).copied().unwrap_or_default();

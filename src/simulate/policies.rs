@@ -33,6 +33,8 @@ pub struct CycleView<'a> {
     pub lead_times: &'a [Duration],
     /// The settlement window length.
     pub cycle: Duration,
+    /// Set for a watch between window closes: what the open windows counted.
+    pub watch: Option<planner::Watch>,
 }
 
 /// A way of deciding conversions.
@@ -43,6 +45,15 @@ pub trait Policy {
     fn on_cycle(&mut self, view: &CycleView<'_>) -> Vec<ConversionCommand>;
     /// Commands for one event, for policies that act per event.
     fn on_event(&mut self, _event: &FlowEvent, _now: DateTime<Utc>) -> Vec<ConversionCommand> {
+        Vec::new()
+    }
+    /// How often it wants to look between window closes (None: only at closes).
+    fn watch_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Commands between window closes; the view's balances include the open
+    /// windows' flows.
+    fn on_watch(&mut self, _view: &CycleView<'_>) -> Vec<ConversionCommand> {
         Vec::new()
     }
     /// Whether its conversions bypass provider limits (a hypothetical baseline).
@@ -71,8 +82,17 @@ impl Policy for EnginePolicy {
             window: view.cycle,
             history: FlowHistory::from_windows(view.recent, view.lead_times, view.cycle),
             settings: self.settings,
+            watch: view.watch.clone(),
         };
         planner::plan(&input).commands
+    }
+
+    fn watch_interval(&self) -> Option<Duration> {
+        (self.settings.watch_interval > Duration::zero()).then_some(self.settings.watch_interval)
+    }
+
+    fn on_watch(&mut self, view: &CycleView<'_>) -> Vec<ConversionCommand> {
+        self.on_cycle(view)
     }
 }
 

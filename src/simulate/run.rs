@@ -22,7 +22,7 @@ use super::policies::{CycleView, Policy};
 use super::report::{BufferOutcome, PolicyReport};
 use super::scenario::World;
 use crate::domain::{BufferAccount, ConversionCommand, ConversionDirection, FlowEvent};
-use crate::planner::BufferPosition;
+use crate::planner::{self, BufferPosition};
 use crate::window::{WindowSpec, WindowTally};
 
 /// How to run.
@@ -141,11 +141,13 @@ pub fn run(
         step: 0,
     };
     let mut next_close = spec.window_end(spec.window_start(origin)) + spec.grace;
+    let watch = policy.watch_interval();
+    let mut next_watch = watch.map(|w| origin + w);
     let mut next_event = 0;
     loop {
         let event_at = events.get(next_event).map(|e| e.occurred_at);
         let executor_at = run.executor.next_at();
-        let now = [event_at, executor_at, Some(next_close)]
+        let now = [event_at, executor_at, Some(next_close), next_watch]
             .into_iter()
             .flatten()
             .min()
@@ -161,6 +163,16 @@ pub fn run(
             let window = next_close - spec.grace - spec.length;
             run.close_window(window, now, policy)?;
             next_close += spec.length;
+            if let (Some(at), Some(w)) = (next_watch, watch)
+                && at == now
+            {
+                next_watch = Some(at + w);
+            }
+        } else if let (Some(at), Some(w)) = (next_watch, watch)
+            && at == now
+        {
+            run.watch(now, policy)?;
+            next_watch = Some(at + w);
         } else if let Some(event) = events.get(next_event) {
             next_event += 1;
             run.count_event(event, now, policy)?;
@@ -242,20 +254,72 @@ impl Run<'_> {
             self.recent.pop_front();
         }
         let positions = self.positions();
+        self.decide_watching(
+            None,
+            WindowSpec::cycle_id(window),
+            self.spec.window_end(window),
+            now,
+            positions,
+            |policy, view| policy.on_cycle(view),
+            policy,
+        )
+    }
+
+    /// A watch between window closes: the policy sees the balances with the
+    /// open windows' flows counted.
+    fn watch(&mut self, now: DateTime<Utc>, policy: &mut dyn Policy) -> Result<(), Violation> {
+        let watch = planner::Watch::at(
+            now,
+            self.tallies.iter().map(|(start, tally)| (*start, tally)),
+            self.spec.length,
+            self.spec.grace,
+        );
+        let positions = self.positions();
+        self.decide_watching(
+            Some(watch),
+            format!(
+                "watch:{}",
+                now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
+            now,
+            now,
+            positions,
+            |policy, view| policy.on_watch(view),
+            policy,
+        )
+    }
+
+    /// Asks the policy for commands, checks them and submits them.
+    #[allow(clippy::too_many_arguments)]
+    fn decide_watching(
+        &mut self,
+        watch: Option<planner::Watch>,
+        cycle_id: String,
+        plan_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        positions: Vec<BufferPosition>,
+        ask: impl FnOnce(&mut dyn Policy, &CycleView<'_>) -> Vec<ConversionCommand>,
+        policy: &mut dyn Policy,
+    ) -> Result<(), Violation> {
         let providers = self.executor.rows();
         self.recent.make_contiguous();
         self.lead_times.make_contiguous();
         let view = CycleView {
-            cycle_id: WindowSpec::cycle_id(window),
-            now: self.spec.window_end(window),
+            cycle_id,
+            now: plan_at,
             positions: positions.clone(),
             providers: &providers,
             recent: self.recent.as_slices().0,
             lead_times: self.lead_times.as_slices().0,
             cycle: self.spec.length,
+            watch: watch.clone(),
         };
-        let commands = policy.on_cycle(&view);
-        let checks = invariants::check_plan(&positions, &commands);
+        let commands = ask(policy, &view);
+        let held = match &watch {
+            Some(w) => w.positions(&positions),
+            None => positions,
+        };
+        let checks = invariants::check_plan(&held, &commands);
         self.report.opposite_conversion_cycles += u64::from(checks.opposite_directions);
         self.report.unfunded_commands += checks.below_minimum.len() as u64;
         if self.options.strict {

@@ -1,0 +1,147 @@
+//! The watch between window closes: the flows the open windows have counted
+//! so far, and whether they make waiting for the close too late.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+
+use super::BufferPosition;
+use crate::domain::BufferAccount;
+use crate::window::WindowTally;
+
+/// A watch between window closes: what the open windows have counted so far.
+///
+/// The flows of windows still open have moved real money, though the book
+/// settles them only at the close. A watch plans on the balances with them
+/// counted, and only when waiting is expected to be too late: when some
+/// buffer, draining at the open windows' rate until the close and then for
+/// the lead time a refill takes, would be below its minimum before money
+/// planned at the close could land. Otherwise the close decides, as usual.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// Net flow per buffer counted in the open windows.
+    pub open_flows: BTreeMap<BufferAccount, Decimal>,
+    /// Since the earliest open window started.
+    pub elapsed: Duration,
+    /// Until that window closes (its end plus grace).
+    pub until_close: Duration,
+}
+
+/// The shortest stretch a watch extrapolates a drain rate from.
+const WATCH_MIN_ELAPSED: Duration = Duration::minutes(1);
+
+impl Watch {
+    /// The watch at `now` over the open windows' `tallies` (keyed by window
+    /// start), with windows of `length` closing `grace` after their end.
+    pub fn at<'a>(
+        now: DateTime<Utc>,
+        tallies: impl IntoIterator<Item = (DateTime<Utc>, &'a WindowTally)>,
+        length: Duration,
+        grace: Duration,
+    ) -> Self {
+        let mut open_flows: BTreeMap<BufferAccount, Decimal> = BTreeMap::new();
+        let mut earliest: Option<DateTime<Utc>> = None;
+        for (start, tally) in tallies {
+            if start > now {
+                continue;
+            }
+            earliest = Some(earliest.map_or(start, |e: DateTime<Utc>| e.min(start)));
+            for (account, flow) in &tally.flows {
+                *open_flows.entry(*account).or_default() += flow.net();
+            }
+        }
+        let start = earliest.unwrap_or(now);
+        Self {
+            open_flows,
+            elapsed: now - start,
+            until_close: (start + length + grace - now).max(Duration::zero()),
+        }
+    }
+
+    /// `positions` with the open windows' flows added to each balance.
+    pub fn positions(&self, positions: &[BufferPosition]) -> Vec<BufferPosition> {
+        positions
+            .iter()
+            .map(|p| BufferPosition {
+                balance: p.balance + self.open_flows.get(&p.account).copied().unwrap_or_default(),
+                ..*p
+            })
+            .collect()
+    }
+
+    /// Whether some buffer of `now_positions` (open flows counted) is
+    /// expected below its minimum before a refill planned at the close lands.
+    pub fn must_act(&self, now_positions: &[BufferPosition], lead_time: Duration) -> bool {
+        let elapsed_ms = Decimal::from(self.elapsed.max(WATCH_MIN_ELAPSED).num_milliseconds());
+        let ahead_ms = Decimal::from((self.until_close + lead_time).num_milliseconds().max(0));
+        now_positions.iter().any(|p| {
+            let flow = self.open_flows.get(&p.account).copied().unwrap_or_default();
+            let drain = (-flow).max(Decimal::ZERO);
+            let expected = p.projected() - (drain / elapsed_ms).saturating_mul(ahead_ms);
+            expected < p.thresholds.min()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Thresholds;
+    use chrono::TimeZone;
+    use rust_decimal_macros::dec;
+
+    fn usdc(balance: Decimal) -> BufferPosition {
+        BufferPosition {
+            account: BufferAccount::SystemBufferUsdc,
+            thresholds: Thresholds::new(dec!(10000), dec!(50000), dec!(100000)).unwrap(),
+            batch_size: dec!(20000),
+            balance,
+            incoming: Decimal::ZERO,
+            outgoing: Decimal::ZERO,
+        }
+    }
+
+    fn watch(flow: Decimal, elapsed_minutes: i64) -> Watch {
+        Watch {
+            open_flows: BTreeMap::from([(BufferAccount::SystemBufferUsdc, flow)]),
+            elapsed: Duration::minutes(elapsed_minutes),
+            until_close: Duration::minutes(5) - Duration::minutes(elapsed_minutes)
+                + Duration::seconds(30),
+        }
+    }
+
+    #[test]
+    fn a_fast_drain_acts_and_a_calm_window_waits() {
+        let lead = Duration::minutes(10);
+        // 20,000 out in 2 minutes: 10,000 a minute for 3.5 + 10 more minutes.
+        let fast = watch(dec!(-20000), 2);
+        let now = fast.positions(&[usdc(dec!(50000))]);
+        assert_eq!(now[0].balance, dec!(30000));
+        assert!(fast.must_act(&now, lead));
+        // 2,000 out in 2 minutes: 30,000 stays far above the minimum.
+        let calm = watch(dec!(-2000), 2);
+        assert!(!calm.must_act(&calm.positions(&[usdc(dec!(50000))]), lead));
+        // Already below the minimum with money arriving: act.
+        let arriving = watch(dec!(500), 2);
+        assert!(arriving.must_act(&arriving.positions(&[usdc(dec!(9000))]), lead));
+    }
+
+    #[test]
+    fn open_windows_in_the_future_are_ignored_and_the_earliest_sets_the_clock() {
+        let t0 = Utc.with_ymd_and_hms(2026, 1, 5, 10, 0, 0).unwrap();
+        let tally = WindowTally::default();
+        let w = Watch::at(
+            t0 + Duration::minutes(7),
+            [
+                (t0, &tally),
+                (t0 + Duration::minutes(5), &tally),
+                (t0 + Duration::minutes(10), &tally),
+            ],
+            Duration::minutes(5),
+            Duration::seconds(30),
+        );
+        assert_eq!(w.elapsed, Duration::minutes(7));
+        assert_eq!(w.until_close, Duration::zero());
+    }
+}
