@@ -127,12 +127,12 @@ pub fn run(args: SimulateArgs, settings: PlannerSettings) -> anyhow::Result<()> 
         return run_seeds(&args, &world, seeds, settings);
     }
     let (events, label) = input(&args, args.seed)?;
-    if args.recommend {
-        return run_recommend(&args, &world, events, &label, settings);
-    }
     if let Some(path) = &args.export_trace {
         write_trace(path, &events)?;
         eprintln!("wrote {} events to {}", events.len(), path.display());
+    }
+    if args.recommend {
+        return run_recommend(&args, &world, events, &label, settings);
     }
     let started = Instant::now();
     let spinner = progress(1, "simulating 4 policies");
@@ -239,9 +239,9 @@ fn run_recommend(
         print!("{}", recommendation.text());
     }
     eprintln!(
-        "evaluated {} candidates x {} runs in {:.1} s",
+        "evaluated {} candidates ({} engine runs) in {:.1} s",
         recommendation.evaluations,
-        cases.len(),
+        recommendation.runs,
         elapsed.as_secs_f64()
     );
     Ok(())

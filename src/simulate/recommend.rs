@@ -322,6 +322,12 @@ pub struct Recommendation {
     pub updates: Vec<String>,
     /// Candidates evaluated (the current thresholds not counted).
     pub evaluations: usize,
+    /// Engine runs made, the current thresholds' included (a candidate that
+    /// went below zero on the first run while a feasible one was in hand ran
+    /// no further).
+    pub runs: usize,
+    /// Each accepted move, in order.
+    pub moves: Vec<String>,
     /// Runs per candidate and what they are.
     pub cases: Vec<String>,
     /// The bound on mean minutes below minimum that was applied.
@@ -546,6 +552,8 @@ pub fn search(
     let mut tried: BTreeSet<Vec<Levels>> = BTreeSet::new();
     tried.insert(start.values().copied().collect());
     let mut evaluations = 0;
+    let mut runs = cases.len();
+    let mut moves = Vec::new();
     let mut steps = Vec::new();
     'passes: for step in STEPS.iter().take(budget.passes.max(1)) {
         steps.push(*step);
@@ -573,16 +581,24 @@ pub fn search(
                     best.meets(bound),
                     tick,
                 );
-                let mut improved = false;
+                runs += evaluated.iter().map(|e| e.cases.len()).sum::<usize>();
+                let before = best.clone();
                 for e in evaluated {
                     if e.rank(bound) < best.rank(bound) {
                         best = e;
-                        improved = true;
                     }
                 }
-                if !improved {
+                if best.thresholds == before.thresholds {
                     break;
                 }
+                moves.push(format!(
+                    "x{step} {account}: {} (total cost {} -> {}, minutes below zero {:.1} -> {:.1})",
+                    describe(&before.thresholds[account], &best.thresholds[account]),
+                    before.total_cost.round_dp(2),
+                    best.total_cost.round_dp(2),
+                    before.minutes_below_zero,
+                    best.minutes_below_zero
+                ));
             }
         }
     }
@@ -593,10 +609,27 @@ pub fn search(
         recommended: best,
         updates,
         evaluations,
+        runs,
+        moves,
         cases: cases.iter().map(|c| c.label.clone()).collect(),
         max_below_min: bound,
         steps,
     }
+}
+
+/// What changed from `from` to `to`: `min 15000 -> 30000, batch_size ...`.
+pub fn describe(from: &Levels, to: &Levels) -> String {
+    [
+        ("min", from.min, to.min),
+        ("target", from.target, to.target),
+        ("max", from.max, to.max),
+        ("batch_size", from.batch_size, to.batch_size),
+    ]
+    .iter()
+    .filter(|(_, a, b)| a != b)
+    .map(|(name, a, b)| format!("{name} {} -> {}", a.normalize(), b.normalize()))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 /// The `UPDATE buffer_thresholds` statement for each buffer whose knobs
@@ -627,9 +660,9 @@ impl Recommendation {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} candidates, each run {} times: {}",
+            "{} candidates ({} engine runs), each run on: {}",
             self.evaluations,
-            self.cases.len(),
+            self.runs,
             self.cases.join("; ")
         );
         let _ = writeln!(
@@ -663,6 +696,12 @@ impl Recommendation {
                     l.max.normalize().to_string(),
                     l.batch_size.normalize().to_string()
                 );
+            }
+        }
+        if !self.moves.is_empty() {
+            let _ = writeln!(out, "\nsearch path:");
+            for m in &self.moves {
+                let _ = writeln!(out, "  {m}");
             }
         }
         out.push('\n');
@@ -808,10 +847,12 @@ mod tests {
                 }
             }
         }
-        // A target that would pass the max is dropped, not clamped.
+        // Moves that would break the order are dropped, not clamped: of the
+        // ten, min x2, target x2, target /2 and max /2 go.
         let mut tight = base.clone();
+        let usdc = BufferAccount::SystemBufferUsdc;
         tight.insert(
-            BufferAccount::SystemBufferUsdc,
+            usdc,
             Levels {
                 min: dec!(10),
                 target: dec!(15),
@@ -819,15 +860,9 @@ mod tests {
                 batch_size: dec!(5),
             },
         );
-        let n = neighbours(&tight, BufferAccount::SystemBufferUsdc, dec!(2));
-        assert!(
-            n.iter()
-                .all(|k| k[&BufferAccount::SystemBufferUsdc].is_valid())
-        );
-        assert!(
-            !n.iter()
-                .any(|k| k[&BufferAccount::SystemBufferUsdc].target == dec!(30))
-        );
+        let n = neighbours(&tight, usdc, dec!(2));
+        assert_eq!(n.len(), 6, "{n:?}");
+        assert!(n.iter().all(|k| k[&usdc].is_valid()));
     }
 
     #[test]
