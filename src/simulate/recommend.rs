@@ -42,14 +42,17 @@
 //! **Search.** Pattern search over multiplicative steps, deterministic: in
 //! each pass, buffer by buffer, the neighbours of the best thresholds so far
 //! — the whole buffer (all four knobs), min, target, max and batch size each
-//! × step and ÷ step, rounded to three significant digits, invalid ones
-//! dropped — run in parallel (one thread per core, every run of every
-//! candidate a job); the best one replaces the incumbent if it ranks
-//! strictly better, and that buffer is searched again until no neighbour
-//! does. Steps are ×2, ×1.5, ×1.25, ×1.1 (one a pass, `--recommend-passes`),
-//! and the search stops when `--recommend-evaluations` candidates (60) have
-//! run. Results are collected by index and ties keep the earlier candidate,
-//! so the same inputs give the same recommendation, whatever the threads do.
+//! ÷ step and × step, rounded to three significant digits, invalid ones and
+//! ones already run dropped — are run two at a time ([`CHUNK`]; every run of
+//! both a job for the threads); the first pair whose best ranks strictly
+//! better than the incumbent replaces it, and the neighbours are drawn again
+//! around it, until none improves. While a feasible incumbent is in hand, a
+//! candidate that goes below zero (or breaks an invariant) on the first run
+//! runs no further. Steps are ×2, ×1.5, ×1.25, ×1.1 (one a pass,
+//! `--recommend-passes`), and the search stops when
+//! `--recommend-evaluations` candidates (60) have run. Results are collected
+//! by index and ties keep the earlier candidate, so the same inputs give the
+//! same recommendation whatever the threads do or how many there are.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -148,6 +151,11 @@ pub fn round_nice(value: Decimal) -> Decimal {
     }
     ((value / unit).round() * unit).normalize()
 }
+
+/// Candidates evaluated together (their runs in parallel) before the
+/// search looks for an improvement; fixed, so that the number of cores never
+/// changes the recommendation.
+pub const CHUNK: usize = 2;
 
 /// The steps of the passes, largest first.
 pub const STEPS: [Decimal; 4] = [dec!(2), dec!(1.5), dec!(1.25), dec!(1.1)];
@@ -390,24 +398,8 @@ fn judge(knobs: &Knobs, cases: &[Case], results: Vec<CaseResult>) -> Evaluation 
     }
 }
 
-/// Evaluates every candidate on every case, `threads` runs at a time;
-/// `tick` is called after each run. The result is in the candidates' order.
-pub fn evaluate(
-    world: &World,
-    candidates: &[Knobs],
-    cases: &[Case],
-    settings: PlannerSettings,
-    threads: usize,
-    tick: &(dyn Fn() + Sync),
-) -> Vec<Evaluation> {
-    run_all(world, candidates, cases, settings, threads, tick)
-        .into_iter()
-        .zip(candidates)
-        .map(|(results, k)| judge(k, cases, results))
-        .collect()
-}
-
-/// Every candidate's results on every case, in the candidates' order.
+/// Every candidate's results on every case, in the candidates' order,
+/// `threads` runs at a time; `tick` is called after each run.
 fn run_all(
     world: &World,
     candidates: &[Knobs],
@@ -484,8 +476,9 @@ fn run_all(
         .collect()
 }
 
-/// Evaluates `candidates` against an incumbent: first on the first case
-/// alone; while the incumbent is feasible, a candidate that broke an
+/// Evaluates `candidates` against an incumbent, every run of every candidate
+/// a job for the `threads`: first on the first case alone; while the
+/// incumbent is feasible, a candidate that broke an
 /// invariant or went below zero there cannot beat it and runs no further
 /// (it is judged on that case alone); the others run the remaining cases.
 fn screen(
@@ -534,12 +527,13 @@ pub fn search(
     tick: &(dyn Fn() + Sync),
 ) -> Recommendation {
     let start = knobs(world);
-    let mut current = evaluate(
+    let mut current = screen(
         world,
         std::slice::from_ref(&start),
         cases,
         settings,
         budget.threads,
+        false,
         tick,
     )
     .remove(0);
@@ -565,27 +559,40 @@ pub fn search(
                 }
                 let candidates: Vec<Knobs> = neighbours(&best.thresholds, *account, *step)
                     .into_iter()
-                    .filter(|k| tried.insert(k.values().copied().collect()))
+                    .filter(|k| !tried.contains(&k.values().copied().collect::<Vec<_>>()))
                     .take(left)
                     .collect();
                 if candidates.is_empty() {
                     break;
                 }
-                evaluations += candidates.len();
-                let evaluated = screen(
-                    world,
-                    &candidates,
-                    cases,
-                    settings,
-                    budget.threads,
-                    best.meets(bound),
-                    tick,
-                );
-                runs += evaluated.iter().map(|e| e.cases.len()).sum::<usize>();
+                // First improvement, CHUNK candidates at a time: the best of
+                // a chunk that beats the incumbent replaces it and the
+                // neighbours are drawn again around it.
                 let before = best.clone();
-                for e in evaluated {
-                    if e.rank(bound) < best.rank(bound) {
-                        best = e;
+                for chunk in candidates.chunks(CHUNK) {
+                    evaluations += chunk.len();
+                    tried.extend(
+                        chunk
+                            .iter()
+                            .map(|k| k.values().copied().collect::<Vec<_>>()),
+                    );
+                    let evaluated = screen(
+                        world,
+                        chunk,
+                        cases,
+                        settings,
+                        budget.threads,
+                        best.meets(bound),
+                        tick,
+                    );
+                    runs += evaluated.iter().map(|e| e.cases.len()).sum::<usize>();
+                    for e in evaluated {
+                        if e.rank(bound) < best.rank(bound) {
+                            best = e;
+                        }
+                    }
+                    if best.thresholds != before.thresholds {
+                        break;
                     }
                 }
                 if best.thresholds == before.thresholds {
@@ -816,6 +823,15 @@ impl Recommendation {
 mod tests {
     use super::*;
 
+    fn levels(min: Decimal, target: Decimal, max: Decimal, batch_size: Decimal) -> Levels {
+        Levels {
+            min,
+            target,
+            max,
+            batch_size,
+        }
+    }
+
     #[test]
     fn round_nice_keeps_three_significant_digits() {
         assert_eq!(round_nice(dec!(10606.6)), dec!(10600));
@@ -851,15 +867,7 @@ mod tests {
         // ten, min x2, target x2, target /2 and max /2 go.
         let mut tight = base.clone();
         let usdc = BufferAccount::SystemBufferUsdc;
-        tight.insert(
-            usdc,
-            Levels {
-                min: dec!(10),
-                target: dec!(15),
-                max: dec!(20),
-                batch_size: dec!(5),
-            },
-        );
+        tight.insert(usdc, levels(dec!(10), dec!(15), dec!(20), dec!(5)));
         let n = neighbours(&tight, usdc, dec!(2));
         assert_eq!(n.len(), 6, "{n:?}");
         assert!(n.iter().all(|k| k[&usdc].is_valid()));
@@ -881,12 +889,7 @@ mod tests {
         let usdc = BufferAccount::SystemBufferUsdc;
         k.insert(
             usdc,
-            Levels {
-                min: dec!(5000),
-                target: dec!(25000),
-                max: dec!(60000),
-                batch_size: dec!(10000),
-            },
+            levels(dec!(5000), dec!(25000), dec!(60000), dec!(10000)),
         );
         let applied = apply(&world, &k);
         let setup = applied.buffers[&usdc];
@@ -902,12 +905,7 @@ mod tests {
         let mut rec = current.clone();
         rec.insert(
             BufferAccount::BrokerOperational,
-            Levels {
-                min: dec!(40000),
-                target: dec!(150000),
-                max: dec!(600000),
-                batch_size: dec!(120000),
-            },
+            levels(dec!(40000), dec!(150000), dec!(600000), dec!(120000)),
         );
         let sql = update_statements(&current, &rec);
         assert_eq!(
