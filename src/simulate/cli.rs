@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use super::compare::{Compared, compare, engine_only, with_faults};
 use super::generate::{Scenario, generate};
 use super::plot::{BufferSeries, ConversionMark, plot};
+use super::recommend::{Budget, Case, search};
 use super::scenario::World;
 use super::trace::{read_trace, write_trace};
 use crate::domain::FlowEvent;
@@ -58,6 +59,25 @@ pub struct SimulateArgs {
     /// Measure decision invariants instead of stopping at the first violation.
     #[arg(long)]
     pub keep_going: bool,
+    /// Search min/target/max/batch size per buffer for the least total cost
+    /// (conversions + capital) with 0 minutes below zero, and print the
+    /// `UPDATE buffer_thresholds` statements with the current and
+    /// recommended runs side by side.
+    #[arg(long, conflicts_with_all = ["seeds", "plot", "keep_going"])]
+    pub recommend: bool,
+    /// Candidates the search may evaluate (each runs the trace and the extra seeds).
+    #[arg(long, value_name = "N", default_value_t = 60, requires = "recommend")]
+    pub recommend_evaluations: usize,
+    /// Extra runs per candidate: the generator's next seeds, or for a trace
+    /// file the same trace with faults injected from the next seeds.
+    #[arg(long, value_name = "K", default_value_t = 2, requires = "recommend")]
+    pub recommend_seeds: u64,
+    /// Search passes, one per step (x2, x1.5, x1.25, x1.1).
+    #[arg(long, value_name = "P", default_value_t = 4, requires = "recommend")]
+    pub recommend_passes: usize,
+    /// Mean minutes below min a recommendation may have (default: the current thresholds').
+    #[arg(long, value_name = "MINUTES", requires = "recommend")]
+    pub recommend_max_below_min: Option<f64>,
 }
 
 fn parse_seeds(text: &str) -> Result<RangeInclusive<u64>, String> {
@@ -111,6 +131,9 @@ pub fn run(args: SimulateArgs, settings: PlannerSettings) -> anyhow::Result<()> 
         write_trace(path, &events)?;
         eprintln!("wrote {} events to {}", events.len(), path.display());
     }
+    if args.recommend {
+        return run_recommend(&args, &world, events, &label, settings);
+    }
     let started = Instant::now();
     let spinner = progress(1, "simulating 4 policies");
     let compared = compare(
@@ -161,6 +184,67 @@ fn input(args: &SimulateArgs, seed: u64) -> anyhow::Result<(Vec<FlowEvent>, Stri
         generate(scenario, seed, generated_start()),
         format!("generated {scenario}"),
     ))
+}
+
+fn run_recommend(
+    args: &SimulateArgs,
+    world: &World,
+    events: Vec<FlowEvent>,
+    label: &str,
+    settings: PlannerSettings,
+) -> anyhow::Result<()> {
+    let mut cases = vec![Case {
+        label: format!("{label}, seed {}", args.seed),
+        seed: args.seed,
+        faults: false,
+        events,
+    }];
+    for k in 1..=args.recommend_seeds {
+        let seed = args.seed + k;
+        cases.push(match args.generate {
+            Some(scenario) => Case {
+                label: format!("generated {scenario}, seed {seed}"),
+                seed,
+                faults: false,
+                events: generate(scenario, seed, generated_start()),
+            },
+            None => Case {
+                label: format!("{label}, faults from seed {seed}"),
+                seed,
+                faults: true,
+                events: cases[0].events.clone(),
+            },
+        });
+    }
+    let budget = Budget {
+        evaluations: args.recommend_evaluations,
+        passes: args.recommend_passes,
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        max_below_min: args.recommend_max_below_min,
+    };
+    let started = Instant::now();
+    let bar = progress(
+        ((budget.evaluations + 1) * cases.len()) as u64,
+        "searching thresholds (runs)",
+    );
+    let recommendation = search(world, &cases, settings, budget, &|| bar.inc(1));
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&recommendation.to_json())?
+        );
+    } else {
+        print!("{}", recommendation.text());
+    }
+    eprintln!(
+        "evaluated {} candidates ({} engine runs) in {:.1} s",
+        recommendation.evaluations,
+        recommendation.runs,
+        elapsed.as_secs_f64()
+    );
+    Ok(())
 }
 
 fn run_seeds(

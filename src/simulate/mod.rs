@@ -14,6 +14,7 @@ pub mod invariants;
 pub mod metrics;
 pub mod plot;
 pub mod policies;
+pub mod recommend;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -126,43 +126,7 @@ impl Comparison {
             "{} ({} events, seed {})",
             self.trace, self.events, self.seed
         );
-        let _ = writeln!(
-            out,
-            "{:<14} {:>7} {:>12} {:>8} {:>8} {:>8} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
-            "POLICY",
-            "CONV",
-            "COST",
-            "<MIN m",
-            "<0 m",
-            ">MAX m",
-            "UNPAID",
-            "IDLE CAP",
-            "OPP COST",
-            "OVERL",
-            "REC p50",
-            "REC p99",
-            "OPPOSITE"
-        );
-        let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |m| format!("{m:.1}"));
-        for p in &self.policies {
-            let _ = writeln!(
-                out,
-                "{:<14} {:>7} {:>12} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
-                p.policy,
-                p.conversions,
-                p.conversion_cost.round_dp(2).to_string(),
-                p.minutes_below_min,
-                p.minutes_below_zero,
-                p.minutes_above_max,
-                p.unpaid_events,
-                p.idle_capital.round_dp(0).to_string(),
-                p.opportunity_cost.round_dp(2).to_string(),
-                p.overlapping_conversions,
-                opt(p.recovery_p50_minutes),
-                opt(p.recovery_p99_minutes),
-                p.opposite_conversion_cycles,
-            );
-        }
+        write_policy_rows(&mut out, &self.policies);
         let b = &self.lower_bound;
         let _ = writeln!(
             out,
@@ -183,4 +147,54 @@ impl Comparison {
         );
         out
     }
+}
+
+/// The table's header and one row per report, as [`Comparison::table`] prints them.
+fn write_policy_rows(out: &mut String, policies: &[PolicyReport]) {
+    let _ = writeln!(
+        out,
+        "{:<14} {:>7} {:>12} {:>8} {:>8} {:>8} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
+        "POLICY",
+        "CONV",
+        "COST",
+        "<MIN m",
+        "<0 m",
+        ">MAX m",
+        "UNPAID",
+        "IDLE CAP",
+        "OPP COST",
+        "OVERL",
+        "REC p50",
+        "REC p99",
+        "OPPOSITE"
+    );
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |m| format!("{m:.1}"));
+    for p in policies {
+        let _ = writeln!(
+            out,
+            "{:<14} {:>7} {:>12} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
+            p.policy,
+            p.conversions,
+            p.conversion_cost.round_dp(2).to_string(),
+            p.minutes_below_min,
+            p.minutes_below_zero,
+            p.minutes_above_max,
+            p.unpaid_events,
+            p.idle_capital.round_dp(0).to_string(),
+            p.opportunity_cost.round_dp(2).to_string(),
+            p.overlapping_conversions,
+            opt(p.recovery_p50_minutes),
+            opt(p.recovery_p99_minutes),
+            p.opposite_conversion_cycles,
+        );
+    }
+}
+
+/// A table of `policies` alone (no lower bound) under `title`, in the
+/// columns of [`Comparison::table`].
+pub fn policy_table(title: &str, policies: &[PolicyReport]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{title}");
+    write_policy_rows(&mut out, policies);
+    out
 }
