@@ -74,6 +74,13 @@ pub(super) async fn advance_offsets(
 }
 
 /// Inserts the event ids not seen before; returns those (the fresh ones).
+///
+/// Usually none was seen before, and binary `COPY` writes them with about
+/// a third less of the database's time than an insert that checks each
+/// for a conflict. So the ids go in by `COPY` inside a savepoint first; if
+/// one is already there (a duplicate or a replay), the unique index refuses
+/// the `COPY`, the savepoint is rolled back, and the ids are claimed one by
+/// one with `ON CONFLICT DO NOTHING`. Either way the unique index decides.
 pub(super) async fn claim_events(
     conn: &mut PgConnection,
     events: &[EventRef],
@@ -81,6 +88,69 @@ pub(super) async fn claim_events(
     if events.is_empty() {
         return Ok(HashSet::new());
     }
+    sqlx::query("SAVEPOINT claim_events")
+        .execute(&mut *conn)
+        .await?;
+    match copy_events(conn, events).await {
+        Ok(()) => return Ok(events.iter().map(|e| e.event_id).collect()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT claim_events")
+                .execute(&mut *conn)
+                .await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    insert_events(conn, events).await
+}
+
+/// SQLSTATE of a unique index refusing a row.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// `COPY`s every event's `processed_events` row; fails whole if any id is
+/// already there.
+async fn copy_events(conn: &mut PgConnection, events: &[EventRef]) -> Result<(), sqlx::Error> {
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY processed_events (event_id, source_topic, partition, \"offset\", window_start)
+             FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    copy.send(binary_rows(events)).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The events' rows in PostgreSQL's binary `COPY` format.
+fn binary_rows(events: &[EventRef]) -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(21 + events.len() * 90);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0_i32.to_be_bytes()); // flags
+    out.extend_from_slice(&0_i32.to_be_bytes()); // header extension length
+    for e in events {
+        out.extend_from_slice(&5_i16.to_be_bytes());
+        field(&mut out, e.event_id.as_bytes());
+        field(&mut out, e.tp.topic.as_bytes());
+        field(&mut out, &e.tp.partition.to_be_bytes());
+        field(&mut out, &e.offset.to_be_bytes());
+        let micros = e.window_start.timestamp_micros() - PG_EPOCH_MICROS;
+        field(&mut out, &micros.to_be_bytes());
+    }
+    out.extend_from_slice(&(-1_i16).to_be_bytes());
+    out
+}
+
+/// Inserts the ids that are not there yet; returns those.
+async fn insert_events(
+    conn: &mut PgConnection,
+    events: &[EventRef],
+) -> Result<HashSet<Uuid>, StoreError> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let topics: Vec<&str> = events.iter().map(|e| e.tp.topic.as_str()).collect();
     let partitions: Vec<i32> = events.iter().map(|e| e.tp.partition).collect();
