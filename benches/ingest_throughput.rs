@@ -12,15 +12,20 @@
 //! Optional: `BENCH_EVENTS` (default 50000; 2000 when run by `cargo test`), `BENCH_PARTITIONS` (default 4),
 //! `BENCH_BATCH` (engine batch size, default 1000), `BENCH_BASELINE_EVENTS`
 //! (events the naive baseline processes before its rate is extrapolated,
-//! default min(N, 10000)).
+//! default min(N, 10000)), `BENCH_WORKERS` (engine workers in one group, or
+//! a list such as `1,2` to run the engine once per count; default 1).
 //!
 //! One run produces N generated, valid, time-ordered events to fresh funding
 //! and withdrawal topics, then reads them three times, each with a new
-//! consumer group:
-//! (a) ceiling: a plain rdkafka consumer that only touches each payload;
+//! consumer group, and writes their rows once more without Kafka:
+//! (a) broker ceiling: a plain rdkafka consumer that only touches each payload;
 //! (b) baseline: decode + one PostgreSQL transaction per event (claim the event
 //!     id, upsert the window's sums, store the offset);
-//! (c) engine: `treasury::ingest::Ingest`, batched, on its own scratch database.
+//! (c) engine: `treasury::ingest::Ingest`, batched, on its own scratch database
+//!     (with several workers: as many `Ingest`s in one group, summed);
+//! (d) pg ceiling: the rows the engine's batches write, by a plain sqlx
+//!     client in batches of the engine's size, no Kafka, no decoding
+//!     (see `pg_ceiling`).
 //!
 //! Scratch databases (`treasury_bench_<random>_*`) and topics are removed at
 //! the end, also after a failure or Ctrl-C.
@@ -28,6 +33,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +57,9 @@ use treasury::store::Store;
 use treasury::store::postgres::PgStore;
 use treasury::window::WindowSpec;
 
+#[path = "ingest_throughput/pg_ceiling.rs"]
+mod pg_ceiling;
+
 /// Longest a consumer may go without progress before the run is abandoned.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 /// The engine's default `TREASURY_BATCH_MAX_WAIT`.
@@ -69,6 +78,8 @@ struct Settings {
     partitions: i32,
     batch: usize,
     baseline_events: usize,
+    /// Engine runs: workers in the group, one run per entry.
+    workers: Vec<usize>,
 }
 
 /// Scratch databases and topics to remove at the end, whatever happens.
@@ -143,6 +154,20 @@ impl Settings {
         let partitions: i32 = env_number("BENCH_PARTITIONS", 4)?;
         let batch: usize = env_number("BENCH_BATCH", 1_000)?;
         let baseline_events: usize = env_number("BENCH_BASELINE_EVENTS", events.min(10_000))?;
+        let workers = match non_empty_env("BENCH_WORKERS") {
+            None => vec![1],
+            Some(list) => list
+                .split(',')
+                .map(|w| {
+                    w.trim().parse::<usize>().map_err(|e| {
+                        anyhow::anyhow!("BENCH_WORKERS={list:?} is not a list of counts: {e}")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        };
+        if workers.is_empty() || workers.contains(&0) {
+            bail!("BENCH_WORKERS must name positive worker counts");
+        }
         if events == 0 || partitions <= 0 || batch == 0 || baseline_events == 0 {
             bail!(
                 "BENCH_EVENTS, BENCH_PARTITIONS, BENCH_BATCH and BENCH_BASELINE_EVENTS must be positive"
@@ -155,6 +180,7 @@ impl Settings {
             partitions,
             batch,
             baseline_events: baseline_events.min(events),
+            workers,
         })
     }
 }
@@ -314,9 +340,11 @@ async fn run(
         produced_in.as_secs_f64(),
         rate_text(per_second(events.len() as u64, produced_in)),
     );
-    drop(events);
     let topics = [funding.as_str(), withdrawals.as_str()];
     let spec = WindowSpec::new(Duration::from_secs(300), Duration::from_secs(30));
+    let pg_batches =
+        pg_ceiling::batches(&events, topics, settings.partitions, settings.batch, &spec)?;
+    drop(events);
 
     // 2a. Ceiling.
     println!("\n(a) ceiling: plain consumer …");
@@ -356,38 +384,80 @@ async fn run(
         baseline.total.as_secs_f64()
     );
 
-    // 2c. Engine.
+    // 2c. Engine, once per worker count.
+    let mut engines = Vec::new();
+    for &workers in &settings.workers {
+        println!(
+            "(c) engine: treasury::ingest::Ingest, batch {}, {workers} worker(s) in one group …",
+            settings.batch
+        );
+        let engine_store = scratch_database(&admin_pool, &admin, "engine", &created).await?;
+        let run = engine(
+            &base,
+            &funding,
+            &withdrawals,
+            &dlq,
+            engine_store.clone(),
+            spec,
+            &settings,
+            workers,
+        )
+        .await?;
+        let engine_rows = processed_events(engine_store.pool()).await?;
+        engine_store.pool().close().await;
+        if engine_rows != settings.events as u64 {
+            bail!(
+                "engine: processed_events holds {engine_rows} rows, expected {}",
+                settings.events
+            );
+        }
+        println!(
+            "    counted {} events in {:.2} s, {} batch commits, per worker {:?} (processed_events: {engine_rows} rows)",
+            run.measured.events,
+            run.measured.total.as_secs_f64(),
+            run.batches,
+            run.per_worker,
+        );
+        engines.push((workers, run.measured));
+    }
+
+    // 2d. The database's ceiling.
     println!(
-        "(c) engine: treasury::ingest::Ingest, batch {} …",
+        "(d) pg ceiling: the engine's rows by a plain sqlx client, {} batches of {} …",
+        pg_batches.len(),
         settings.batch
     );
-    let engine_store = scratch_database(&admin_pool, &admin, "engine", &created).await?;
-    let (engine, batches) = engine(
-        &base,
-        &funding,
-        &withdrawals,
-        &dlq,
-        engine_store.clone(),
-        spec,
-        &settings,
-    )
-    .await?;
-    let engine_rows = processed_events(engine_store.pool()).await?;
-    engine_store.pool().close().await;
-    if engine_rows != settings.events as u64 {
-        bail!(
-            "engine: processed_events holds {engine_rows} rows, expected {}",
-            settings.events
+    let mut pg = Vec::new();
+    for path in [pg_ceiling::IdPath::Unnest, pg_ceiling::IdPath::Copy] {
+        let store = scratch_database(&admin_pool, &admin, "pg", &created).await?;
+        let took =
+            pg_ceiling::write_all(store.pool(), &pg_batches, path, &spec, &new_group("pg")).await?;
+        let rows = processed_events(store.pool()).await?;
+        store.pool().close().await;
+        if rows != settings.events as u64 {
+            bail!(
+                "pg ceiling: processed_events holds {rows} rows, expected {}",
+                settings.events
+            );
+        }
+        println!(
+            "    {}: {rows} rows in {:.2} s",
+            path.label(),
+            took.as_secs_f64()
         );
+        pg.push((
+            path,
+            Measured {
+                events: rows,
+                total: took,
+                steady_events: rows,
+                steady: took,
+            },
+        ));
     }
-    println!(
-        "    counted {} events in {:.2} s, {batches} batch commits (processed_events: {engine_rows} rows)",
-        engine.events,
-        engine.total.as_secs_f64()
-    );
     admin_pool.close().await;
 
-    report(&settings, &ceiling, &baseline, &engine);
+    report(&settings, &ceiling, &baseline, &engines, &pg);
     Ok(())
 }
 
@@ -624,8 +694,16 @@ async fn baseline(
     })
 }
 
-/// (c) Steps the engine's ingest until it has counted every event; returns
-/// the measurement and the number of batch commits.
+/// One engine run.
+struct EngineRun {
+    measured: Measured,
+    batches: u64,
+    per_worker: Vec<u64>,
+}
+
+/// (c) Runs `workers` engine ingests in one new group, each stepping on its
+/// own task, until together they have counted every event.
+#[allow(clippy::too_many_arguments)]
 async fn engine(
     base: &ClientConfig,
     funding: &str,
@@ -634,63 +712,97 @@ async fn engine(
     store: PgStore,
     spec: WindowSpec,
     settings: &Settings,
-) -> anyhow::Result<(Measured, u64)> {
+    workers: usize,
+) -> anyhow::Result<EngineRun> {
     let group = new_group("engine");
     let n = settings.events as u64;
     let store: Arc<dyn Store> = Arc::new(store);
+    let counted = Arc::new(AtomicU64::new(0));
+    let first: Arc<Mutex<Option<(Instant, u64)>>> = Arc::default();
     let started = Instant::now();
-    let mut ingest = Ingest::new(
-        &treasury::kafka::consumer_config(base, &group),
-        store,
-        Codec::default(),
-        treasury::clock::SystemClock::shared(),
-        IngestSettings {
-            group: group.clone(),
-            funding_topic: funding.to_owned(),
-            withdrawal_topic: withdrawals.to_owned(),
-            dlq_topic: dlq.to_owned(),
-            spec,
-            batch_size: settings.batch,
-            batch_max_wait: BATCH_MAX_WAIT,
-        },
-    )
-    .context("creating the ingest consumer")?;
-    let mut first: Option<(Instant, u64)> = None;
-    let mut last_progress = (Instant::now(), 0_u64);
-    loop {
-        ingest.step().await.context("engine: ingest step")?;
-        let totals = ingest.totals();
-        let counted = totals.counted;
-        if totals.rejected > 0 || totals.duplicates > 0 {
-            bail!(
-                "engine: unexpected totals {totals:?} (every generated event is valid and unique)"
-            );
-        }
-        if counted > 0 && first.is_none() {
-            first = Some((Instant::now(), counted));
-        }
-        if counted >= n {
-            break;
-        }
-        if counted > last_progress.1 {
-            last_progress = (Instant::now(), counted);
-        } else if last_progress.0.elapsed() > STALL_LIMIT {
-            bail!("engine: no progress for {STALL_LIMIT:?} after {counted} of {n}");
-        }
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let mut ingest = Ingest::new(
+            &treasury::kafka::consumer_config(base, &group),
+            store.clone(),
+            Codec::default(),
+            treasury::clock::SystemClock::shared(),
+            IngestSettings {
+                group: group.clone(),
+                funding_topic: funding.to_owned(),
+                withdrawal_topic: withdrawals.to_owned(),
+                dlq_topic: dlq.to_owned(),
+                spec,
+                batch_size: settings.batch,
+                batch_max_wait: BATCH_MAX_WAIT,
+            },
+        )
+        .context("creating the ingest consumer")?;
+        let counted = counted.clone();
+        let first = first.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = 0_u64;
+            let mut last_progress = Instant::now();
+            loop {
+                ingest.step().await.context("engine: ingest step")?;
+                let totals = ingest.totals();
+                if totals.rejected > 0 || totals.duplicates > 0 {
+                    bail!(
+                        "engine: unexpected totals {totals:?} (every generated event is valid and unique)"
+                    );
+                }
+                let new = totals.counted - mine;
+                mine = totals.counted;
+                let all = if new > 0 {
+                    last_progress = Instant::now();
+                    let all = counted.fetch_add(new, Ordering::SeqCst) + new;
+                    lock_first(&first).get_or_insert((Instant::now(), all));
+                    all
+                } else {
+                    counted.load(Ordering::SeqCst)
+                };
+                if all >= n {
+                    break;
+                }
+                if last_progress.elapsed() > STALL_LIMIT {
+                    bail!("engine: no progress for {STALL_LIMIT:?} after {all} of {n}");
+                }
+            }
+            let ended = Instant::now();
+            let totals = ingest.totals().clone();
+            drop(ingest);
+            Ok((ended, totals))
+        }));
     }
-    let ended = Instant::now();
-    let totals = ingest.totals().clone();
-    drop(ingest);
-    let (first_at, first_counted) = first.unwrap_or((ended, totals.counted));
-    Ok((
-        Measured {
-            events: totals.counted,
+    let mut ended = started;
+    let mut batches = 0;
+    let mut per_worker = Vec::new();
+    for task in join_all(tasks).await {
+        let (at, totals) = task.context("an engine worker panicked")??;
+        ended = ended.max(at);
+        batches += totals.batches;
+        per_worker.push(totals.counted);
+    }
+    let events: u64 = per_worker.iter().sum();
+    let (first_at, first_counted) = lock_first(&first).unwrap_or((ended, events));
+    Ok(EngineRun {
+        measured: Measured {
+            events,
             total: ended - started,
-            steady_events: totals.counted - first_counted,
+            steady_events: events - first_counted,
             steady: ended - first_at,
         },
-        totals.batches,
-    ))
+        batches,
+        per_worker,
+    })
+}
+
+fn lock_first(
+    first: &Mutex<Option<(Instant, u64)>>,
+) -> std::sync::MutexGuard<'_, Option<(Instant, u64)>> {
+    first
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Creates a scratch database, remembers it for cleanup, and migrates it.
@@ -800,29 +912,45 @@ async fn clean_up(
     Ok(())
 }
 
-fn report(settings: &Settings, ceiling: &Measured, baseline: &Measured, engine: &Measured) {
+fn report(
+    settings: &Settings,
+    ceiling: &Measured,
+    baseline: &Measured,
+    engines: &[(usize, Measured)],
+    pg: &[(pg_ceiling::IdPath, Measured)],
+) {
     let extrapolated = settings.baseline_events < settings.events;
-    let rows = [
-        ("(a) ceiling: plain rdkafka consumer", ceiling, ""),
+    let mut rows: Vec<(String, &Measured, &str)> = vec![
+        ("(a) broker ceiling: plain consumer".into(), ceiling, ""),
         (
-            "(b) baseline: 1 PG transaction/event",
+            "(b) baseline: 1 PG transaction/event".into(),
             baseline,
             if extrapolated { " *" } else { "" },
         ),
-        ("(c) engine: Ingest, batched", engine, ""),
     ];
+    for (workers, m) in engines {
+        let name = if *workers == 1 {
+            "(c) engine: Ingest, batched".to_owned()
+        } else {
+            format!("(c) engine: {workers} workers, sum")
+        };
+        rows.push((name, m, ""));
+    }
+    for (path, m) in pg {
+        rows.push((format!("(d) pg ceiling: {}", path.label()), m, ""));
+    }
     println!();
     println!(
-        "{:<38} {:>8} {:>9} {:>14} {:>14}",
+        "{:<40} {:>8} {:>9} {:>14} {:>14}",
         "consumer", "events", "wall s", "events/s", "events/s"
     );
     println!(
-        "{:<38} {:>8} {:>9} {:>14} {:>14}",
+        "{:<40} {:>8} {:>9} {:>14} {:>14}",
         "", "", "", "(incl. join)", "(steady)"
     );
     for (name, m, mark) in rows {
         println!(
-            "{:<38} {:>8} {:>9.2} {:>14} {:>14}",
+            "{:<40} {:>8} {:>9.2} {:>14} {:>14}",
             name,
             format!("{}{mark}", m.events),
             m.total.as_secs_f64(),
@@ -831,17 +959,29 @@ fn report(settings: &Settings, ceiling: &Measured, baseline: &Measured, engine: 
         );
     }
     println!();
-    let vs_baseline = engine.steady_rate() / baseline.steady_rate();
-    let vs_ceiling = engine.steady_rate() / ceiling.steady_rate();
-    println!(
-        "engine / baseline = {vs_baseline:.1}x   (incl. join: {:.1}x)",
-        engine.rate() / baseline.rate()
-    );
-    println!(
-        "engine / ceiling  = {vs_ceiling:.3}   ({:.1}% of the broker read rate; incl. join: {:.3})",
-        vs_ceiling * 100.0,
-        engine.rate() / ceiling.rate()
-    );
+    let pg_ceiling = pg
+        .iter()
+        .map(|(_, m)| m.steady_rate())
+        .fold(0.0_f64, f64::max);
+    for (workers, engine) in engines {
+        let vs_baseline = engine.steady_rate() / baseline.steady_rate();
+        let vs_ceiling = engine.steady_rate() / ceiling.steady_rate();
+        let vs_pg = engine.steady_rate() / pg_ceiling;
+        println!("engine ({workers} worker(s)):");
+        println!(
+            "  engine / baseline      = {vs_baseline:.1}x   (incl. join: {:.1}x)",
+            engine.rate() / baseline.rate()
+        );
+        println!(
+            "  engine / broker ceiling = {vs_ceiling:.3}   ({:.1}% of the broker read rate; incl. join: {:.3})",
+            vs_ceiling * 100.0,
+            engine.rate() / ceiling.rate()
+        );
+        println!(
+            "  engine / pg ceiling    = {vs_pg:.3}   (pg ceiling = the faster of (d): {} events/s)",
+            rate_text(pg_ceiling)
+        );
+    }
     if extrapolated {
         println!(
             "* baseline measured on the first {} of {} events; its rate is extrapolated to all N \
@@ -854,7 +994,8 @@ fn report(settings: &Settings, ceiling: &Measured, baseline: &Measured, engine: 
     }
     println!(
         "steady = clock from the first message read (a), first event committed (b), first batch \
-         committed (c) — leaves out the consumer-group join; ratios use steady rates."
+         committed (c), first batch written (d) — leaves out the consumer-group join; ratios use \
+         steady rates."
     );
 }
 

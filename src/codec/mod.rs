@@ -5,6 +5,7 @@
 //! (writer id, reader kind) pair is resolved once and the reader is cached.
 
 pub mod alert;
+mod flow_reader;
 pub mod records;
 pub mod registry;
 pub mod schemas;
@@ -110,6 +111,28 @@ impl Codec {
             self.source.writer_schema(id).await?;
         }
         self.decode_cached(bytes, reader)
+    }
+
+    /// A deposit or withdrawal read straight from its bytes, when it was
+    /// written with exactly the `reader` flow schema (already known) and is
+    /// plainly well-formed; `None` means "read it with
+    /// [`Codec::decode_cached`]", which then also says what is wrong.
+    pub fn read_flow_cached(
+        &self,
+        bytes: &[u8],
+        reader: SchemaKind,
+    ) -> Option<records::FlowRecord> {
+        if !matches!(
+            reader,
+            SchemaKind::FundingEvent | SchemaKind::WithdrawalEvent
+        ) {
+            return None;
+        }
+        let (id, body) = wire::split(bytes).ok()?;
+        if !std::ptr::eq(self.source.cached(id)?, reader.schema()) {
+            return None;
+        }
+        flow_reader::read_flow(body)
     }
 
     /// Like [`Codec::decode`] but only with schemas already known; never does IO.

@@ -73,6 +73,8 @@ pub struct Ingest {
     /// When every input partition was last registered with settlement.
     partitions_registered_at: Option<DateTime<Utc>>,
     totals: IngestTotals,
+    /// The batch read while the previous one committed.
+    read_ahead: Option<ReadBatch>,
 }
 
 impl Ingest {
@@ -102,6 +104,7 @@ impl Ingest {
             last_report,
             partitions_registered_at: None,
             totals: IngestTotals::default(),
+            read_ahead: None,
         })
     }
 
@@ -135,7 +138,7 @@ impl Ingest {
                 Ok(()) if self.totals.batches == committed => {}
                 Ok(()) => retry::resumed(HEALTH_NAME, &mut backoff),
                 Err(e) if e.is_transient() => {
-                    self.consumer.forget_all();
+                    self.forget_all();
                     let dependency = e.dependency();
                     retry::hold(
                         HEALTH_NAME,
@@ -154,6 +157,12 @@ impl Ingest {
                 }
             }
         }
+        // The batch read ahead is committed too, then nothing more is read.
+        if let Some(batch) = self.read_ahead.take()
+            && let Err(e) = self.commit(batch, false).await
+        {
+            tracing::warn!(error = %e, "could not commit the last batch read; it is read again");
+        }
         // Hand the partitions over honestly: no longer vouched for as caught up.
         let leaving: Vec<TopicPartition> = self.consumer.assigned().iter().cloned().collect();
         if let Err(e) = self.release(&leaving).await {
@@ -164,72 +173,124 @@ impl Ingest {
         Ok(self.totals)
     }
 
-    /// Fills one batch and commits it. Messages read but not committed are
-    /// read again from the stored offsets.
+    /// Commits one batch and reads the next meanwhile. The batch committed
+    /// is the one read ahead by the previous step (or, with none, one read
+    /// now); while its transaction runs, the following batch is read and
+    /// decoded, so decoding overlaps the database's work. At most one batch
+    /// is in flight, and batches commit in the order they were read.
+    /// Messages read but not committed are read again from the stored offsets.
     pub async fn step(&mut self) -> Result<(), IngestError> {
         if !self.register_partitions().await? {
             tokio::time::sleep(Duration::from_millis(500)).await;
             return Ok(());
         }
-        self.apply_rebalances().await?;
-        let raw = self
-            .consumer
-            .next_batch(self.settings.batch_size, self.settings.batch_max_wait)
-            .await?;
-        let now = self.clock.now();
-        let messages = self
-            .decode_all(raw, now)
-            .await
-            .map_err(ConsumeError::Registry)?;
-        let caught_up = self.consumer.at_end().clone();
-        if messages.is_empty() {
-            let newly = !caught_up.is_subset(&self.reported_caught_up);
-            if newly || self.since(self.last_report) >= CAUGHT_UP_HEARTBEAT {
-                let reports: Vec<ProgressUpdate> = caught_up
-                    .iter()
-                    .map(|tp| ProgressUpdate {
-                        tp: tp.clone(),
-                        max_event_time: None,
-                        caught_up: true,
-                        now,
-                    })
-                    .collect();
-                commit_progress(self.store.as_ref(), &reports).await?;
-                self.reported_caught_up = caught_up;
-                self.last_report = now;
-            }
-            return Ok(());
+        if self.apply_rebalances().await? {
+            // Read before the partitions moved: its caught-up marks may name
+            // partitions that are no longer ours. Read it again.
+            self.drop_read_ahead();
         }
-        let ctx = BatchContext {
-            store: self.store.as_ref(),
-            codec: &self.codec,
-            group: &self.settings.group,
-            spec: &self.settings.spec,
-            dlq_topic: &self.settings.dlq_topic,
-            caught_up: &caught_up,
-            now,
+        let batch = match self.read_ahead.take() {
+            Some(batch) => batch,
+            None => {
+                read_batch(&mut self.consumer, &self.codec, &self.clock, &self.settings).await?
+            }
         };
-        match commit_batch(&ctx, &messages).await {
-            Ok(outcome) => {
-                self.record(&outcome, &messages, &caught_up);
-                Ok(())
+        if batch.messages.is_empty() {
+            return self.report_caught_up(batch).await;
+        }
+        self.commit(batch, true).await
+    }
+
+    /// Commits `batch`, reading the next one meanwhile when `read_next`.
+    async fn commit(&mut self, batch: ReadBatch, read_next: bool) -> Result<(), IngestError> {
+        let in_flight = tokio::spawn(commit_owned(
+            self.store.clone(),
+            self.codec.clone(),
+            self.settings.clone(),
+            batch,
+        ));
+        let next = if read_next {
+            Some(read_batch(&mut self.consumer, &self.codec, &self.clock, &self.settings).await)
+        } else {
+            None
+        };
+        let (batch, committed) = match in_flight.await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only when the runtime shuts down: nothing is known committed.
+            Err(_) => {
+                self.consumer.forget_all();
+                return Err(StoreError::Database(sqlx::Error::WorkerCrashed).into());
             }
-            Err(StoreError::OffsetConflict {
-                topic,
-                partition,
-                stored,
-                first,
-            }) => {
-                tracing::warn!(%topic, partition, stored, first,
-                    "another consumer committed these offsets; re-positioning");
-                self.consumer.forget(messages.iter().map(|m| &m.tp));
-                Ok(())
-            }
+        };
+        match committed {
+            Ok(outcome) => self.record(&outcome, &batch.messages, &batch.caught_up),
             Err(e) => {
-                self.consumer.forget(messages.iter().map(|m| &m.tp));
-                Err(e.into())
+                // The batch read ahead starts where this one ends: both are
+                // read again.
+                self.consumer.forget(batch.messages.iter().map(|m| &m.tp));
+                if let Some(Ok(next)) = &next {
+                    self.consumer.forget(next.messages.iter().map(|m| &m.tp));
+                }
+                return match e {
+                    StoreError::OffsetConflict {
+                        topic,
+                        partition,
+                        stored,
+                        first,
+                    } => {
+                        tracing::warn!(%topic, partition, stored, first,
+                            "another consumer committed these offsets; re-positioning");
+                        Ok(())
+                    }
+                    e => Err(e.into()),
+                };
             }
         }
+        match next {
+            Some(Ok(next)) => {
+                self.read_ahead = Some(next);
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Reports the partitions at their end (when a batch came back empty):
+    /// at once for a partition newly there, else every [`CAUGHT_UP_HEARTBEAT`].
+    async fn report_caught_up(&mut self, batch: ReadBatch) -> Result<(), IngestError> {
+        let ReadBatch { caught_up, now, .. } = batch;
+        let newly = !caught_up.is_subset(&self.reported_caught_up);
+        if newly || self.since(self.last_report) >= CAUGHT_UP_HEARTBEAT {
+            let reports: Vec<ProgressUpdate> = caught_up
+                .iter()
+                .map(|tp| ProgressUpdate {
+                    tp: tp.clone(),
+                    max_event_time: None,
+                    caught_up: true,
+                    now,
+                })
+                .collect();
+            commit_progress(self.store.as_ref(), &reports).await?;
+            self.reported_caught_up = caught_up;
+            self.last_report = now;
+        }
+        Ok(())
+    }
+
+    /// Drops the batch read ahead; its partitions are read again from the
+    /// stored offsets.
+    fn drop_read_ahead(&mut self) {
+        if let Some(batch) = self.read_ahead.take() {
+            self.consumer.forget(batch.messages.iter().map(|m| &m.tp));
+        }
+    }
+
+    /// Forgets every position and the batch read ahead (something was down).
+    fn forget_all(&mut self) {
+        self.read_ahead = None;
+        self.consumer.forget_all();
     }
 
     /// How long ago `at` was, on this driver's clock (zero if in the future).
@@ -313,7 +374,8 @@ impl Ingest {
 
     /// Newly assigned and revoked partitions are recorded as not caught up:
     /// they hold settlement back until their (new) consumer has read them.
-    async fn apply_rebalances(&mut self) -> Result<(), StoreError> {
+    /// Returns whether any partition moved.
+    async fn apply_rebalances(&mut self) -> Result<bool, StoreError> {
         let changes = self.consumer.take_rebalances().await?;
         self.health.consumer(HEALTH_NAME, self.consumer.state());
         let moved: Vec<TopicPartition> = changes
@@ -322,7 +384,8 @@ impl Ingest {
             .chain(&changes.assigned)
             .cloned()
             .collect();
-        self.release(&moved).await
+        self.release(&moved).await?;
+        Ok(!moved.is_empty())
     }
 
     /// Records `partitions` as not caught up.
@@ -342,53 +405,110 @@ impl Ingest {
             .collect();
         commit_progress(self.store.as_ref(), &updates).await
     }
-
-    /// Decodes and validates `messages`. Fails (and nothing of the batch
-    /// may be committed) when a writer schema cannot be fetched because the
-    /// registry is down: that says nothing about the message.
-    async fn decode_all(
-        &self,
-        messages: Vec<RawMessage>,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<Consumed>, CodecError> {
-        let mut decoded = Vec::with_capacity(messages.len());
-        for m in messages {
-            let kind = if m.tp.topic == self.settings.funding_topic {
-                FlowKind::Deposit
-            } else {
-                FlowKind::Withdrawal
-            };
-            let outcome = self.decode(kind, m.payload.as_deref(), now).await?;
-            decoded.push(Consumed {
-                tp: m.tp,
-                offset: m.offset,
-                key: m.key,
-                payload: m.payload,
-                outcome,
-            });
-        }
-        Ok(decoded)
-    }
-
-    async fn decode(
-        &self,
-        kind: FlowKind,
-        payload: Option<&[u8]>,
-        now: DateTime<Utc>,
-    ) -> Result<Result<FlowEvent, Rejection>, CodecError> {
-        if let Some(bytes) = payload
-            && let Ok((id, _)) = wire::split(bytes)
-            && let Err(e) = self.codec.source().writer_schema(id).await
-        {
-            return if e.is_transient() {
-                Err(e)
-            } else {
-                Ok(Err(Rejection::Decode(e)))
-            };
-        }
-        Ok(decode_event(&self.codec, kind, payload, now))
-    }
 }
 
 /// The name this consumer reports under in `/readyz`.
 pub const HEALTH_NAME: &str = "ingest";
+
+/// A batch read and decoded, not committed yet.
+struct ReadBatch {
+    messages: Vec<Consumed>,
+    /// Partitions at their end when the batch was read.
+    caught_up: HashSet<TopicPartition>,
+    /// The driver's clock when the batch was read.
+    now: DateTime<Utc>,
+}
+
+/// Reads up to a batch of messages and decodes them. When a writer schema
+/// cannot be fetched every position is forgotten, so the batch is read again
+/// once the registry is back.
+async fn read_batch(
+    consumer: &mut GroupConsumer,
+    codec: &Codec,
+    clock: &SharedClock,
+    settings: &IngestSettings,
+) -> Result<ReadBatch, IngestError> {
+    let raw = consumer
+        .next_batch(settings.batch_size, settings.batch_max_wait)
+        .await?;
+    let now = clock.now();
+    match decode_all(codec, settings, raw, now).await {
+        Ok(messages) => Ok(ReadBatch {
+            messages,
+            caught_up: consumer.at_end().clone(),
+            now,
+        }),
+        Err(e) => {
+            consumer.forget_all();
+            Err(ConsumeError::Registry(e))
+        }
+    }
+}
+
+/// Commits `batch` on its own task (so it proceeds while the driver decodes
+/// the next one); hands the batch back with the outcome.
+async fn commit_owned(
+    store: Arc<dyn Store>,
+    codec: Codec,
+    settings: IngestSettings,
+    batch: ReadBatch,
+) -> (ReadBatch, Result<BatchOutcome, StoreError>) {
+    let ctx = BatchContext {
+        store: store.as_ref(),
+        codec: &codec,
+        group: &settings.group,
+        spec: &settings.spec,
+        dlq_topic: &settings.dlq_topic,
+        caught_up: &batch.caught_up,
+        now: batch.now,
+    };
+    let outcome = commit_batch(&ctx, &batch.messages).await;
+    (batch, outcome)
+}
+
+/// Decodes and validates `messages`. Fails (and nothing of the batch may be
+/// committed) when a writer schema cannot be fetched because the registry is
+/// down: that says nothing about the message.
+async fn decode_all(
+    codec: &Codec,
+    settings: &IngestSettings,
+    messages: Vec<RawMessage>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Consumed>, CodecError> {
+    let mut decoded = Vec::with_capacity(messages.len());
+    for m in messages {
+        let kind = if m.tp.topic == settings.funding_topic {
+            FlowKind::Deposit
+        } else {
+            FlowKind::Withdrawal
+        };
+        let outcome = decode(codec, kind, m.payload.as_deref(), now).await?;
+        decoded.push(Consumed {
+            tp: m.tp,
+            offset: m.offset,
+            key: m.key,
+            payload: m.payload,
+            outcome,
+        });
+    }
+    Ok(decoded)
+}
+
+async fn decode(
+    codec: &Codec,
+    kind: FlowKind,
+    payload: Option<&[u8]>,
+    now: DateTime<Utc>,
+) -> Result<Result<FlowEvent, Rejection>, CodecError> {
+    if let Some(bytes) = payload
+        && let Ok((id, _)) = wire::split(bytes)
+        && let Err(e) = codec.source().writer_schema(id).await
+    {
+        return if e.is_transient() {
+            Err(e)
+        } else {
+            Ok(Err(Rejection::Decode(e)))
+        };
+    }
+    Ok(decode_event(codec, kind, payload, now))
+}

@@ -67,8 +67,11 @@ pub fn decode_event(
     now: DateTime<Utc>,
 ) -> Result<FlowEvent, Rejection> {
     let bytes = payload.ok_or(Rejection::Empty)?;
-    let value = codec.decode_cached(bytes, schema_for(kind))?;
-    let record = FlowRecord::from_value(&value)?;
+    let schema = schema_for(kind);
+    let record = match codec.read_flow_cached(bytes, schema) {
+        Some(record) => record,
+        None => FlowRecord::from_value(&codec.decode_cached(bytes, schema)?)?,
+    };
     validate(kind, record, now)
 }
 

@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod memory;
 pub mod operator;
 pub mod postgres;
+mod postgres_batch;
 mod postgres_jobs;
 pub mod seeds;
 

@@ -24,7 +24,14 @@ use crate::planner::{AmountLimits, BufferPosition};
 use crate::window::{Flow, PartitionProgress, WindowTallies, WindowTally};
 
 /// Advisory lock key that orders ingest batches against settlement ("TRSY").
+#[cfg(test)]
 const SETTLEMENT_LOCK: i64 = 0x5452_5359;
+
+/// Opens a transaction holding the settlement lock shared (ingest batches,
+/// job and intake work); the key is `SETTLEMENT_LOCK` (1414681433).
+const BEGIN_SHARED: &str = "BEGIN; SELECT pg_advisory_xact_lock_shared(1414681433)";
+/// Opens a transaction holding the settlement lock exclusively (settlement).
+const BEGIN_EXCLUSIVE: &str = "BEGIN; SELECT pg_advisory_xact_lock(1414681433)";
 
 /// The migrations in `migrations/`, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -58,11 +65,7 @@ impl PgStore {
 
     /// A transaction holding the shared settlement lock (job and intake work).
     pub(super) async fn begin_shared(&self) -> Result<PgTx, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(SETTLEMENT_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        let tx = self.pool.begin_with(BEGIN_SHARED).await?;
         Ok(PgTx { tx })
     }
 
@@ -87,15 +90,12 @@ where
 #[async_trait]
 impl Store for PgStore {
     async fn begin(&self, mode: LockMode) -> Result<Box<dyn StoreTx>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let lock = match mode {
-            LockMode::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
-            LockMode::Exclusive => "SELECT pg_advisory_xact_lock($1)",
+        // BEGIN and the lock go in one round trip (one simple query).
+        let begin = match mode {
+            LockMode::Shared => BEGIN_SHARED,
+            LockMode::Exclusive => BEGIN_EXCLUSIVE,
         };
-        sqlx::query(lock)
-            .bind(SETTLEMENT_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        let tx = self.pool.begin_with(begin).await?;
         Ok(Box::new(PgTx { tx }))
     }
 
@@ -386,65 +386,11 @@ impl StoreTx for PgTx {
         group: &str,
         ranges: &[OffsetRange],
     ) -> Result<(), StoreError> {
-        for range in ranges {
-            let stored: Option<i64> = sqlx::query_scalar(
-                "SELECT next_offset FROM consumer_offsets
-                  WHERE consumer_group = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
-            )
-            .bind(group)
-            .bind(&range.tp.topic)
-            .bind(range.tp.partition)
-            .fetch_optional(&mut *self.tx)
-            .await?;
-            if let Some(stored) = stored
-                && stored > range.first
-            {
-                return Err(StoreError::OffsetConflict {
-                    topic: range.tp.topic.clone(),
-                    partition: range.tp.partition,
-                    stored,
-                    first: range.first,
-                });
-            }
-            sqlx::query(
-                "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (consumer_group, topic, partition)
-                 DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-            )
-            .bind(group)
-            .bind(&range.tp.topic)
-            .bind(range.tp.partition)
-            .bind(range.next)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        Ok(())
+        super::postgres_batch::advance_offsets(&mut self.tx, group, ranges).await
     }
 
     async fn claim_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError> {
-        if events.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-        let topics: Vec<&str> = events.iter().map(|e| e.tp.topic.as_str()).collect();
-        let partitions: Vec<i32> = events.iter().map(|e| e.tp.partition).collect();
-        let offsets: Vec<i64> = events.iter().map(|e| e.offset).collect();
-        let windows: Vec<DateTime<Utc>> = events.iter().map(|e| e.window_start).collect();
-        let claimed: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO processed_events (event_id, source_topic, partition, \"offset\", window_start)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::bigint[], $5::timestamptz[])
-             ON CONFLICT (event_id) DO NOTHING
-             RETURNING event_id",
-        )
-        .bind(&ids)
-        .bind(&topics)
-        .bind(&partitions)
-        .bind(&offsets)
-        .bind(&windows)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        Ok(claimed.into_iter().collect())
+        super::postgres_batch::claim_events(&mut self.tx, events).await
     }
 
     async fn add_tallies(
@@ -452,77 +398,11 @@ impl StoreTx for PgTx {
         tallies: &WindowTallies,
         length: chrono::Duration,
     ) -> Result<(), StoreError> {
-        for (start, tally) in &tallies.0 {
-            sqlx::query(
-                "INSERT INTO settlement_windows (window_start, window_end, event_count, late_event_count)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (window_start) DO UPDATE SET
-                    event_count = settlement_windows.event_count + EXCLUDED.event_count,
-                    late_event_count = settlement_windows.late_event_count + EXCLUDED.late_event_count",
-            )
-            .bind(start)
-            .bind(*start + length)
-            .bind(tally.events as i64)
-            .bind(tally.late_events as i64)
-            .execute(&mut *self.tx)
-            .await?;
-            for (account, flow) in &tally.flows {
-                sqlx::query(
-                    "INSERT INTO window_flows (window_start, account_type, inflow, outflow)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (window_start, account_type) DO UPDATE SET
-                        inflow = window_flows.inflow + EXCLUDED.inflow,
-                        outflow = window_flows.outflow + EXCLUDED.outflow",
-                )
-                .bind(start)
-                .bind(account.as_str())
-                .bind(flow.inflow)
-                .bind(flow.outflow)
-                .execute(&mut *self.tx)
-                .await?;
-            }
-            for (direction, (amount, count)) in &tally.demand {
-                sqlx::query(
-                    "INSERT INTO window_demand (window_start, direction, amount, event_count)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (window_start, direction) DO UPDATE SET
-                        amount = window_demand.amount + EXCLUDED.amount,
-                        event_count = window_demand.event_count + EXCLUDED.event_count",
-                )
-                .bind(start)
-                .bind(direction.as_str())
-                .bind(amount)
-                .bind(*count as i64)
-                .execute(&mut *self.tx)
-                .await?;
-            }
-        }
-        Ok(())
+        super::postgres_batch::add_tallies(&mut self.tx, tallies, length).await
     }
 
     async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError> {
-        for u in updates {
-            sqlx::query(
-                "INSERT INTO partition_progress (topic, partition, watermark, caught_up, caught_up_since, updated_at)
-                 VALUES ($1, $2, $3, $4, CASE WHEN $4 THEN $5 END, $5)
-                 ON CONFLICT (topic, partition) DO UPDATE SET
-                    watermark = GREATEST(partition_progress.watermark, EXCLUDED.watermark),
-                    caught_up = EXCLUDED.caught_up,
-                    caught_up_since = CASE
-                        WHEN NOT EXCLUDED.caught_up THEN NULL
-                        ELSE COALESCE(partition_progress.caught_up_since, EXCLUDED.caught_up_since)
-                    END,
-                    updated_at = EXCLUDED.updated_at",
-            )
-            .bind(&u.tp.topic)
-            .bind(u.tp.partition)
-            .bind(u.max_event_time)
-            .bind(u.caught_up)
-            .bind(u.now)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        Ok(())
+        super::postgres_batch::record_progress(&mut self.tx, updates).await
     }
 
     async fn register_partitions(
@@ -544,25 +424,7 @@ impl StoreTx for PgTx {
     }
 
     async fn enqueue(&mut self, messages: &[OutboxMessage]) -> Result<(), StoreError> {
-        for m in messages {
-            let headers: serde_json::Map<String, serde_json::Value> = m
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                .collect();
-            sqlx::query(
-                "INSERT INTO outbox (id, topic, message_key, payload, headers)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(m.id)
-            .bind(&m.topic)
-            .bind(&m.key)
-            .bind(&m.payload)
-            .bind(serde_json::Value::Object(headers))
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        Ok(())
+        super::postgres_batch::enqueue(&mut self.tx, messages).await
     }
 
     async fn next_window_start(&mut self) -> Result<Option<DateTime<Utc>>, StoreError> {
@@ -914,5 +776,15 @@ impl StoreTx for PgTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_begin_statements_take_the_settlement_lock() {
+        let key = super::SETTLEMENT_LOCK.to_string();
+        assert!(super::BEGIN_SHARED.ends_with(&format!("_shared({key})")));
+        assert!(super::BEGIN_EXCLUSIVE.ends_with(&format!("_lock({key})")));
     }
 }
