@@ -76,16 +76,31 @@ async fn assert_exact(pool: &PgPool, events: &[treasury::demo::generator::Genera
     }
 }
 
+/// Whether every planned command has left the outbox for the commands topic.
+async fn outbox_sent(pool: &PgPool) -> bool {
+    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    unsent == 0
+}
+
 async fn assert_commands_unique(pool: &PgPool, brokers: &str, topics: &Topics) {
-    let planned: BTreeSet<String> = sqlx::query_scalar::<_, uuid::Uuid>(
-        "SELECT command_id FROM planned_commands WHERE emitted",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|u| u.to_string())
-    .collect();
+    let rows: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT command_id, cycle_id FROM planned_commands WHERE emitted")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let planned: BTreeSet<String> = rows.iter().map(|(id, _)| id.to_string()).collect();
+    let from_windows = rows
+        .iter()
+        .filter(|(_, cycle)| cycle.starts_with("window:"))
+        .count() as i64;
+    assert!(
+        rows.iter()
+            .all(|(_, cycle)| cycle.starts_with("window:") || cycle.starts_with("watch:")),
+        "commands come from window closes and watches: {rows:?}"
+    );
     let in_results: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(jsonb_array_length(result->'commands')), 0)::bigint FROM settlement_windows WHERE status = 'closed'",
     )
@@ -93,8 +108,7 @@ async fn assert_commands_unique(pool: &PgPool, brokers: &str, topics: &Topics) {
     .await
     .unwrap();
     assert_eq!(
-        planned.len() as i64,
-        in_results,
+        from_windows, in_results,
         "each closed window planned its commands once"
     );
     let published: BTreeSet<String> = common::read_all(brokers, &topics.commands, planned.len())
@@ -149,8 +163,8 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
         "only {mid_stream_kills} kills landed mid-stream"
     );
     let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w", "2s");
-    let settled = common::wait_until(Duration::from_secs(240), || {
-        common::all_settled(&pool, 20_000)
+    let settled = common::wait_until(Duration::from_secs(240), || async {
+        common::all_settled(&pool, 20_000).await && outbox_sent(&pool).await
     })
     .await;
     let status = terminate(&mut worker);
