@@ -68,34 +68,41 @@ pub struct AmountLimits {
     pub max: Decimal,
 }
 
+/// Every (direction, provider) pair an active provider offers.
+fn active_offers(
+    providers: &[ProviderRow],
+) -> impl Iterator<Item = (ConversionDirection, &ProviderRow)> {
+    providers
+        .iter()
+        .filter(|r| r.status == ProviderStatus::Active)
+        .flat_map(|row| {
+            [
+                ConversionDirection::UsdcToUsd,
+                ConversionDirection::UsdToUsdc,
+            ]
+            .into_iter()
+            .filter(|d| row.supports(*d))
+            .map(move |d| (d, row))
+        })
+}
+
 /// The amount range per direction over the active providers that support it
 /// (the smallest minimum, the largest maximum); a direction none supports is absent.
 pub fn amount_limits(
     providers: &[crate::providers::ProviderRow],
 ) -> BTreeMap<ConversionDirection, AmountLimits> {
     let mut limits: BTreeMap<ConversionDirection, AmountLimits> = BTreeMap::new();
-    for row in providers
-        .iter()
-        .filter(|r| r.status == ProviderStatus::Active)
-    {
-        for direction in [
-            ConversionDirection::UsdcToUsd,
-            ConversionDirection::UsdToUsdc,
-        ] {
-            if !row.supports(direction) {
-                continue;
-            }
-            limits
-                .entry(direction)
-                .and_modify(|l| {
-                    l.min = l.min.min(row.min_amount);
-                    l.max = l.max.max(row.max_amount);
-                })
-                .or_insert(AmountLimits {
-                    min: row.min_amount,
-                    max: row.max_amount,
-                });
-        }
+    for (direction, row) in active_offers(providers) {
+        limits
+            .entry(direction)
+            .and_modify(|l| {
+                l.min = l.min.min(row.min_amount);
+                l.max = l.max.max(row.max_amount);
+            })
+            .or_insert(AmountLimits {
+                min: row.min_amount,
+                max: row.max_amount,
+            });
     }
     limits
 }
@@ -323,26 +330,15 @@ fn merge(movements: &[routing::Movement]) -> Vec<routing::Movement> {
 /// some provider has no daily cap).
 pub fn daily_capacity(providers: &[ProviderRow]) -> BTreeMap<ConversionDirection, Option<Decimal>> {
     let mut capacity: BTreeMap<ConversionDirection, Option<Decimal>> = BTreeMap::new();
-    for row in providers
-        .iter()
-        .filter(|r| r.status == ProviderStatus::Active)
-    {
-        for direction in [
-            ConversionDirection::UsdcToUsd,
-            ConversionDirection::UsdToUsdc,
-        ] {
-            if !row.supports(direction) {
-                continue;
-            }
-            let left = row
-                .daily_volume_limit
-                .map(|l| (l - row.daily_volume_used).max(Decimal::ZERO));
-            let entry = capacity.entry(direction).or_insert(Some(Decimal::ZERO));
-            *entry = match (*entry, left) {
-                (Some(a), Some(b)) => Some(a + b),
-                _ => None,
-            };
-        }
+    for (direction, row) in active_offers(providers) {
+        let left = row
+            .daily_volume_limit
+            .map(|l| (l - row.daily_volume_used).max(Decimal::ZERO));
+        let entry = capacity.entry(direction).or_insert(Some(Decimal::ZERO));
+        *entry = match (*entry, left) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
     }
     capacity
 }

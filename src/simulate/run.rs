@@ -253,14 +253,11 @@ impl Run<'_> {
         if self.recent.len() > HISTORY_WINDOWS {
             self.recent.pop_front();
         }
-        let positions = self.positions();
-        self.decide_watching(
+        self.decide(
             None,
             WindowSpec::cycle_id(window),
             self.spec.window_end(window),
             now,
-            positions,
-            |policy, view| policy.on_cycle(view),
             policy,
         )
     }
@@ -274,8 +271,7 @@ impl Run<'_> {
             self.spec.length,
             self.spec.grace,
         );
-        let positions = self.positions();
-        self.decide_watching(
+        self.decide(
             Some(watch),
             format!(
                 "watch:{}",
@@ -283,24 +279,21 @@ impl Run<'_> {
             ),
             now,
             now,
-            positions,
-            |policy, view| policy.on_watch(view),
             policy,
         )
     }
 
-    /// Asks the policy for commands, checks them and submits them.
-    #[allow(clippy::too_many_arguments)]
-    fn decide_watching(
+    /// Asks the policy for commands (at a close, or in a watch when `watch`
+    /// is set), checks them and submits them.
+    fn decide(
         &mut self,
         watch: Option<planner::Watch>,
         cycle_id: String,
         plan_at: DateTime<Utc>,
         now: DateTime<Utc>,
-        positions: Vec<BufferPosition>,
-        ask: impl FnOnce(&mut dyn Policy, &CycleView<'_>) -> Vec<ConversionCommand>,
         policy: &mut dyn Policy,
     ) -> Result<(), Violation> {
+        let positions = self.positions();
         let providers = self.executor.rows();
         self.recent.make_contiguous();
         self.lead_times.make_contiguous();
@@ -314,7 +307,10 @@ impl Run<'_> {
             cycle: self.spec.length,
             watch: watch.clone(),
         };
-        let commands = ask(policy, &view);
+        let commands = match view.watch {
+            Some(_) => policy.on_watch(&view),
+            None => policy.on_cycle(&view),
+        };
         let held = match &watch {
             Some(w) => w.positions(&positions),
             None => positions,
