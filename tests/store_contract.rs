@@ -544,3 +544,85 @@ async fn a_window_is_counted_settled_and_closed_alike(pool: PgPool) {
     }
     assert_eq!(seen[0], seen[1], "PostgreSQL and memory agree");
 }
+
+#[sqlx::test]
+async fn a_partition_revoked_and_handed_back_in_one_report_is_recorded_once(pool: PgPool) {
+    use treasury::store::ProgressUpdate;
+
+    let at = t0() + chrono::Duration::minutes(1);
+    let later = at + chrono::Duration::seconds(2);
+    let mut seen = Vec::new();
+    for (name, store, _) in stores(&pool).await {
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        tx.register_partitions(&[tp(0), tp(1)]).await.unwrap();
+        tx.record_progress(&[
+            ProgressUpdate {
+                tp: tp(0),
+                max_event_time: Some(at),
+                caught_up: true,
+                now: at,
+            },
+            ProgressUpdate {
+                tp: tp(1),
+                max_event_time: Some(later),
+                caught_up: true,
+                now: at,
+            },
+        ])
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        // What a rebalance reports: partition 0 revoked, then handed back,
+        // and partition 1 handed back after it was caught up.
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        tx.record_progress(&[
+            ProgressUpdate {
+                tp: tp(0),
+                max_event_time: None,
+                caught_up: false,
+                now: later,
+            },
+            ProgressUpdate {
+                tp: tp(1),
+                max_event_time: None,
+                caught_up: false,
+                now: later,
+            },
+            ProgressUpdate {
+                tp: tp(0),
+                max_event_time: None,
+                caught_up: false,
+                now: later,
+            },
+            ProgressUpdate {
+                tp: tp(1),
+                max_event_time: Some(at),
+                caught_up: true,
+                now: later,
+            },
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("{name}: a partition named twice: {e}"));
+        tx.commit().await.unwrap();
+
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        let progress = tx.partition_progress(&["funding".into()]).await.unwrap();
+        drop(tx);
+        assert_eq!(progress.len(), 2, "{name}");
+        let mut by_watermark = progress.clone();
+        by_watermark.sort_by_key(|p| p.watermark);
+        let (first, second) = (by_watermark[0], by_watermark[1]);
+        assert_eq!(
+            first.watermark,
+            Some(at),
+            "{name}: event time never goes back"
+        );
+        assert_eq!(first.caught_up_since, None, "{name}: the last report wins");
+        assert_eq!(second.watermark, Some(later), "{name}");
+        assert!(second.caught_up_since.is_some(), "{name}");
+        assert_eq!(first.reported_at, Some(later), "{name}");
+        seen.push(by_watermark);
+    }
+    assert_eq!(seen[0], seen[1], "PostgreSQL and memory agree");
+}

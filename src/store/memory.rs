@@ -411,7 +411,7 @@ impl StoreTx for MemoryTx {
     }
 
     async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError> {
-        for u in updates {
+        for u in &ProgressUpdate::merged(updates) {
             let entry = self.work.progress.entry(u.tp.clone()).or_default();
             entry.reported_at = Some(u.now);
             entry.watermark = entry.watermark.max(u.max_event_time);

@@ -112,6 +112,33 @@ pub struct ProgressUpdate {
     pub now: DateTime<Utc>,
 }
 
+impl ProgressUpdate {
+    /// One update per partition, in first-seen order: a partition named more
+    /// than once counts as its last report (caught up or not, at its time)
+    /// with the greatest event time of all. A rebalance that revokes and
+    /// hands back the same partition names it twice.
+    pub fn merged(updates: &[ProgressUpdate]) -> Vec<ProgressUpdate> {
+        let mut merged: Vec<ProgressUpdate> = Vec::with_capacity(updates.len());
+        let mut index: std::collections::HashMap<&TopicPartition, usize> =
+            std::collections::HashMap::with_capacity(updates.len());
+        for u in updates {
+            match index.get(&u.tp) {
+                Some(&i) => {
+                    let m = &mut merged[i];
+                    m.max_event_time = m.max_event_time.max(u.max_event_time);
+                    m.caught_up = u.caught_up;
+                    m.now = u.now;
+                }
+                None => {
+                    index.insert(&u.tp, merged.len());
+                    merged.push(u.clone());
+                }
+            }
+        }
+        merged
+    }
+}
+
 /// A counted event's id and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRef {
@@ -224,6 +251,8 @@ pub trait StoreTx: Send {
         length: chrono::Duration,
     ) -> Result<(), StoreError>;
     /// Records input partitions' progress.
+    /// A partition may appear more than once in `updates`; it is recorded as
+    /// [`ProgressUpdate::merged`] says.
     async fn record_progress(&mut self, updates: &[ProgressUpdate]) -> Result<(), StoreError>;
     /// Makes sure every partition in `partitions` is known to settlement, with
     /// no progress yet if it has none; partitions already known are left as

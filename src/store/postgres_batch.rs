@@ -269,7 +269,9 @@ pub(super) async fn add_tallies(
 }
 
 /// Records the partitions' event-time progress and whether each is caught
-/// up — one statement. Each partition appears at most once in `updates`.
+/// up — one statement. A partition named twice is merged first
+/// ([`ProgressUpdate::merged`]): one `INSERT … ON CONFLICT` may not touch a
+/// row twice.
 pub(super) async fn record_progress(
     conn: &mut PgConnection,
     updates: &[ProgressUpdate],
@@ -277,6 +279,7 @@ pub(super) async fn record_progress(
     if updates.is_empty() {
         return Ok(());
     }
+    let updates = &ProgressUpdate::merged(updates);
     let topics: Vec<&str> = updates.iter().map(|u| u.tp.topic.as_str()).collect();
     let partitions: Vec<i32> = updates.iter().map(|u| u.tp.partition).collect();
     let watermarks: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| u.max_event_time).collect();
