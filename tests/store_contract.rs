@@ -549,6 +549,12 @@ async fn a_window_is_counted_settled_and_closed_alike(pool: PgPool) {
 async fn a_partition_revoked_and_handed_back_in_one_report_is_recorded_once(pool: PgPool) {
     use treasury::store::ProgressUpdate;
 
+    let report = |partition, max_event_time, caught_up, now| ProgressUpdate {
+        tp: tp(partition),
+        max_event_time,
+        caught_up,
+        now,
+    };
     let at = t0() + chrono::Duration::minutes(1);
     let later = at + chrono::Duration::seconds(2);
     let mut seen = Vec::new();
@@ -556,18 +562,8 @@ async fn a_partition_revoked_and_handed_back_in_one_report_is_recorded_once(pool
         let mut tx = store.begin(LockMode::Shared).await.unwrap();
         tx.register_partitions(&[tp(0), tp(1)]).await.unwrap();
         tx.record_progress(&[
-            ProgressUpdate {
-                tp: tp(0),
-                max_event_time: Some(at),
-                caught_up: true,
-                now: at,
-            },
-            ProgressUpdate {
-                tp: tp(1),
-                max_event_time: Some(later),
-                caught_up: true,
-                now: at,
-            },
+            report(0, Some(at), true, at),
+            report(1, Some(later), true, at),
         ])
         .await
         .unwrap();
@@ -577,30 +573,10 @@ async fn a_partition_revoked_and_handed_back_in_one_report_is_recorded_once(pool
         // and partition 1 handed back after it was caught up.
         let mut tx = store.begin(LockMode::Shared).await.unwrap();
         tx.record_progress(&[
-            ProgressUpdate {
-                tp: tp(0),
-                max_event_time: None,
-                caught_up: false,
-                now: later,
-            },
-            ProgressUpdate {
-                tp: tp(1),
-                max_event_time: None,
-                caught_up: false,
-                now: later,
-            },
-            ProgressUpdate {
-                tp: tp(0),
-                max_event_time: None,
-                caught_up: false,
-                now: later,
-            },
-            ProgressUpdate {
-                tp: tp(1),
-                max_event_time: Some(at),
-                caught_up: true,
-                now: later,
-            },
+            report(0, None, false, later),
+            report(1, None, false, later),
+            report(0, None, false, later),
+            report(1, Some(at), true, later),
         ])
         .await
         .unwrap_or_else(|e| panic!("{name}: a partition named twice: {e}"));
