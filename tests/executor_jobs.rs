@@ -617,9 +617,18 @@ async fn a_lost_response_is_retried_with_the_same_key_and_one_conversion(pool: P
 #[sqlx::test]
 async fn a_provider_that_stays_down_falls_back_to_the_next(pool: PgPool) {
     let store = setup(&pool).await;
-    let (due, zerohash, registry) = two_sandboxes();
-    due.set_down(true);
-    let w = worker(&store, registry, settings("w1"));
+    // Due quotes (so it is chosen first) but answers every initiate with 503.
+    let due_sandbox = sandbox(1, "Due");
+    let due = Arc::new(Scripted {
+        fail_first: u32::MAX,
+        ..Scripted::new(due_sandbox.clone())
+    });
+    let zerohash = sandbox(2, "ZeroHash");
+    let w = worker(
+        &store,
+        due_and_zerohash(due.clone(), &zerohash),
+        settings("w1"),
+    );
     let due_before = provider(&pool, "Due").await;
     let zh_before = provider(&pool, "ZeroHash").await;
 
@@ -628,8 +637,8 @@ async fn a_provider_that_stays_down_falls_back_to_the_next(pool: PgPool) {
     let done = drive(&w, &store, id).await;
 
     assert_eq!(done.status, JobStatus::Completed, "{done:?}");
-    assert_eq!(due.initiate_calls(), 4, "1 call + max_retries (3) retries");
-    assert_eq!(due.initiated_count(), 0);
+    assert_eq!(due.calls(), 4, "1 call + max_retries (3) retries");
+    assert_eq!(due_sandbox.initiated_count(), 0);
     assert_eq!(zerohash.initiated_count(), 1);
     assert!(zerohash.conversion_for_key(id).is_some());
     assert_eq!(done.attempted_providers, vec![due_before.id]);
@@ -654,6 +663,35 @@ async fn a_provider_that_stays_down_falls_back_to_the_next(pool: PgPool) {
     assert_eq!(stored.len(), 1);
     stored[0].check_balanced().unwrap();
     assert!(stored[0].description.contains("ZeroHash"));
+}
+
+#[sqlx::test]
+async fn a_provider_down_when_asked_for_a_quote_is_tried_last(pool: PgPool) {
+    let store = setup(&pool).await;
+    let (due, zerohash, registry) = two_sandboxes();
+    due.set_down(true);
+    let w = worker(&store, registry, settings("w1"));
+
+    let id = new_job(&store, &command(60, dec!(5000))).await;
+    let done = drive(&w, &store, id).await;
+
+    assert_eq!(done.status, JobStatus::Completed, "{done:?}");
+    assert_eq!(done.provider_name.as_deref(), Some("ZeroHash"));
+    assert_eq!(
+        due.initiate_calls(),
+        0,
+        "no call to a provider that gave no quote"
+    );
+    assert!(
+        done.attempted_providers.is_empty(),
+        "chosen, not fallen back to"
+    );
+    let reason = selection_reason(&pool, id).await;
+    assert!(
+        reason.starts_with("chose ZeroHash (priority 2, quote"),
+        "{reason}"
+    );
+    assert!(reason.contains("Due (priority 1, no quote: "), "{reason}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1403,4 +1441,41 @@ async fn a_degraded_provider_is_skipped(pool: PgPool) {
     let reason = selection_reason(&pool, id).await;
     assert!(reason.contains("chose ZeroHash"), "{reason}");
     assert!(reason.contains("Due (degraded)"), "{reason}");
+}
+
+#[sqlx::test]
+async fn the_provider_quoting_the_lowest_all_in_cost_gets_the_job(pool: PgPool) {
+    let store = setup(&pool).await;
+    // Due (priority 1) quotes 10 bps; ZeroHash (priority 2) quotes 2 bps.
+    let due = sandbox(1, "Due");
+    let zerohash = SandboxProvider::new(
+        2,
+        SandboxBehaviour {
+            fee_bps: dec!(2),
+            ..behaviour()
+        },
+    )
+    .named("ZeroHash");
+    let w = worker(
+        &store,
+        due_and_zerohash(Arc::new(due.clone()), &zerohash),
+        settings("w1"),
+    );
+
+    let id = new_job(&store, &command(17, dec!(10000))).await;
+    let done = drive(&w, &store, id).await;
+
+    assert_eq!(done.status, JobStatus::Completed);
+    assert_eq!(done.provider_name.as_deref(), Some("ZeroHash"));
+    assert!(due.conversion_for_key(id).is_none());
+    // ZeroHash: fee 2, (10000 − 2) × 0.9995 arrives: 6.999 lost at par;
+    // Due: fee 10, (10000 − 10) × 0.9995 arrives: 14.995.
+    let reason = selection_reason(&pool, id).await;
+    assert!(
+        reason.starts_with(
+            "chose ZeroHash (priority 2, quote rate 0.9995 fee 2, all-in cost 6.999); \
+             fallback: Due (priority 1, quote rate 0.9995 fee 10, all-in cost 14.995)"
+        ),
+        "{reason}"
+    );
 }

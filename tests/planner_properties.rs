@@ -10,9 +10,11 @@ use treasury::domain::{
     Thresholds,
 };
 use treasury::planner::{
-    AmountLimits, BufferPosition, FlowHistory, FlowStats, PlanInput, PlannerSettings, plan, split,
+    AmountLimits, BufferPosition, FlowHistory, FlowStats, PlanInput, PlannerSettings, pieces_for,
+    plan, split,
 };
-use treasury::providers::ProviderRow;
+use treasury::providers::selection::expected_cost;
+use treasury::providers::{ProviderRow, ProviderStatus};
 use treasury::simulate::invariants::check_plan;
 use treasury::simulate::scenario::provider_row;
 use treasury::window::{WindowSpec, WindowTallies};
@@ -211,5 +213,63 @@ proptest! {
         prop_assert!(pieces.iter().all(|p| *p > Decimal::ZERO && *p <= limits.max && p.scale() <= scale));
         let fewest = (amount / limits.max).ceil();
         prop_assert_eq!(Decimal::from(pieces.len()), fewest.max(Decimal::ONE));
+    }
+
+    #[test]
+    fn pieces_go_to_the_provider_whose_limits_make_the_move_cheapest(
+        cents in 10_000i64..300_000_000,
+        offers in proptest::collection::vec(
+            (0u32..40, 0i64..500, 100i64..2_000_000, proptest::option::of(0i64..5_000_000), any::<bool>()),
+            0..4),
+    ) {
+        let amount = Decimal::new(cents, 2);
+        let direction = ConversionDirection::UsdcToUsd;
+        let rows: Vec<ProviderRow> = offers
+            .iter()
+            .enumerate()
+            .map(|(i, (fee_bps, fixed_cents, max, daily, active))| ProviderRow {
+                id: uuid::Uuid::from_u128(i as u128 + 1),
+                name: format!("p{i}"),
+                provider_type: "sandbox".into(),
+                priority: i as i32,
+                status: if *active { ProviderStatus::Active } else { ProviderStatus::Inactive },
+                supports_usdc_to_usd: true,
+                supports_usd_to_usdc: true,
+                min_amount: Decimal::from(100),
+                max_amount: Decimal::from(*max),
+                daily_volume_limit: daily.map(Decimal::from),
+                daily_volume_used: Decimal::ZERO,
+                success_count: 0,
+                failure_count: 0,
+                fee_percentage: Decimal::new(i64::from(*fee_bps), 4),
+                fee_fixed: Decimal::new(*fixed_cents, 2),
+                spread_bps: Decimal::from(5),
+                credentials_ref: None,
+                base_url: None,
+            })
+            .collect();
+        let largest = AmountLimits { min: Decimal::from(100), max: Decimal::from(2_000_000) };
+        let pieces = pieces_for(amount, direction, &rows, &largest, 2);
+        prop_assert_eq!(pieces.iter().copied().sum::<Decimal>(), amount);
+        prop_assert!(pieces.iter().all(|p| *p > Decimal::ZERO));
+
+        // Independently: every active provider that could take the whole
+        // amount today, with the move cut at its maximum.
+        let cost_at = |row: &ProviderRow, cut: &[Decimal]| cut.iter().map(|p| expected_cost(row, *p)).sum::<Decimal>();
+        let fitting: Vec<(&ProviderRow, Vec<Decimal>)> = rows
+            .iter()
+            .filter(|r| r.status == ProviderStatus::Active)
+            .filter(|r| r.daily_volume_limit.is_none_or(|l| l >= amount))
+            .filter(|r| amount / r.max_amount <= Decimal::from(100))
+            .map(|r| (r, split(amount, &AmountLimits { min: r.min_amount, max: r.max_amount }, 2)))
+            .filter(|(r, cut)| cut.iter().all(|p| *p >= r.min_amount && *p <= r.max_amount))
+            .collect();
+        match fitting.iter().map(|(r, cut)| cost_at(r, cut)).min() {
+            None => prop_assert_eq!(pieces, split(amount, &largest, 2)),
+            Some(cheapest) => {
+                let chosen = fitting.iter().find(|(r, cut)| *cut == pieces && cost_at(r, cut) == cheapest);
+                prop_assert!(chosen.is_some(), "{:?} is not the cheapest cut ({})", pieces, cheapest);
+            }
+        }
     }
 }

@@ -8,9 +8,13 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use treasury::domain::ConversionDirection;
+use treasury::domain::{Currency, Money};
 use treasury::providers::health::{AttemptOutcome, TrackRecord, track_records};
-use treasury::providers::selection::{RankedProvider, expected_cost};
-use treasury::providers::{HealthRule, ProviderRow, ProviderStatus, Rejection, select_providers};
+use treasury::providers::selection::{RankedProvider, all_in_cost, expected_cost};
+use treasury::providers::{
+    HealthRule, ProviderRow, ProviderStatus, Quote, QuoteSeen, Rejection, SandboxBehaviour,
+    select_providers,
+};
 use uuid::Uuid;
 
 fn row(name: &str, priority: i32) -> ProviderRow {
@@ -258,6 +262,84 @@ fn no_candidates_means_no_choice() {
 
 // ---- properties ------------------------------------------------------------
 
+fn usdc(value: Decimal) -> Money {
+    Money {
+        currency: Currency::Usdc,
+        value,
+    }
+}
+
+#[test]
+fn the_lowest_quoted_all_in_cost_wins_and_the_reason_names_every_quote() {
+    // Priority 1 charges 15 bps + 1.00; priority 2 quotes 10 bps + 1.00,
+    // both with a 5 bps spread; the third gives no quote.
+    let mut first = row("Due", 1);
+    first.fee_percentage = dec!(0.0015);
+    first.fee_fixed = dec!(1);
+    let mut second = row("ZeroHash", 2);
+    second.fee_percentage = dec!(0.0010);
+    second.fee_fixed = dec!(1);
+    let silent = row("Silent", 0);
+    let candidates = [first.clone(), second.clone(), silent.clone()];
+    let amount = dec!(100000);
+    let s = select_providers(
+        &candidates,
+        USDC_TO_USD,
+        amount,
+        &HashMap::new(),
+        &recent(&candidates),
+        &HealthRule::default(),
+    );
+    assert_eq!(names(&s.eligible), ["Silent", "Due", "ZeroHash"]);
+    let quotes: HashMap<Uuid, Result<Quote, String>> = [
+        (
+            first.id,
+            Ok(SandboxBehaviour::from_row(&first).quote(&usdc(amount))),
+        ),
+        (
+            second.id,
+            Ok(SandboxBehaviour::from_row(&second).quote(&usdc(amount))),
+        ),
+        (silent.id, Err("provider down".to_owned())),
+    ]
+    .into_iter()
+    .collect();
+    let s = s.by_quotes(amount, &quotes);
+    assert_eq!(names(&s.eligible), ["ZeroHash", "Due", "Silent"]);
+    // ZeroHash: fee 100 + 1 = 101; (100000 − 101) × 0.9995 = 99849.0505
+    // arrives, so 150.9495 is lost against par.
+    assert_eq!(
+        s.eligible[0].quote,
+        Some(QuoteSeen::Priced {
+            rate: dec!(0.9995),
+            fee: dec!(101),
+            all_in: dec!(150.9495),
+        })
+    );
+    assert_eq!(
+        s.summary(),
+        "chose ZeroHash (priority 2, quote rate 0.9995 fee 101, all-in cost 150.9495); \
+         fallback: Due (priority 1, quote rate 0.9995 fee 151, all-in cost 200.9245), \
+         Silent (priority 0, no quote: provider down)"
+    );
+}
+
+#[test]
+fn without_quotes_the_priority_order_stands() {
+    let candidates = [row("B", 2), row("A", 1)];
+    let s = select_providers(
+        &candidates,
+        USDC_TO_USD,
+        dec!(5000),
+        &HashMap::new(),
+        &recent(&candidates),
+        &HealthRule::default(),
+    );
+    let s = s.by_quotes(dec!(5000), &HashMap::new());
+    assert_eq!(names(&s.eligible), ["A", "B"]);
+    assert!(s.summary().contains("A (priority 1, no quote: not asked)"));
+}
+
 fn money(max_cents: i64) -> impl Strategy<Value = Decimal> {
     (0..=max_cents).prop_map(|c| Decimal::new(c, 2))
 }
@@ -383,6 +465,63 @@ proptest! {
             let a = (pair[0].row.priority, pair[0].expected_cost);
             let b = (pair[1].row.priority, pair[1].expected_cost);
             prop_assert!(a <= b, "{:?} before {:?}", a, b);
+        }
+    }
+
+    #[test]
+    fn quotes_rank_by_all_in_cost_then_the_order_without_them(
+        rows in arb_rows(),
+        amount in money(2_000_000).prop_filter("positive", |a| *a > Decimal::ZERO),
+        prices in proptest::collection::vec(
+            proptest::option::of((9_900u32..=10_000, 0..500_000i64)), 8),
+    ) {
+        let direction = ConversionDirection::UsdcToUsd;
+        let s = select_providers(&rows, direction, amount, &HashMap::new(), &recent(&rows), &HealthRule::default());
+        let before: Vec<Uuid> = s.eligible.iter().map(|p| p.row.id).collect();
+        let quotes: HashMap<Uuid, Result<Quote, String>> = rows
+            .iter()
+            .zip(&prices)
+            .map(|(r, price)| {
+                let quote = match price {
+                    Some((rate, fee)) => Ok(Quote {
+                        rate: Decimal::new(i64::from(*rate), 4),
+                        fee: usdc(Decimal::new(*fee, 2)),
+                    }),
+                    None => Err("down".to_owned()),
+                };
+                (r.id, quote)
+            })
+            .collect();
+        let ranked = s.clone().by_quotes(amount, &quotes);
+        let after: Vec<Uuid> = ranked.eligible.iter().map(|p| p.row.id).collect();
+
+        // The same providers, only reordered; the rejected list is untouched.
+        let mut a = before.clone();
+        let mut b = after.clone();
+        a.sort();
+        b.sort();
+        prop_assert_eq!(a, b);
+        prop_assert_eq!(&ranked.rejected, &s.rejected);
+
+        // Priced before unpriced, priced by all-in cost, ties and the
+        // unpriced in the order they had.
+        let key = |p: &RankedProvider| {
+            let all_in = p.quote.as_ref().and_then(QuoteSeen::all_in);
+            let place = before.iter().position(|id| *id == p.row.id).unwrap();
+            (all_in.is_none(), all_in, place)
+        };
+        for pair in ranked.eligible.windows(2) {
+            prop_assert!(key(&pair[0]) < key(&pair[1]));
+        }
+        for p in &ranked.eligible {
+            match (&quotes[&p.row.id], &p.quote) {
+                (Ok(q), Some(QuoteSeen::Priced { all_in, .. })) => {
+                    prop_assert_eq!(*all_in, amount - (amount - q.fee.value) * q.rate);
+                    prop_assert_eq!(*all_in, all_in_cost(amount, q));
+                }
+                (Err(_), Some(QuoteSeen::Failed { .. })) => {}
+                other => prop_assert!(false, "quote not carried: {:?}", other),
+            }
         }
     }
 

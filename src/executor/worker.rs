@@ -33,9 +33,9 @@ use crate::codec::records::encode_posting;
 use crate::domain::{ConversionJob, JobStatus};
 use crate::ledger::{self, Settlement};
 use crate::providers::health::track_records;
-use crate::providers::selection::{HealthRule, select_providers};
+use crate::providers::selection::{HealthRule, Selection, select_providers};
 use crate::providers::{
-    ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState,
+    ConversionProvider, ConversionRequest, ProviderConversion, ProviderError, ProviderState, Quote,
 };
 use crate::providers::{ProviderRegistry, ProviderRow};
 use crate::shutdown::Shutdown;
@@ -438,6 +438,8 @@ impl JobWorker {
             &records,
             &HealthRule::default(),
         );
+        let quotes = self.quotes(&selection, job).await;
+        let selection = selection.by_quotes(job.amount.value, &quotes);
         let summary = selection.summary();
         let Some(chosen) = selection.chosen() else {
             // Name the providers already given up on and the last error, not
@@ -466,6 +468,39 @@ impl JobWorker {
         job.provider_called_at = None;
         let change = Change::note("provider selected").reason(summary);
         self.save(lease, job, JobStatus::Pending, change).await
+    }
+
+    /// Asks every eligible provider for its price for `job`, all at once,
+    /// each bounded by `call_timeout`. A quote moves no money, so a failed
+    /// one only ranks that provider after those that priced.
+    async fn quotes(
+        &self,
+        selection: &Selection,
+        job: &ConversionJob,
+    ) -> HashMap<Uuid, Result<Quote, String>> {
+        let asks = selection.eligible.iter().map(|p| async move {
+            let answer = match self.provider(&p.row) {
+                Ok(client) => match tokio::time::timeout(
+                    self.settings.call_timeout,
+                    client.quote(job.direction, job.amount),
+                )
+                .await
+                {
+                    Ok(Ok(quote)) => Ok(quote),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "no quote within {}",
+                        humantime::format_duration(self.settings.call_timeout)
+                    )),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = &answer {
+                tracing::info!(job = %job.id, provider = %p.row.name, error = %e, "no quote");
+            }
+            (p.row.id, answer)
+        });
+        futures::future::join_all(asks).await.into_iter().collect()
     }
 
     /// Records the call under the lease, then calls initiate (bounded by

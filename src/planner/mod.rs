@@ -12,9 +12,12 @@
 //! - [`Watch`]: between window closes, the open windows' flows; a watch plans
 //!   only when some buffer is draining too fast to wait for the close.
 //! - Here: amounts fitted to the active providers (smallest minimum, daily
-//!   capacity left, pieces no larger than the largest maximum), and commands
-//!   with ids derived from (cycle, direction, sequence): the same inputs
-//!   always give the same commands, so a replay plans nothing new.
+//!   capacity left), cut into pieces by [`pieces_for`] (sized to the provider
+//!   whose limits make the move cheapest, so a maximum that binds at the
+//!   cheaper provider splits the amount there instead of sending all of it to
+//!   a dearer one), and commands with ids derived from (cycle, direction,
+//!   sequence): the same inputs always give the same commands, so a replay
+//!   plans nothing new.
 //!
 //! Pure: the live settlement cycle and `treasury simulate` build a
 //! [`PlanInput`] and call [`plan`]; nothing here reads a clock or a store.
@@ -269,7 +272,14 @@ pub fn plan(input: &PlanInput) -> Plan {
         *used.entry(m.direction).or_default() += amount;
         *moved.entry(m.source).or_default() -= amount;
         *moved.entry(m.destination).or_default() += amount;
-        for piece in split(amount, limit, currency.scale()) {
+        let pieces = pieces_for(
+            amount,
+            m.direction,
+            &input.providers,
+            limit,
+            currency.scale(),
+        );
+        for piece in pieces {
             let seq = sequence.entry(m.direction).or_insert(0);
             let Ok(money) = Money::positive(currency, piece) else {
                 continue;
@@ -341,6 +351,62 @@ pub fn daily_capacity(providers: &[ProviderRow]) -> BTreeMap<ConversionDirection
         };
     }
     capacity
+}
+
+/// A provider whose maximum would cut one move into more pieces than this is
+/// not priced for it (its limits do not fit the move).
+const MAX_PIECES_AT_ONE_PROVIDER: u32 = 100;
+
+/// The pieces `amount` is converted in. Each active provider offering
+/// `direction` that could take all of it today (daily room left) is priced
+/// for the whole move cut to its limits ([`split`] at its maximum, every piece
+/// at least its minimum), at [`expected_cost`](crate::providers::selection::expected_cost)
+/// per piece; the cheapest such cut wins (ties: fewer pieces, then
+/// priority, then name). With no provider able to take it all, the amount is
+/// cut at the largest maximum (`limits`), as equal as the scale allows.
+/// The pieces always add up to `amount`.
+pub fn pieces_for(
+    amount: Decimal,
+    direction: ConversionDirection,
+    providers: &[ProviderRow],
+    limits: &AmountLimits,
+    scale: u32,
+) -> Vec<Decimal> {
+    use crate::providers::selection::expected_cost;
+    let mut best: Option<(Decimal, usize, i32, &str, Vec<Decimal>)> = None;
+    for (_, row) in active_offers(providers).filter(|(d, _)| *d == direction) {
+        let room = row.daily_volume_limit.map(|l| l - row.daily_volume_used);
+        let too_many = (amount / row.max_amount.max(Decimal::new(1, scale)))
+            > Decimal::from(MAX_PIECES_AT_ONE_PROVIDER);
+        if row.max_amount <= Decimal::ZERO || too_many || room.is_some_and(|r| r < amount) {
+            continue;
+        }
+        let own = AmountLimits {
+            min: row.min_amount,
+            max: row.max_amount,
+        };
+        let cut = split(amount, &own, scale);
+        if cut
+            .iter()
+            .any(|p| *p < row.min_amount || *p > row.max_amount)
+        {
+            continue;
+        }
+        let cost = cut
+            .iter()
+            .try_fold(Decimal::ZERO, |sum, p| {
+                sum.checked_add(expected_cost(row, *p))
+            })
+            .unwrap_or(Decimal::MAX);
+        let key = (cost, cut.len(), row.priority, row.name.as_str());
+        if best.as_ref().is_none_or(|b| key < (b.0, b.1, b.2, b.3)) {
+            best = Some((key.0, key.1, key.2, key.3, cut));
+        }
+    }
+    match best {
+        Some((.., cut)) => cut,
+        None => split(amount, limits, scale),
+    }
 }
 
 /// Splits `amount` into the fewest pieces no larger than `limits.max`, as equal

@@ -27,7 +27,7 @@ pub mod zerohash;
 pub use registry::ProviderRegistry;
 pub use row::{ProviderRow, ProviderStatus};
 pub use sandbox::{SandboxBehaviour, SandboxProvider};
-pub use selection::{HealthRule, Rejection, Selection, select_providers};
+pub use selection::{HealthRule, QuoteSeen, Rejection, Selection, select_providers};
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;

@@ -130,6 +130,15 @@ impl SandboxBehaviour {
         }
     }
 
+    /// Its price for converting `amount`: [`Self::rate`] and [`Self::fee_for`]
+    /// (what the sandbox quotes, and what the simulator's providers quote).
+    pub fn quote(&self, amount: &Money) -> Quote {
+        Quote {
+            rate: self.rate(),
+            fee: self.fee_for(amount),
+        }
+    }
+
     /// What arrives for `amount` after `fee`: `(amount − fee) × rate`, rounded
     /// toward zero to the destination currency's scale.
     pub fn destination_for(
@@ -570,11 +579,7 @@ impl ConversionProvider for SandboxProvider {
                 ),
             });
         }
-        let behaviour = self.behaviour();
-        Ok(Quote {
-            rate: behaviour.rate(),
-            fee: behaviour.fee_for(&amount),
-        })
+        Ok(self.behaviour().quote(&amount))
     }
 
     async fn balance(&self, currency: Currency) -> Result<Money, ProviderError> {

@@ -19,6 +19,14 @@
 //! Eligible providers are ordered by priority (lower first), then expected cost
 //! ([`expected_cost`], lower first), then name, then id: the first is the choice,
 //! the rest are the fallback order.
+//!
+//! With quotes ([`Selection::by_quotes`], what the executor does before every
+//! choice): each eligible provider is asked for a price for the amount, and
+//! the lowest all-in cost ([`all_in_cost`]: fee and spread as quoted, valued
+//! at par) wins; equal prices keep the order above, and a provider that gave
+//! no quote (down, or no quote API) comes after every provider that did. The
+//! quotes compared are part of [`Selection::summary`], which the job stores
+//! as its `selection_reason`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +36,7 @@ use rust_decimal_macros::dec;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::Quote;
 use super::health::TrackRecord;
 use super::row::{ProviderRow, ProviderStatus};
 use crate::domain::ConversionDirection;
@@ -138,6 +147,51 @@ pub struct RankedProvider {
     pub row: ProviderRow,
     /// [`expected_cost`] for the amount.
     pub expected_cost: Decimal,
+    /// The provider's price for the amount, when it was asked
+    /// ([`Selection::by_quotes`]).
+    pub quote: Option<QuoteSeen>,
+}
+
+/// What a provider answered when asked for a price.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "quote", rename_all = "snake_case")]
+pub enum QuoteSeen {
+    /// A price.
+    Priced {
+        /// Destination units per source unit.
+        rate: Decimal,
+        /// Fee, in the source currency.
+        fee: Decimal,
+        /// [`all_in_cost`] of the amount at this price.
+        all_in: Decimal,
+    },
+    /// No price (the provider is down, refused, or has no quote API).
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+impl QuoteSeen {
+    /// The all-in cost, if priced.
+    pub fn all_in(&self) -> Option<Decimal> {
+        match self {
+            QuoteSeen::Priced { all_in, .. } => Some(*all_in),
+            QuoteSeen::Failed { .. } => None,
+        }
+    }
+}
+
+/// What converting `amount` at `quote` costs, in source units, valued at par
+/// (one USDC = one USD, the peg both buffers are kept at): what leaves the
+/// source minus what arrives, `amount − (amount − fee) × rate`. A cost too
+/// large to represent is `Decimal::MAX`.
+pub fn all_in_cost(amount: Decimal, quote: &Quote) -> Decimal {
+    amount
+        .checked_sub(quote.fee.value)
+        .and_then(|net| net.checked_mul(quote.rate))
+        .and_then(|arrives| amount.checked_sub(arrives))
+        .unwrap_or(Decimal::MAX)
 }
 
 /// A provider that may not take the conversion, with every rule it broke.
@@ -164,17 +218,61 @@ impl Selection {
         self.eligible.first()
     }
 
+    /// Ranks the eligible providers by their quotes for `amount`: lowest
+    /// [`all_in_cost`] first, equal prices in the order they had, providers
+    /// without a quote (an error, or missing from `quotes`) after all that
+    /// gave one, in the order they had. Deterministic.
+    pub fn by_quotes(
+        mut self,
+        amount: Decimal,
+        quotes: &HashMap<Uuid, Result<Quote, String>>,
+    ) -> Selection {
+        for p in &mut self.eligible {
+            p.quote = Some(match quotes.get(&p.row.id) {
+                Some(Ok(q)) => QuoteSeen::Priced {
+                    rate: q.rate,
+                    fee: q.fee.value,
+                    all_in: all_in_cost(amount, q),
+                },
+                Some(Err(error)) => QuoteSeen::Failed {
+                    error: error.clone(),
+                },
+                None => QuoteSeen::Failed {
+                    error: "not asked".to_owned(),
+                },
+            });
+        }
+        // A stable sort: equal keys keep the priority order.
+        self.eligible.sort_by_key(|p| {
+            let all_in = p.quote.as_ref().and_then(QuoteSeen::all_in);
+            (all_in.is_none(), all_in)
+        });
+        self
+    }
+
     /// A one-line account of the choice, for logs and
     /// `conversion_jobs.selection_reason`, e.g.
     /// `chose Due (priority 1, cost 1.5); fallback: ZeroHash (priority 2, cost 2); rejected: Old (inactive)`.
     pub fn summary(&self) -> String {
-        let ranked = |p: &RankedProvider| {
-            format!(
+        let ranked = |p: &RankedProvider| match &p.quote {
+            None => format!(
                 "{} (priority {}, cost {})",
                 p.row.name,
                 p.row.priority,
                 p.expected_cost.normalize()
-            )
+            ),
+            Some(QuoteSeen::Priced { rate, fee, all_in }) => format!(
+                "{} (priority {}, quote rate {} fee {}, all-in cost {})",
+                p.row.name,
+                p.row.priority,
+                rate.normalize(),
+                fee.normalize(),
+                all_in.normalize()
+            ),
+            Some(QuoteSeen::Failed { error }) => format!(
+                "{} (priority {}, no quote: {error})",
+                p.row.name, p.row.priority
+            ),
         };
         let mut parts = Vec::new();
         match self.eligible.split_first() {
@@ -289,6 +387,7 @@ pub fn select_providers(
             eligible.push(RankedProvider {
                 expected_cost: expected_cost(row, amount),
                 row: row.clone(),
+                quote: None,
             });
         } else {
             rejected.push(RejectedProvider {

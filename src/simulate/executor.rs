@@ -1,6 +1,7 @@
 //! The simulated executor and its providers: commands become jobs, jobs go to
-//! the provider [`select_providers`] chooses, run for a latency drawn from the
-//! provider's model, complete (or fail, or lose their answer, or meet an
+//! the provider [`select_providers`] ranks and the quotes choose
+//! ([`by_quotes`](crate::providers::Selection::by_quotes)), run for a latency
+//! drawn from the provider's model, complete (or fail, or lose their answer, or meet an
 //! outage) and, once the executor has seen the completion at its next monitor
 //! poll, post through the engine's own [`ledger::posting_for`], whose
 //! [`ledger::buffer_movements`] move the engine's book balances.
@@ -26,9 +27,9 @@ use uuid::Uuid;
 use super::scenario::{ProviderModel, SimProvider};
 use crate::domain::{BufferAccount, ConversionCommand, ConversionJob, JobStatus, Money};
 use crate::ledger::{self, Settlement};
-use crate::providers::SandboxBehaviour;
 use crate::providers::health::{AttemptOutcome, track_records};
 use crate::providers::selection::{HealthRule, select_providers};
+use crate::providers::{Quote, SandboxBehaviour};
 
 /// Money as it really is and as the engine books it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -341,6 +342,22 @@ impl SimExecutor {
             &records,
             &self.health,
         );
+        // Every provider quotes as the sandbox does, from its row; one that is
+        // down gives no quote, as a live provider would.
+        let quotes: HashMap<Uuid, Result<Quote, String>> = selection
+            .eligible
+            .iter()
+            .filter_map(|p| {
+                let index = self.providers.iter().position(|s| s.row.id == p.row.id)?;
+                let quote = if self.down(index, now) {
+                    Err("provider down".to_owned())
+                } else {
+                    Ok(SandboxBehaviour::from_row(&p.row).quote(&job.amount))
+                };
+                Some((p.row.id, quote))
+            })
+            .collect();
+        let selection = selection.by_quotes(job.amount.value, &quotes);
         let chosen = selection.chosen()?.row.id;
         let position = self.providers.iter().position(|p| p.row.id == chosen)?;
         let job = &mut self.jobs[index];
