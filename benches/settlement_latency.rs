@@ -479,9 +479,17 @@ async fn run(
                 .collect();
             for start in &with_command {
                 if reported.insert(*start) && settings.measuring {
+                    let due = spec.window_end(*start) + spec.grace;
+                    let first = arrivals
+                        .iter()
+                        .filter(|a| a.window_start == *start)
+                        .map(|a| a.at)
+                        .min()
+                        .unwrap_or(due);
                     println!(
-                        "           window {} closed ({} of {})",
+                        "           window {}: command on the topic {:.0} ms after end + grace ({} of {})",
                         start.format("%H:%M:%S"),
+                        millis(first - due),
                         reported.len(),
                         measured.len()
                     );
