@@ -126,6 +126,7 @@ mod humantime_serde_compat {
 }
 
 const DURATION: &str = "a duration such as 30s, 5m or 1h";
+const DURATION_OR_OFF: &str = "a duration such as 30s, 5m or 1h, or 0s for off";
 
 impl Config {
     /// Reads the configuration from the process environment.
@@ -212,7 +213,7 @@ impl Config {
                 )
                 .unwrap_or(chrono::Duration::minutes(30)),
                 watch_interval: chrono::Duration::from_std(
-                    env.duration("TREASURY_PLANNER_WATCH_INTERVAL", "1m")?,
+                    env.duration_or_off("TREASURY_PLANNER_WATCH_INTERVAL", "1m")?,
                 )
                 .unwrap_or(chrono::Duration::minutes(1)),
             },
@@ -333,6 +334,12 @@ impl Vars<'_> {
             Ok(d) if !d.is_zero() => Ok(d),
             _ => Err(Self::error(name, &value, DURATION)),
         }
+    }
+
+    /// A duration where zero (`0s`) means "off".
+    fn duration_or_off(&self, name: &str, default: &str) -> Result<Duration, ConfigError> {
+        let value = self.text(name).unwrap_or_else(|| default.into());
+        humantime::parse_duration(&value).map_err(|_| Self::error(name, &value, DURATION_OR_OFF))
     }
 
     fn parsed<T: std::str::FromStr>(

@@ -1,6 +1,8 @@
 //! The outbox relay: publishes messages that were committed to the outbox,
 //! with an idempotent producer, then marks them sent. A crash between the two
 //! sends a message again with the same `message-id`; consumers deduplicate.
+//! It polls the outbox when idle, and a writer in the same process can wake
+//! it right after its transaction commits ([`Relay::waker`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::Notify;
 
 use crate::shutdown::Shutdown;
 use crate::store::{OutboxMessage, Store, StoreError};
@@ -26,6 +29,7 @@ pub struct Relay {
     store: Arc<dyn Store>,
     producer: FutureProducer,
     batch: i64,
+    wake: Arc<Notify>,
 }
 
 impl Relay {
@@ -34,7 +38,14 @@ impl Relay {
             store,
             producer,
             batch: 500,
+            wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notifying this makes the relay read the outbox before its idle pause
+    /// ends (a notification while it is publishing is kept for after).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     /// Publishes one batch of pending messages; returns how many were sent.
@@ -86,7 +97,8 @@ impl Relay {
             })
     }
 
-    /// Publishes until shutdown, polling every `idle` when there is nothing to send.
+    /// Publishes until shutdown, polling every `idle` when there is nothing
+    /// to send, or sooner when woken.
     pub async fn run(self, mut shutdown: Shutdown, idle: Duration) {
         while !shutdown.is_triggered() {
             match self.publish_pending().await {
@@ -96,6 +108,7 @@ impl Relay {
             }
             tokio::select! {
                 _ = tokio::time::sleep(idle) => {}
+                _ = self.wake.notified() => {}
                 _ = shutdown.triggered() => {}
             }
         }

@@ -109,7 +109,8 @@ pub fn window_spec(config: &Config) -> WindowSpec {
     WindowSpec::new(config.scheduler_interval, config.window_grace)
 }
 
-/// How often settlement checks whether a window can close.
+/// The longest settlement sleeps between cycles (it wakes sooner when the
+/// next window can close, see [`crate::window::settlement_wake`]).
 pub fn settlement_tick(config: &Config) -> Duration {
     (config.scheduler_interval / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
@@ -154,6 +155,9 @@ pub fn spawn_aggregator(
     shutdown: &shutdown::ShutdownTrigger,
 ) -> anyhow::Result<Vec<NamedTask>> {
     let base = kafka::base_config(config);
+    // Settlement closes a window as soon as the ingest has moved the
+    // watermark past it, and the relay publishes as soon as it has committed.
+    let progress = Arc::new(tokio::sync::Notify::new());
     let ingest = Ingest::new(
         &kafka::consumer_config(&base, &config.aggregator_group),
         store.clone(),
@@ -162,12 +166,15 @@ pub fn spawn_aggregator(
         ingest_settings(config),
     )
     .context("creating the aggregator consumer")?
-    .reporting_to(health.clone());
+    .reporting_to(health.clone())
+    .notifying(progress.clone());
     let producer = kafka::idempotent_producer(&base).context("creating the outbox producer")?;
     let relay = Relay::new(store.clone(), producer);
     let settlement = Settlement::new(store, codec, settlement_settings(config))
         .with_buffer_alerts(&config.topics.buffer_alerts)
-        .with_clock(clock);
+        .with_clock(clock)
+        .waking_relay(relay.waker())
+        .woken_by_progress(progress);
     let tick = settlement_tick(config);
     let ingest_stop: Shutdown = shutdown.subscribe();
     let settle_stop = shutdown.subscribe();

@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -30,7 +32,9 @@ use crate::domain::{BufferAccount, ConversionCommand};
 use crate::planner::{FlowHistory, Plan, PlanInput, PlannerSettings, Watch, fill_windows, plan};
 use crate::shutdown::Shutdown;
 use crate::store::{LockMode, OutboxMessage, PlannedCommand, Store, StoreError, StoreTx};
-use crate::window::{WindowSpec, WindowTally, global_watermark, last_closable};
+use crate::window::{
+    SettlementWake, WindowSpec, WindowTally, global_watermark, last_closable, settlement_wake,
+};
 
 /// Most windows closed in one cycle (the rest close in the next one).
 const MAX_WINDOWS_PER_CYCLE: usize = 500;
@@ -71,6 +75,19 @@ pub struct Settlement {
     clock: SharedClock,
     /// When this process last watched between window closes.
     last_watch: Arc<std::sync::Mutex<Option<DateTime<Utc>>>>,
+    /// Notified after a cycle that wrote to the outbox commits.
+    outbox_waker: Option<Arc<Notify>>,
+    /// Notified when the input moves on (an ingest batch committed).
+    progress: Option<Arc<Notify>>,
+}
+
+/// Where a cycle left the windows.
+#[derive(Debug, Clone, Copy, Default)]
+struct Position {
+    /// Windows starting here and later are open (None: no watermark yet).
+    next_open: Option<DateTime<Utc>>,
+    /// The global watermark the cycle saw.
+    watermark: Option<DateTime<Utc>>,
 }
 
 impl Settlement {
@@ -82,7 +99,25 @@ impl Settlement {
             buffer_alerts_topic: None,
             clock: SystemClock::shared(),
             last_watch: Arc::default(),
+            outbox_waker: None,
+            progress: None,
         }
+    }
+
+    /// Notifies `waker` (the outbox relay's) as soon as a cycle that closed
+    /// a window or handled a trigger has committed, so that its commands
+    /// are published at once.
+    pub fn waking_relay(mut self, waker: Arc<Notify>) -> Self {
+        self.outbox_waker = Some(waker);
+        self
+    }
+
+    /// Listens to `progress` (notified by the ingest after each committed
+    /// batch) while a window's end plus grace has passed on the clock and
+    /// the watermark is about to reach it (see [`settlement_wake`]).
+    pub fn woken_by_progress(mut self, progress: Arc<Notify>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// Reads the time from `clock` instead of the system clock.
@@ -99,11 +134,19 @@ impl Settlement {
 
     /// Closes what can close and handles pending triggers, as of `now`.
     pub async fn run_cycle(&self, now: DateTime<Utc>) -> Result<Vec<CycleResult>, StoreError> {
+        Ok(self.cycle(now).await?.0)
+    }
+
+    async fn cycle(&self, now: DateTime<Utc>) -> Result<(Vec<CycleResult>, Position), StoreError> {
         let mut tx = self.store.begin(LockMode::Exclusive).await?;
         let mut results = Vec::new();
         let progress = tx.partition_progress(&self.settings.input_topics).await?;
         let watermark = global_watermark(&progress, now, self.settings.idle_timeout);
         let spec = self.settings.spec;
+        let mut position = Position {
+            next_open: None,
+            watermark,
+        };
         if let Some(watermark) = watermark {
             let open = tx.open_windows().await?;
             let next_open = match tx.next_window_start().await? {
@@ -130,10 +173,12 @@ impl Settlement {
                     results.push(self.close_window(tx.as_mut(), *start, watermark).await?);
                 }
                 let closed_up_to = to_close.last().copied().unwrap_or(last);
-                tx.set_next_window_start(spec.window_end(closed_up_to))
-                    .await?;
+                let next = spec.window_end(closed_up_to);
+                tx.set_next_window_start(next).await?;
+                position.next_open = Some(next);
             } else {
                 tx.set_next_window_start(next_open).await?;
+                position.next_open = Some(next_open);
             }
         }
         for trigger in tx.pending_triggers().await? {
@@ -184,6 +229,11 @@ impl Settlement {
             }
         }
         tx.commit().await?;
+        if !results.is_empty()
+            && let Some(waker) = &self.outbox_waker
+        {
+            waker.notify_one();
+        }
         if closed {
             metrics::gauge!("treasury_last_settlement_timestamp_seconds")
                 .set(now.timestamp() as f64);
@@ -191,7 +241,7 @@ impl Settlement {
         for result in &results {
             log_result(result);
         }
-        Ok(results)
+        Ok((results, position))
     }
 
     async fn close_window(
@@ -333,31 +383,61 @@ impl Settlement {
         })
     }
 
-    /// Runs a cycle every `tick` until shutdown.
+    /// Runs cycles until shutdown: each as soon as the next window can
+    /// close (its end plus grace, and the watermark there), and at least
+    /// every `tick` (triggers, the watch, windows the watermark let close).
+    /// Event ids past the retention are forgotten at most once a tick.
     pub async fn run(self, mut shutdown: Shutdown, tick: Duration) {
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_purge: Option<tokio::time::Instant> = None;
         loop {
+            let now = self.clock.now();
+            let wake = match self.cycle(now).await {
+                Ok((_, position)) => settlement_wake(
+                    &self.settings.spec,
+                    self.clock.now(),
+                    position.next_open,
+                    position.watermark,
+                    tick,
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "settlement cycle failed; retrying next tick");
+                    SettlementWake::After(tick)
+                }
+            };
+            if last_purge.is_none_or(|at| at.elapsed() >= tick) {
+                last_purge = Some(tokio::time::Instant::now());
+                self.purge(now).await;
+            }
+            let (sleep, on_progress) = match wake {
+                SettlementWake::After(d) => (d, None),
+                SettlementWake::OnProgress(d) => (d, self.progress.as_deref()),
+            };
+            let progressed = async {
+                match on_progress {
+                    Some(progress) => progress.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = interval.tick() => {}
+                _ = tokio::time::sleep(sleep) => {}
+                _ = progressed => {}
                 _ = shutdown.triggered() => break,
             }
-            let now = self.clock.now();
-            if let Err(e) = self.run_cycle(now).await {
-                tracing::warn!(error = %e, "settlement cycle failed; retrying next tick");
-            }
-            match self
-                .store
-                .purge_processed(now - self.settings.dedup_retention)
-                .await
-            {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    purged = n,
-                    "event ids past the duplicate-detection retention forgotten"
-                ),
-                Err(e) => tracing::warn!(error = %e, "purging old event ids failed"),
-            }
+        }
+    }
+
+    async fn purge(&self, now: DateTime<Utc>) {
+        match self
+            .store
+            .purge_processed(now - self.settings.dedup_retention)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                purged = n,
+                "event ids past the duplicate-detection retention forgotten"
+            ),
+            Err(e) => tracing::warn!(error = %e, "purging old event ids failed"),
         }
     }
 }

@@ -414,3 +414,13 @@ fn schema_registry_settings_are_read_like_confluent_clients_and_masked() {
     .unwrap_err();
     assert_eq!(error.variable, "SCHEMA_REGISTRY_SUBJECT_NAME_STRATEGY");
 }
+
+#[test]
+fn the_planner_watch_is_turned_off_with_zero() {
+    let off = load(&[("TREASURY_PLANNER_WATCH_INTERVAL", "0s")]).unwrap();
+    assert_eq!(off.planner.watch_interval, chrono::Duration::zero());
+    let every = load(&[("TREASURY_PLANNER_WATCH_INTERVAL", "30s")]).unwrap();
+    assert_eq!(every.planner.watch_interval, chrono::Duration::seconds(30));
+    let err = load(&[("TREASURY_PLANNER_WATCH_INTERVAL", "soon")]).unwrap_err();
+    assert_eq!(err.variable, "TREASURY_PLANNER_WATCH_INTERVAL");
+}

@@ -68,3 +68,49 @@ async fn two_relays_publish_every_row_once(pool: PgPool) {
         .collect();
     assert_eq!(ids.len(), 300);
 }
+
+/// A relay pausing an hour between polls publishes a row committed during
+/// its pause as soon as the writer wakes it.
+#[sqlx::test]
+async fn a_woken_relay_publishes_without_waiting_for_its_pause(pool: PgPool) {
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let base = common::base(&brokers);
+    let topic = format!("outbox.{}", uuid::Uuid::new_v4().simple());
+    treasury::kafka::ensure_topics(&base, &[&topic], 1)
+        .await
+        .unwrap();
+    let store = common::pg_store(&pool);
+    let relay = Relay::new(
+        store.clone(),
+        treasury::kafka::idempotent_producer(&base).unwrap(),
+    );
+    let waker = relay.waker();
+    let (trigger, listener) = treasury::shutdown::channel();
+    let running = tokio::spawn(relay.run(listener, std::time::Duration::from_secs(3600)));
+
+    let id = uuid::Uuid::new_v4();
+    let mut tx = store.begin(LockMode::Shared).await.unwrap();
+    tx.enqueue(&[OutboxMessage {
+        id,
+        topic: topic.clone(),
+        key: None,
+        payload: b"woken".to_vec(),
+        headers: vec![("message-id".into(), id.to_string())],
+    }])
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    waker.notify_one();
+
+    let published = common::read_all(&brokers, &topic, 1).await;
+    assert_eq!(
+        published.len(),
+        1,
+        "published while the relay's pause lasts"
+    );
+    assert_eq!(published[0].1["message-id"], id.to_string());
+    trigger.trigger();
+    running.await.unwrap();
+}

@@ -320,3 +320,27 @@ async fn with_auto_rebalance_off_plans_are_recorded_but_nothing_is_sent(pool: Pg
         .unwrap();
     assert_eq!(outbox, 0, "nothing to publish");
 }
+
+/// A cycle that closes a window wakes the outbox relay once it has
+/// committed; a cycle with nothing to close or plan does not.
+#[sqlx::test]
+async fn a_closing_cycle_wakes_the_relay(pool: PgPool) {
+    use futures::FutureExt;
+
+    start_clock(&pool).await;
+    let relay = Arc::new(tokio::sync::Notify::new());
+    let settle = settlement(&pool, true).waking_relay(relay.clone());
+    progress_to(&pool, t(2)).await;
+    assert!(settle.run_cycle(t(2)).await.unwrap().is_empty());
+    assert!(
+        relay.notified().now_or_never().is_none(),
+        "nothing committed for the relay"
+    );
+    progress_to(&pool, t(6)).await;
+    let closed = settle.run_cycle(t(6)).await.unwrap();
+    assert!(closed.iter().any(|r| r.cycle_id.starts_with("window:")));
+    assert!(
+        relay.notified().now_or_never().is_some(),
+        "the relay is woken after the close"
+    );
+}

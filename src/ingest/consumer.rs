@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
+use tokio::sync::Notify;
 
 use super::batch::{BatchContext, BatchOutcome, Consumed, commit_batch, commit_progress};
 use super::validate::{Rejection, decode_event};
@@ -75,6 +76,8 @@ pub struct Ingest {
     totals: IngestTotals,
     /// The batch read while the previous one committed.
     read_ahead: Option<ReadBatch>,
+    /// Notified after each committed batch (settlement listens to it).
+    progress: Option<Arc<Notify>>,
 }
 
 impl Ingest {
@@ -105,7 +108,16 @@ impl Ingest {
             partitions_registered_at: None,
             totals: IngestTotals::default(),
             read_ahead: None,
+            progress: None,
         })
+    }
+
+    /// Notifies `progress` after each committed batch: the watermark may
+    /// have moved, so a window may now close
+    /// ([`crate::settlement::Settlement::woken_by_progress`]).
+    pub fn notifying(mut self, progress: Arc<Notify>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// Reports this consumer's state to `health` (for `/readyz`).
@@ -330,6 +342,9 @@ impl Ingest {
             messages = messages.len(),
             "batch committed"
         );
+        if let Some(progress) = &self.progress {
+            progress.notify_one();
+        }
     }
 
     /// Registers every partition of the input topics with settlement, so a

@@ -8,7 +8,9 @@ mod tally;
 mod watermark;
 
 pub use tally::{Flow, WindowTallies, WindowTally};
-pub use watermark::{PartitionProgress, global_watermark, last_closable};
+pub use watermark::{
+    PartitionProgress, SettlementWake, global_watermark, last_closable, settlement_wake,
+};
 
 use chrono::{DateTime, Duration, Utc};
 

@@ -67,6 +67,55 @@ pub fn last_closable(spec: &WindowSpec, watermark: DateTime<Utc>) -> DateTime<Ut
     spec.window_start(watermark - spec.grace) - spec.length
 }
 
+/// When the settlement loop runs its next cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettlementWake {
+    /// After this long.
+    After(std::time::Duration),
+    /// When the input moves on (an ingest batch commits), or after this long
+    /// at the latest.
+    OnProgress(std::time::Duration),
+}
+
+/// When to run the next settlement cycle, given that windows starting at
+/// `next_open` and later are still open and `watermark` is where event time
+/// stood at the last cycle (None: not known yet).
+///
+/// The next window can close at its end plus grace: the loop sleeps until
+/// then, never longer than `tick` (triggers and the watch are looked at every
+/// tick). Once that moment has passed on the clock but not yet in event time
+/// (the input is read a little behind the clock), the loop waits for the
+/// input to move on instead of a whole tick, as long as event time is within
+/// one tick of it; further behind (a replay catching up, a partition holding
+/// settlement back), every tick is soon enough. With event time already past
+/// it (more windows to close than one cycle closes), at once.
+pub fn settlement_wake(
+    spec: &WindowSpec,
+    now: DateTime<Utc>,
+    next_open: Option<DateTime<Utc>>,
+    watermark: Option<DateTime<Utc>>,
+    tick: std::time::Duration,
+) -> SettlementWake {
+    let Some(next_open) = next_open else {
+        return SettlementWake::After(tick);
+    };
+    let due = spec.window_end(next_open) + spec.grace;
+    if watermark.is_some_and(|w| w >= due) {
+        return SettlementWake::After(std::time::Duration::ZERO);
+    }
+    if due > now {
+        let until = (due - now).to_std().unwrap_or_default();
+        return SettlementWake::After(until.min(tick));
+    }
+    let close_behind =
+        watermark.is_some_and(|w| (due - w).to_std().is_ok_and(|behind| behind <= tick));
+    if close_behind {
+        SettlementWake::OnProgress(tick)
+    } else {
+        SettlementWake::After(tick)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +167,57 @@ mod tests {
             "nobody vouches for it any more"
         );
         assert_eq!(global_watermark(&[abandoned], at(500), idle), Some(at(10)));
+    }
+
+    fn wake_spec() -> WindowSpec {
+        // Windows of 10 s, grace 1 s: the window at 0 closes at 11.
+        WindowSpec::new(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(1),
+        )
+    }
+
+    const TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn ms(n: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(n)
+    }
+
+    #[test]
+    fn settlement_sleeps_until_the_next_window_can_close_at_most_a_tick() {
+        let spec = wake_spec();
+        let wake = |now| settlement_wake(&spec, now, Some(at(0)), Some(at(9)), TICK);
+        assert_eq!(wake(at(5)), SettlementWake::After(TICK));
+        assert_eq!(
+            wake(at(10) + Duration::milliseconds(700)),
+            SettlementWake::After(ms(300))
+        );
+        assert_eq!(
+            settlement_wake(&spec, at(3), None, None, TICK),
+            SettlementWake::After(TICK),
+            "nothing known yet: every tick"
+        );
+    }
+
+    #[test]
+    fn past_the_close_settlement_waits_for_the_input_while_event_time_is_close_behind() {
+        let spec = wake_spec();
+        let now = at(11) + Duration::milliseconds(50);
+        let behind = |w| settlement_wake(&spec, now, Some(at(0)), w, TICK);
+        assert_eq!(
+            behind(Some(at(10) + Duration::milliseconds(800))),
+            SettlementWake::OnProgress(TICK)
+        );
+        assert_eq!(
+            behind(Some(at(5))),
+            SettlementWake::After(TICK),
+            "far behind (catching up): every tick"
+        );
+        assert_eq!(behind(None), SettlementWake::After(TICK));
+        assert_eq!(
+            behind(Some(at(11))),
+            SettlementWake::After(std::time::Duration::ZERO),
+            "event time has reached it: more to close now"
+        );
     }
 }
