@@ -682,6 +682,7 @@ async fn a_provider_down_when_asked_for_a_quote_is_tried_last(pool: PgPool) {
         0,
         "no call to a provider that gave no quote"
     );
+    assert_eq!(zerohash.initiated_count(), 1);
     assert!(
         done.attempted_providers.is_empty(),
         "chosen, not fallen back to"
