@@ -32,7 +32,6 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,8 +40,6 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::join_all;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -56,6 +53,12 @@ use treasury::ingest::{Ingest, IngestSettings, decode_event};
 use treasury::store::Store;
 use treasury::store::postgres::PgStore;
 use treasury::window::WindowSpec;
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{
+    SharedCreated, cpu_model, env_number, lock, mem_total, non_empty_env, nproc, redacted_server,
+};
 
 #[path = "ingest_throughput/pg_ceiling.rs"]
 mod pg_ceiling;
@@ -81,15 +84,6 @@ struct Settings {
     /// Engine runs: workers in the group, one run per entry.
     workers: Vec<usize>,
 }
-
-/// Scratch databases and topics to remove at the end, whatever happens.
-#[derive(Default)]
-struct Created {
-    databases: Vec<String>,
-    topics: Vec<String>,
-}
-
-type SharedCreated = Arc<Mutex<Created>>;
 
 /// One consumer's measurement.
 struct Measured {
@@ -126,23 +120,6 @@ fn per_second(events: u64, elapsed: Duration) -> f64 {
     } else {
         f64::INFINITY
     }
-}
-
-fn env_number<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{name}={v:?} is not a valid number: {e}")),
-        _ => Ok(default),
-    }
-}
-
-fn non_empty_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl Settings {
@@ -208,66 +185,7 @@ fn how_to_start() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-
-    let (Some(database_url), Some(brokers)) = (
-        non_empty_env("DATABASE_URL"),
-        non_empty_env("KAFKA_BROKERS"),
-    ) else {
-        how_to_start();
-        return ExitCode::SUCCESS;
-    };
-    let settings = match Settings::from_env(database_url, brokers) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ingest_throughput: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let admin = match PgConnectOptions::from_str(&settings.database_url) {
-        Ok(o) => o.database("postgres"),
-        Err(e) => {
-            eprintln!("ingest_throughput: DATABASE_URL is not a PostgreSQL URL: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-
-    let created: SharedCreated = Arc::default();
-    let mut task = tokio::spawn(run(settings.clone(), admin.clone(), created.clone()));
-    let outcome = tokio::select! {
-        joined = &mut task => match joined {
-            Ok(result) => result,
-            Err(e) => Err(anyhow::anyhow!("the bench panicked: {e}")),
-        },
-        _ = tokio::signal::ctrl_c() => {
-            task.abort();
-            let _ = task.await;
-            Err(anyhow::anyhow!("interrupted"))
-        }
-    };
-    let cleaned = clean_up(&settings, admin, &created).await;
-
-    match (outcome, cleaned) {
-        (Ok(()), Ok(())) => ExitCode::SUCCESS,
-        (outcome, cleaned) => {
-            if let Err(e) = outcome {
-                eprintln!("ingest_throughput: FAILED: {e:#}");
-                eprintln!(
-                    "(is PostgreSQL reachable at DATABASE_URL and the nisshi broker at KAFKA_BROKERS? \
-                     `bash .ci/run` starts both)"
-                );
-            }
-            if let Err(e) = cleaned {
-                eprintln!("ingest_throughput: cleanup incomplete: {e:#}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    support::bench_main("ingest_throughput", how_to_start, Settings::from_env, run).await
 }
 
 async fn run(
@@ -842,76 +760,6 @@ async fn processed_events(pool: &PgPool) -> anyhow::Result<u64> {
     Ok(u64::try_from(rows)?)
 }
 
-/// Drops the scratch databases and deletes the topics (best effort for topics).
-async fn clean_up(
-    settings: &Settings,
-    admin: PgConnectOptions,
-    created: &SharedCreated,
-) -> anyhow::Result<()> {
-    let (databases, topics) = {
-        let mut c = lock(created);
-        (
-            std::mem::take(&mut c.databases),
-            std::mem::take(&mut c.topics),
-        )
-    };
-    let mut failed = Vec::new();
-    if !databases.is_empty() {
-        match PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(admin)
-            .await
-        {
-            Ok(pool) => {
-                for name in &databases {
-                    let dropped =
-                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                            .execute(&pool)
-                            .await;
-                    match dropped {
-                        Ok(_) => println!("cleanup:   dropped database {name}"),
-                        Err(e) => failed.push(format!("DROP DATABASE {name}: {e}")),
-                    }
-                }
-                pool.close().await;
-            }
-            Err(e) => failed.push(format!(
-                "cannot connect to drop {}: {e}",
-                databases.join(", ")
-            )),
-        }
-    }
-    if !topics.is_empty() {
-        let base = treasury::kafka::client_config(&settings.brokers, &BTreeMap::new());
-        let deleted = async {
-            let admin: AdminClient<DefaultClientContext> = base.create()?;
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            admin.delete_topics(&names, &options).await
-        };
-        match tokio::time::timeout(Duration::from_secs(15), deleted).await {
-            Ok(Ok(results)) => {
-                let refused: Vec<String> = results
-                    .into_iter()
-                    .filter_map(|r| r.err().map(|(t, code)| format!("{t} ({code:?})")))
-                    .collect();
-                if refused.is_empty() {
-                    println!("cleanup:   deleted topics {}", topics.join(", "));
-                } else {
-                    eprintln!("note: the broker kept topics {}", refused.join(", "));
-                }
-            }
-            Ok(Err(e)) => eprintln!("note: topics not deleted: {e}"),
-            Err(_) => eprintln!("note: topics not deleted: the broker did not answer in 15 s"),
-        }
-    }
-    if !failed.is_empty() {
-        bail!("{}", failed.join("; "));
-    }
-    Ok(())
-}
-
 fn report(
     settings: &Settings,
     ceiling: &Measured,
@@ -1013,50 +861,4 @@ fn rate_text(rate: f64) -> String {
         out.push(c);
     }
     out
-}
-
-fn lock(created: &SharedCreated) -> std::sync::MutexGuard<'_, Created> {
-    created
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or_else(
-            || "unknown".into(),
-            |kb| format!("{:.1} GiB", kb as f64 / (1024.0 * 1024.0)),
-        )
-}
-
-/// The server part of a database URL, without credentials.
-fn redacted_server(url: &str) -> String {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let rest = &url[after_scheme..];
-    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let host = host.split(['/', '?']).next().unwrap_or(host);
-    format!("{}{host}", &url[..after_scheme])
 }

@@ -46,7 +46,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::ExitCode;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,8 +54,6 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -74,6 +71,10 @@ use treasury::store::Store;
 use treasury::store::jobs::JobStore;
 use treasury::store::postgres::PgStore;
 use treasury::window::WindowSpec;
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{SharedCreated, cpu_model, env_number, lock, mem_total, nproc, redacted_server};
 
 /// Seed of the event generator.
 const SEED: u64 = 20_261_211;
@@ -94,23 +95,6 @@ struct Settings {
     warmup_windows: usize,
     partitions: i32,
     measuring: bool,
-}
-
-fn env_number<T: FromStr>(name: &str, default: T) -> anyhow::Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{name}={v:?} is not a valid number: {e}")),
-        _ => Ok(default),
-    }
-}
-
-fn non_empty_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 impl Settings {
@@ -139,15 +123,6 @@ impl Settings {
     }
 }
 
-/// The scratch database and topics to remove at the end, whatever happens.
-#[derive(Default)]
-struct Created {
-    database: Option<String>,
-    topics: Vec<String>,
-}
-
-type SharedCreated = Arc<Mutex<Created>>;
-
 fn how_to_start() {
     println!(
         "settlement_latency: SKIPPED (exit 0) — DATABASE_URL and KAFKA_BROKERS must both be set.\n\
@@ -170,66 +145,7 @@ fn how_to_start() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-
-    let (Some(database_url), Some(brokers)) = (
-        non_empty_env("DATABASE_URL"),
-        non_empty_env("KAFKA_BROKERS"),
-    ) else {
-        how_to_start();
-        return ExitCode::SUCCESS;
-    };
-    let settings = match Settings::from_env(database_url, brokers) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("settlement_latency: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let admin = match PgConnectOptions::from_str(&settings.database_url) {
-        Ok(o) => o.database("postgres"),
-        Err(e) => {
-            eprintln!("settlement_latency: DATABASE_URL is not a PostgreSQL URL: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-
-    let created: SharedCreated = Arc::default();
-    let mut task = tokio::spawn(run(settings.clone(), admin.clone(), created.clone()));
-    let outcome = tokio::select! {
-        joined = &mut task => match joined {
-            Ok(result) => result,
-            Err(e) => Err(anyhow::anyhow!("the bench panicked: {e}")),
-        },
-        _ = tokio::signal::ctrl_c() => {
-            task.abort();
-            let _ = task.await;
-            Err(anyhow::anyhow!("interrupted"))
-        }
-    };
-    let cleaned = clean_up(&settings, admin, &created).await;
-
-    match (outcome, cleaned) {
-        (Ok(()), Ok(())) => ExitCode::SUCCESS,
-        (outcome, cleaned) => {
-            if let Err(e) = outcome {
-                eprintln!("settlement_latency: FAILED: {e:#}");
-                eprintln!(
-                    "(is PostgreSQL reachable at DATABASE_URL and the nisshi broker at KAFKA_BROKERS? \
-                     `bash .ci/run` starts both)"
-                );
-            }
-            if let Err(e) = cleaned {
-                eprintln!("settlement_latency: cleanup incomplete: {e:#}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    support::bench_main("settlement_latency", how_to_start, Settings::from_env, run).await
 }
 
 /// The engine's configuration: the bench's defaults, then the process's
@@ -342,7 +258,7 @@ async fn run(
         .execute(&admin_pool)
         .await
         .with_context(|| format!("creating database {name}"))?;
-    lock(&created).database = Some(name.clone());
+    lock(&created).databases.push(name.clone());
     admin_pool.close().await;
     let options = admin.clone().database(&name);
     let pool = PgPoolOptions::new()
@@ -968,110 +884,4 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// Drops the scratch database and deletes the topics (best effort for topics).
-async fn clean_up(
-    settings: &Settings,
-    admin: PgConnectOptions,
-    created: &SharedCreated,
-) -> anyhow::Result<()> {
-    let (database, topics) = {
-        let mut c = lock(created);
-        (c.database.take(), std::mem::take(&mut c.topics))
-    };
-    let mut failed = Vec::new();
-    if let Some(name) = database {
-        match PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(admin)
-            .await
-        {
-            Ok(pool) => {
-                let dropped =
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .execute(&pool)
-                        .await;
-                match dropped {
-                    Ok(_) => println!("cleanup:   dropped database {name}"),
-                    Err(e) => failed.push(format!("DROP DATABASE {name}: {e}")),
-                }
-                pool.close().await;
-            }
-            Err(e) => failed.push(format!("cannot connect to drop {name}: {e}")),
-        }
-    }
-    if !topics.is_empty() {
-        let base = treasury::kafka::client_config(&settings.brokers, &BTreeMap::new());
-        let deleted = async {
-            let admin: AdminClient<DefaultClientContext> = base.create()?;
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-            admin.delete_topics(&names, &options).await
-        };
-        match tokio::time::timeout(Duration::from_secs(15), deleted).await {
-            Ok(Ok(results)) => {
-                let refused: Vec<String> = results
-                    .into_iter()
-                    .filter_map(|r| r.err().map(|(t, code)| format!("{t} ({code:?})")))
-                    .collect();
-                if refused.is_empty() {
-                    println!("cleanup:   deleted topics {}", topics.join(", "));
-                } else {
-                    eprintln!("note: the broker kept topics {}", refused.join(", "));
-                }
-            }
-            Ok(Err(e)) => eprintln!("note: topics not deleted: {e}"),
-            Err(_) => eprintln!("note: topics not deleted: the broker did not answer in 15 s"),
-        }
-    }
-    if !failed.is_empty() {
-        bail!("{}", failed.join("; "));
-    }
-    Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or_else(
-            || "unknown".into(),
-            |kb| format!("{:.1} GiB", kb as f64 / (1024.0 * 1024.0)),
-        )
-}
-
-/// The server part of a database URL, without credentials.
-fn redacted_server(url: &str) -> String {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let rest = &url[after_scheme..];
-    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let host = host.split(['/', '?']).next().unwrap_or(host);
-    format!("{}{host}", &url[..after_scheme])
 }
