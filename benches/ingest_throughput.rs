@@ -193,15 +193,7 @@ async fn run(
     admin: PgConnectOptions,
     created: SharedCreated,
 ) -> anyhow::Result<()> {
-    let admin_pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(admin.clone())
-        .await
-        .context("connecting to the server's `postgres` database (DATABASE_URL)")?;
-    let pg_version: String = sqlx::query_scalar("SHOW server_version")
-        .fetch_one(&admin_pool)
-        .await?;
+    let (admin_pool, pg_version) = support::connect_admin(&admin).await?;
 
     println!("ingest_throughput — Treasury Engine ingest bench");
     println!(

@@ -239,15 +239,7 @@ async fn run(
     admin: PgConnectOptions,
     created: SharedCreated,
 ) -> anyhow::Result<()> {
-    let admin_pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(admin.clone())
-        .await
-        .context("connecting to the server's `postgres` database (DATABASE_URL)")?;
-    let pg_version: String = sqlx::query_scalar("SHOW server_version")
-        .fetch_one(&admin_pool)
-        .await?;
+    let (admin_pool, pg_version) = support::connect_admin(&admin).await?;
 
     // 1. Scratch database, set so that every window's close plans a refill.
     let name = format!(

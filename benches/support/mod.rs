@@ -9,9 +9,10 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// A number from the environment (`default` when unset or blank).
@@ -46,6 +47,21 @@ pub type SharedCreated = Arc<Mutex<Created>>;
 /// The guarded value, also after a panic elsewhere.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A one-connection pool on the server's `postgres` database (where the
+/// scratch databases are created and dropped), and the server's version.
+pub async fn connect_admin(admin: &PgConnectOptions) -> anyhow::Result<(PgPool, String)> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(admin.clone())
+        .await
+        .context("connecting to the server's `postgres` database (DATABASE_URL)")?;
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&pool)
+        .await?;
+    Ok((pool, version))
 }
 
 /// Runs a bench: with `DATABASE_URL` and `KAFKA_BROKERS` set, reads its
