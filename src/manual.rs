@@ -145,6 +145,10 @@ pub const fn default_accounts(direction: ConversionDirection) -> (BufferAccount,
             BufferAccount::SystemBufferUsdc,
             BufferAccount::SystemBufferFiat,
         ),
+        ConversionDirection::UsdTransfer => (
+            BufferAccount::BrokerOperational,
+            BufferAccount::SystemBufferFiat,
+        ),
     }
 }
 

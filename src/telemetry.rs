@@ -75,11 +75,7 @@ pub fn register_series(providers: &[String]) {
     for kind in DLQ_ERROR_KINDS {
         metrics::counter!("treasury_dlq_messages_total", "error_kind" => kind).increment(0);
     }
-    let directions = [
-        ConversionDirection::UsdcToUsd,
-        ConversionDirection::UsdToUsdc,
-    ];
-    for direction in directions {
+    for direction in ConversionDirection::ALL {
         for trigger in [
             ConversionTrigger::BufferReplenishment,
             ConversionTrigger::ScheduledRebalance,
@@ -105,7 +101,7 @@ pub fn register_series(providers: &[String]) {
     }
     for provider in providers {
         crate::providers::metered::register(provider);
-        for direction in directions {
+        for direction in ConversionDirection::ALL {
             let _ = metrics::histogram!("treasury_job_duration_seconds", "direction" => direction.as_str(), "provider" => provider.clone());
         }
     }

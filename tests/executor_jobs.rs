@@ -517,6 +517,97 @@ async fn a_command_becomes_a_completed_job_with_one_balanced_posting(pool: PgPoo
     assert_eq!(balances(&pool).await, after);
 }
 
+/// A `usd_transfer` runs at the provider whose row offers transfers (never
+/// at a converting provider), and its posting moves USD between the two USD
+/// buffers with the fee as its own entry and no clearing account.
+#[sqlx::test]
+async fn a_usd_transfer_runs_at_the_transfer_provider_and_posts_without_clearing(pool: PgPool) {
+    let store = setup(&pool).await;
+    sqlx::query(
+        "INSERT INTO conversion_providers
+             (id, name, provider_type, priority, status, supports_usdc_to_usd,
+              supports_usd_to_usdc, supports_usd_transfer, min_conversion_amount,
+              max_conversion_amount, fee_percentage, fee_fixed, spread_bps)
+         VALUES (gen_random_uuid(), 'Bank transfer', 'sandbox', 3, 'active', FALSE, FALSE, TRUE,
+                 100, 1000000, 0, 0.25, 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let due = sandbox(1, "Due");
+    let zerohash = sandbox(2, "ZeroHash");
+    let bank = SandboxProvider::new(
+        3,
+        SandboxBehaviour {
+            fee_fixed: dec!(0.25),
+            ..SandboxBehaviour::default()
+        },
+    )
+    .named("Bank transfer");
+    let w = worker(
+        &store,
+        registry(vec![
+            ("Due", Arc::new(due.clone())),
+            ("ZeroHash", Arc::new(zerohash.clone())),
+            ("Bank transfer", Arc::new(bank.clone())),
+        ]),
+        settings("w1"),
+    );
+    let before = balances(&pool).await;
+    let amount = dec!(25000);
+    let transfer = ConversionCommand {
+        direction: ConversionDirection::UsdTransfer,
+        amount: Money::positive(Currency::Usd, amount).unwrap(),
+        source_account: BufferAccount::BrokerOperational,
+        destination_account: BufferAccount::SystemBufferFiat,
+        ..command(40, amount)
+    };
+    let id = new_job(&store, &transfer).await;
+    let done = drive(&w, &store, id).await;
+
+    assert_eq!(done.status, JobStatus::Completed, "{done:?}");
+    assert_eq!(done.provider_name.as_deref(), Some("Bank transfer"));
+    assert_eq!(bank.initiated_count(), 1);
+    assert_eq!(due.initiate_calls() + zerohash.initiate_calls(), 0);
+    let arrived = Money::positive(Currency::Usd, dec!(24999.75)).unwrap();
+    assert_eq!(done.destination_amount, Some(arrived));
+
+    let stored = postings(&pool, id).await;
+    assert_eq!(stored.len(), 1);
+    let posting = &stored[0];
+    posting.check_balanced().expect("balances per currency");
+    let lines: Vec<(&str, EntrySide, Decimal)> = posting
+        .entries
+        .iter()
+        .map(|e| (e.account.as_str(), e.side, e.amount.value))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            ("broker_operational", EntrySide::Credit, amount),
+            ("transfer_fees_usd", EntrySide::Debit, dec!(0.25)),
+            ("system_buffer_fiat", EntrySide::Debit, dec!(24999.75)),
+        ]
+    );
+    assert!(
+        posting
+            .entries
+            .iter()
+            .all(|e| e.amount.currency == Currency::Usd)
+    );
+
+    let after = balances(&pool).await;
+    assert_eq!(
+        after["broker_operational"],
+        before["broker_operational"] - amount
+    );
+    assert_eq!(
+        after["system_buffer_fiat"],
+        before["system_buffer_fiat"] + arrived.value
+    );
+    assert_eq!(after["system_buffer_usdc"], before["system_buffer_usdc"]);
+}
+
 // ---------------------------------------------------------------------------
 // 2. Retries, then success at the same provider
 // ---------------------------------------------------------------------------

@@ -128,37 +128,41 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
         0u32..1_000_000,
         prop::collection::vec((-200_000i64..200_000, 0i64..100_000), 3),
         prop::option::of(0i64..7_200),
+        any::<bool>(),
     )
-        .prop_map(|(a, b, c, min, span, cycle, flows, lead_seconds)| {
-            let provider = ProviderRow {
-                min_amount: Decimal::from(min),
-                max_amount: Decimal::from(min + span),
-                ..provider_row("P", 1)
-            };
-            let mut history = FlowHistory::default();
-            for (account, (mean, sd)) in BufferAccount::ALL.into_iter().zip(flows) {
-                history.flows.insert(
-                    account,
-                    FlowStats {
-                        mean: Decimal::from(mean),
-                        std_dev: Decimal::from(sd),
-                        recent_mean: Decimal::from(mean / 2),
-                        windows: 288,
-                    },
-                );
-            }
-            history.lead_time_p95 = lead_seconds.map(Duration::seconds);
-            PlanInput {
-                cycle_id: format!("window:{cycle}"),
-                now: t0(),
-                positions: vec![a, b, c],
-                providers: vec![provider],
-                window: Duration::minutes(5),
-                history,
-                settings: PlannerSettings::default(),
-                watch: None,
-            }
-        })
+        .prop_map(
+            |(a, b, c, min, span, cycle, flows, lead_seconds, transfers)| {
+                let provider = ProviderRow {
+                    min_amount: Decimal::from(min),
+                    max_amount: Decimal::from(min + span),
+                    supports_usd_transfer: transfers,
+                    ..provider_row("P", 1)
+                };
+                let mut history = FlowHistory::default();
+                for (account, (mean, sd)) in BufferAccount::ALL.into_iter().zip(flows) {
+                    history.flows.insert(
+                        account,
+                        FlowStats {
+                            mean: Decimal::from(mean),
+                            std_dev: Decimal::from(sd),
+                            recent_mean: Decimal::from(mean / 2),
+                            windows: 288,
+                        },
+                    );
+                }
+                history.lead_time_p95 = lead_seconds.map(Duration::seconds);
+                PlanInput {
+                    cycle_id: format!("window:{cycle}"),
+                    now: t0(),
+                    positions: vec![a, b, c],
+                    providers: vec![provider],
+                    window: Duration::minutes(5),
+                    history,
+                    settings: PlannerSettings::default(),
+                    watch: None,
+                }
+            },
+        )
 }
 
 proptest! {
@@ -177,6 +181,9 @@ proptest! {
             prop_assert_eq!(c.source_account.currency(), c.direction.source_currency());
             prop_assert_eq!(c.destination_account.currency(), c.direction.destination_currency());
             prop_assert!(c.amount.value.scale() <= c.amount.currency.scale());
+            prop_assert_eq!(ConversionDirection::between(c.source_account, c.destination_account), Some(c.direction));
+            prop_assert!(c.direction.is_conversion() || limits.supports_usd_transfer,
+                "a usd_transfer only when a provider carries transfers out");
             *moved.entry(c.source_account).or_default() -= c.amount.value;
             *moved.entry(c.destination_account).or_default() += c.amount.value;
         }
@@ -235,6 +242,7 @@ proptest! {
                 status: if *active { ProviderStatus::Active } else { ProviderStatus::Inactive },
                 supports_usdc_to_usd: true,
                 supports_usd_to_usdc: true,
+                supports_usd_transfer: false,
                 min_amount: Decimal::from(100),
                 max_amount: Decimal::from(*max),
                 daily_volume_limit: daily.map(Decimal::from),

@@ -21,6 +21,7 @@ fn row(name: &str, provider_type: &str) -> ProviderRow {
         status: ProviderStatus::Active,
         supports_usdc_to_usd: true,
         supports_usd_to_usdc: true,
+        supports_usd_transfer: false,
         min_amount: dec!(100),
         max_amount: dec!(1000000),
         daily_volume_limit: None,

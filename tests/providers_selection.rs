@@ -26,6 +26,7 @@ fn row(name: &str, priority: i32) -> ProviderRow {
         status: ProviderStatus::Active,
         supports_usdc_to_usd: true,
         supports_usd_to_usdc: true,
+        supports_usd_transfer: false,
         min_amount: dec!(100),
         max_amount: dec!(1000000),
         daily_volume_limit: None,
@@ -346,7 +347,7 @@ fn money(max_cents: i64) -> impl Strategy<Value = Decimal> {
 
 fn arb_row(index: usize) -> impl Strategy<Value = ProviderRow> {
     (
-        (0..4i32, 0..3u8, any::<bool>(), any::<bool>()),
+        (0..4i32, 0..3u8, any::<bool>(), any::<bool>(), any::<bool>()),
         (
             money(200_000),
             money(20_000_000),
@@ -359,7 +360,7 @@ fn arb_row(index: usize) -> impl Strategy<Value = ProviderRow> {
     )
         .prop_map(
             move |(
-                (priority, status, usdc_to_usd, usd_to_usdc),
+                (priority, status, usdc_to_usd, usd_to_usdc, transfer),
                 (min, span, limit, used),
                 (ok, ko),
                 (fee_e6, fixed, spread_e1),
@@ -377,6 +378,7 @@ fn arb_row(index: usize) -> impl Strategy<Value = ProviderRow> {
                     ][usize::from(status % 3)],
                     supports_usdc_to_usd: usdc_to_usd,
                     supports_usd_to_usdc: usd_to_usdc,
+                    supports_usd_transfer: transfer,
                     min_amount: min,
                     max_amount: min + span,
                     daily_volume_limit: limit,
@@ -400,7 +402,8 @@ fn arb_rows() -> impl Strategy<Value = Vec<ProviderRow>> {
 fn arb_direction() -> impl Strategy<Value = ConversionDirection> {
     prop_oneof![
         Just(ConversionDirection::UsdcToUsd),
-        Just(ConversionDirection::UsdToUsdc)
+        Just(ConversionDirection::UsdToUsdc),
+        Just(ConversionDirection::UsdTransfer)
     ]
 }
 
@@ -417,6 +420,7 @@ fn allowed(
     let direction_ok = match direction {
         ConversionDirection::UsdcToUsd => row.supports_usdc_to_usd,
         ConversionDirection::UsdToUsdc => row.supports_usd_to_usdc,
+        ConversionDirection::UsdTransfer => row.supports_usd_transfer,
     };
     row.status == ProviderStatus::Active
         && direction_ok

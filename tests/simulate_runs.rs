@@ -310,3 +310,95 @@ fn normal_at_twice_the_capital_costs_at_most_three_times_the_lower_bound_and_les
     assert!(engine.conversion_cost < band.conversion_cost);
     assert!(engine.minutes_below_min < band.minutes_below_min);
 }
+
+/// The cost model above plus a USD transfer rail priced and timed like a
+/// conversion (1.00 fixed, 4 min / 25 min), so only the routing differs.
+const WITH_TRANSFERS: &str = include_str!("scenarios/provider-costs-transfers.toml");
+
+/// With USDC itself short, a fiat need used to wait for two conversions
+/// (broker_operational → USDC → fiat); with a transfer provider it is one
+/// `usd_transfer` from broker_operational, and no conversion serves it.
+#[test]
+fn a_usd_need_is_met_by_one_transfer_when_a_provider_offers_transfers() {
+    let positions = vec![
+        position(BufferAccount::SystemBufferUsdc, USDC, 24_000, 0),
+        position(BufferAccount::SystemBufferFiat, FIAT, 44_000, 0),
+        position(BufferAccount::BrokerOperational, BROKER, 450_000, 0),
+    ];
+    let mut with = input(positions.clone());
+    with.providers = World::from_toml(WITH_TRANSFERS, None)
+        .unwrap()
+        .providers
+        .into_iter()
+        .map(|p| p.row)
+        .collect();
+    let planned = plan(&with);
+    let transfers: Vec<_> = planned
+        .commands
+        .iter()
+        .filter(|c| c.direction == ConversionDirection::UsdTransfer)
+        .collect();
+    assert!(!transfers.is_empty(), "{:?}", planned.commands);
+    assert!(transfers.iter().all(|c| {
+        c.source_account == BufferAccount::BrokerOperational
+            && c.destination_account == BufferAccount::SystemBufferFiat
+    }));
+    let to_fiat: Decimal = transfers.iter().map(|c| c.amount.value).sum();
+    assert!(to_fiat >= dec!(56000), "fiat back to its target: {to_fiat}");
+    let to_usdc: Decimal = planned
+        .commands
+        .iter()
+        .filter(|c| c.direction == ConversionDirection::UsdToUsdc)
+        .map(|c| c.amount.value)
+        .sum();
+    assert!(
+        to_usdc > dec!(26000) && to_usdc < dec!(56000),
+        "USDC's own need only, nothing routed for fiat: {to_usdc}"
+    );
+    let checks = check_plan(&with.positions, &planned.commands);
+    assert!(!checks.opposite_directions && checks.below_minimum.is_empty());
+
+    let without = plan(&input(positions));
+    assert!(
+        without
+            .commands
+            .iter()
+            .all(|c| c.direction != ConversionDirection::UsdTransfer),
+        "no transfer provider, no transfer: {:?}",
+        without.commands
+    );
+}
+
+/// The choice between routing USD through USDC and a transfer rail, on a
+/// month: the rail cuts the conversions and their cost and keeps fiat funded.
+#[test]
+fn a_transfer_rail_cuts_conversions_and_cost_over_a_month() {
+    let events = generate(Scenario::Normal, 1, generated_start());
+    let run = |toml: &str| {
+        let world = World::from_toml(toml, Some(dec!(1.5))).unwrap();
+        engine_only(&world, &events, 1, PlannerSettings::default())
+            .expect("no invariant breaks")
+            .report
+    };
+    let (through_usdc, transfers) = (run(COSTLY), run(WITH_TRANSFERS));
+    assert_eq!(through_usdc.transfers, 0);
+    assert!(transfers.transfers > 0);
+    assert!(
+        transfers.conversions * 10 < through_usdc.conversions * 7,
+        "{} conversions with transfers against {} without",
+        transfers.conversions,
+        through_usdc.conversions
+    );
+    assert!(
+        transfers.conversion_cost * dec!(10) < through_usdc.conversion_cost * dec!(7),
+        "{} paid with transfers (transfers included) against {}",
+        transfers.conversion_cost,
+        through_usdc.conversion_cost
+    );
+    assert_eq!(
+        transfers.buffers["system_buffer_fiat"].minutes_below_zero,
+        0.0
+    );
+    assert_eq!(transfers.opposite_conversion_cycles, 0);
+    assert_eq!(transfers.unfunded_commands, 0);
+}

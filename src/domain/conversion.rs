@@ -11,34 +11,51 @@ use super::amount::Money;
 use super::buffer::BufferAccount;
 use super::currency::Currency;
 
-/// Which way a conversion goes.
+/// Which way money moves: one of the two conversions, or a USD transfer
+/// between the two USD buffers (no currency changes hands, so no spread).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConversionDirection {
     UsdcToUsd,
     UsdToUsdc,
+    /// USD from one USD buffer to the other, carried out by a provider whose
+    /// row `supports_usd_transfer`.
+    UsdTransfer,
 }
 
 impl ConversionDirection {
+    /// Every direction, conversions first.
+    pub const ALL: [ConversionDirection; 3] = [
+        ConversionDirection::UsdcToUsd,
+        ConversionDirection::UsdToUsdc,
+        ConversionDirection::UsdTransfer,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             ConversionDirection::UsdcToUsd => "usdc_to_usd",
             ConversionDirection::UsdToUsdc => "usd_to_usdc",
+            ConversionDirection::UsdTransfer => "usd_transfer",
         }
+    }
+
+    /// Whether the currency changes (a transfer is not a conversion).
+    pub const fn is_conversion(self) -> bool {
+        !matches!(self, ConversionDirection::UsdTransfer)
     }
 
     /// Currency given to the provider.
     pub const fn source_currency(self) -> Currency {
         match self {
             ConversionDirection::UsdcToUsd => Currency::Usdc,
-            ConversionDirection::UsdToUsdc => Currency::Usd,
+            ConversionDirection::UsdToUsdc | ConversionDirection::UsdTransfer => Currency::Usd,
         }
     }
 
     /// Currency received from the provider.
     pub const fn destination_currency(self) -> Currency {
         match self {
-            ConversionDirection::UsdcToUsd => Currency::Usd,
+            ConversionDirection::UsdcToUsd | ConversionDirection::UsdTransfer => Currency::Usd,
             ConversionDirection::UsdToUsdc => Currency::Usdc,
         }
     }
@@ -54,13 +71,16 @@ impl ConversionDirection {
         }
     }
 
-    /// The direction that moves money from `source` to `destination`, when
-    /// they hold different currencies (None for two USD buffers: that is a
-    /// transfer, not a conversion).
-    pub const fn between(source: BufferAccount, destination: BufferAccount) -> Option<Self> {
+    /// The direction that moves money from `source` to `destination`: a
+    /// conversion between currencies, a transfer between the two USD
+    /// buffers, None from a buffer to itself.
+    pub fn between(source: BufferAccount, destination: BufferAccount) -> Option<Self> {
         match (source.currency(), destination.currency()) {
             (Currency::Usd, Currency::Usdc) => Some(ConversionDirection::UsdToUsdc),
             (Currency::Usdc, Currency::Usd) => Some(ConversionDirection::UsdcToUsd),
+            (Currency::Usd, Currency::Usd) if source != destination => {
+                Some(ConversionDirection::UsdTransfer)
+            }
             _ => None,
         }
     }
@@ -74,7 +94,7 @@ impl fmt::Display for ConversionDirection {
 
 /// The text did not name a conversion direction.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown conversion direction {0:?} (expected usdc_to_usd or usd_to_usdc)")]
+#[error("unknown conversion direction {0:?} (expected usdc_to_usd, usd_to_usdc or usd_transfer)")]
 pub struct UnknownDirection(pub String);
 
 impl FromStr for ConversionDirection {
@@ -83,6 +103,7 @@ impl FromStr for ConversionDirection {
         match s {
             "usdc_to_usd" => Ok(ConversionDirection::UsdcToUsd),
             "usd_to_usdc" => Ok(ConversionDirection::UsdToUsdc),
+            "usd_transfer" => Ok(ConversionDirection::UsdTransfer),
             other => Err(UnknownDirection(other.to_owned())),
         }
     }

@@ -227,7 +227,7 @@ impl Intake {
         ) != Some(command.direction)
         {
             return Err(format!(
-                "{} from {} to {} is not a conversion between their currencies",
+                "{} from {} to {} is not a movement between those accounts",
                 command.direction, command.source_account, command.destination_account
             ));
         }

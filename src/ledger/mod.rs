@@ -13,6 +13,18 @@
 //! | destination buffer         | D USD    |        |
 //! | conversion_clearing_usd    |          | D USD  |
 //!
+//! A `usd_transfer` of S USD with fee F USD, arriving as D = S − F USD,
+//! changes no currency and so needs no clearing account:
+//!
+//! | account                    | debit    | credit |
+//! |----------------------------|----------|--------|
+//! | source USD buffer          |          | S USD  |
+//! | transfer_fees_usd          | F USD    |        |
+//! | destination USD buffer     | D USD    |        |
+//!
+//! (a transfer that delivers anything but S − F keeps the clearing lines,
+//! so the difference stays visible).
+//!
 //! Pure: the executor writes the posting with the job's completion.
 
 use chrono::{DateTime, Utc};
@@ -20,8 +32,8 @@ use rust_decimal::Decimal;
 use uuid::Uuid;
 
 use crate::domain::{
-    BufferAccount, ConversionJob, Currency, EntrySide, LedgerEntry, LedgerPosting, Money,
-    PostingError,
+    BufferAccount, ConversionDirection, ConversionJob, Currency, EntrySide, LedgerEntry,
+    LedgerPosting, Money, PostingError,
 };
 
 /// Namespace of posting ids: UUIDv5 over the job id (one posting set per job).
@@ -58,8 +70,13 @@ fn clearing(currency: Currency) -> String {
     )
 }
 
-fn fees(currency: Currency) -> String {
-    format!("conversion_fees_{}", currency.code().to_ascii_lowercase())
+fn fees(direction: ConversionDirection, currency: Currency) -> String {
+    let kind = if direction.is_conversion() {
+        "conversion"
+    } else {
+        "transfer"
+    };
+    format!("{kind}_fees_{}", currency.code().to_ascii_lowercase())
 }
 
 /// The posting for a completed job, checked to balance per currency.
@@ -103,23 +120,24 @@ pub fn posting_for(
         currency: source,
         value: job.amount.value - settled.fee.value,
     };
-    let mut entries = vec![
-        line(
-            job.source_account.as_str().into(),
-            EntrySide::Credit,
-            job.amount,
-            "sent to the provider",
-        ),
-        line(
+    let cleared = job.direction.is_conversion() || converted != settled.destination_amount;
+    let mut entries = vec![line(
+        job.source_account.as_str().into(),
+        EntrySide::Credit,
+        job.amount,
+        "sent to the provider",
+    )];
+    if cleared {
+        entries.push(line(
             clearing(source),
             EntrySide::Debit,
             converted,
             "converted at the provider",
-        ),
-    ];
+        ));
+    }
     if settled.fee.value > Decimal::ZERO {
         entries.push(line(
-            fees(source),
+            fees(job.direction, source),
             EntrySide::Debit,
             settled.fee,
             "provider fee",
@@ -131,12 +149,14 @@ pub fn posting_for(
         settled.destination_amount,
         "received from the provider",
     ));
-    entries.push(line(
-        clearing(destination),
-        EntrySide::Credit,
-        settled.destination_amount,
-        "converted at the provider",
-    ));
+    if cleared {
+        entries.push(line(
+            clearing(destination),
+            EntrySide::Credit,
+            settled.destination_amount,
+            "converted at the provider",
+        ));
+    }
     let posting = LedgerPosting {
         posting_id: Uuid::new_v5(&POSTING_ID_NAMESPACE, job.id.as_bytes()),
         idempotency_key: job.id.to_string(),

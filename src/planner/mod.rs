@@ -79,13 +79,10 @@ fn active_offers(
         .iter()
         .filter(|r| r.status == ProviderStatus::Active)
         .flat_map(|row| {
-            [
-                ConversionDirection::UsdcToUsd,
-                ConversionDirection::UsdToUsdc,
-            ]
-            .into_iter()
-            .filter(|d| row.supports(*d))
-            .map(move |d| (d, row))
+            ConversionDirection::ALL
+                .into_iter()
+                .filter(|d| row.supports(*d))
+                .map(move |d| (d, row))
         })
 }
 
@@ -225,8 +222,9 @@ pub fn plan(input: &PlanInput) -> Plan {
             levels,
         };
     }
-    let (movements, mut notes) = routing::route(positions, &levels);
     let limits = amount_limits(&input.providers);
+    let transfers = limits.contains_key(&ConversionDirection::UsdTransfer);
+    let (movements, mut notes) = routing::route(positions, &levels, transfers);
     let capacity = daily_capacity(&input.providers);
     let mut commands = Vec::new();
     let mut sequence: BTreeMap<ConversionDirection, u32> = BTreeMap::new();

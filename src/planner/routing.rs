@@ -6,19 +6,25 @@
 //! - Any other buffer can *give* what it holds (balance less what is already
 //!   leaving; never money still in flight toward it) above its return point,
 //!   or, when some buffer is below its minimum, above its trigger.
-//! - A need is met from the other currency's givers, largest giver first.
-//!   A USD need the USDC buffer cannot meet is routed through USDC: the other
-//!   USD buffer converts into the USDC buffer, which passes the money on once
-//!   it has landed (what is already on its way to the USDC buffer beyond its
-//!   own return point counts toward that).
+//! - A USD need is met first by a `usd_transfer` from the other USD buffer
+//!   when some provider offers transfers (one hop, no spread: the cheapest
+//!   and quickest money there is), then by converting the USDC buffer's
+//!   surplus. A USDC need is met from the USD givers, largest first.
+//! - With no transfer provider, a USD need the USDC buffer cannot meet is
+//!   routed through USDC: the other USD buffer converts into the USDC
+//!   buffer, which passes the money on once it has landed (what is already
+//!   on its way to the USDC buffer beyond its own return point counts toward
+//!   that).
 //! - A buffer above its ceiling (its maximum plus what it is expected to
 //!   lose while money travels) sweeps down to its return point into the
-//!   other currency's buffer furthest below its own return point, never
-//!   filling it past that buffer's ceiling.
-//! - Opposite directions are netted across cycles: if both were wanted, the
+//!   buffer it can reach (the other currency's, or the other USD buffer by
+//!   transfer) furthest below its own return point, never filling it past
+//!   that buffer's ceiling, and never into a buffer that pays another in the
+//!   same plan.
+//! - Opposite conversions are netted across cycles: if both were wanted, the
 //!   direction serving a buffer below its minimum (else the larger total)
 //!   runs now and the other waits for the next cycle, when the positions
-//!   have moved.
+//!   have moved. Transfers are not conversions and always run.
 
 use std::collections::BTreeMap;
 
@@ -60,6 +66,8 @@ fn scale_down(amount: Decimal, account: BufferAccount) -> Decimal {
 struct Router {
     standing: BTreeMap<BufferAccount, Standing>,
     urgent: bool,
+    /// Whether some provider carries out `usd_transfer`.
+    transfers: bool,
     movements: Vec<Movement>,
     notes: Vec<PlanNote>,
 }
@@ -107,15 +115,38 @@ impl Router {
         });
     }
 
-    /// Givers of the currency other than `account`'s, largest first.
+    /// Whether `account` already pays some other buffer in this plan (it
+    /// then takes no sweep: money would pass through it for nothing).
+    fn gives(&self, account: BufferAccount) -> bool {
+        self.movements.iter().any(|m| m.source == account)
+    }
+
+    /// Whether money can move from `source` to `destination` this cycle: a
+    /// conversion always, a USD transfer when a provider offers it.
+    fn reachable(&self, source: BufferAccount, destination: BufferAccount) -> bool {
+        match ConversionDirection::between(source, destination) {
+            Some(d) => d.is_conversion() || self.transfers,
+            None => false,
+        }
+    }
+
+    /// Who can pay `account`: the other USD buffer by transfer first (when
+    /// transfers are offered), then the other currency's buffers, largest
+    /// giver first.
     fn givers_for(&self, account: BufferAccount) -> Vec<BufferAccount> {
         let mut givers: Vec<BufferAccount> = self
             .standing
             .keys()
             .copied()
-            .filter(|a| a.currency() != account.currency())
+            .filter(|a| self.reachable(*a, account))
             .collect();
-        givers.sort_by(|a, b| self.giveable(*b).cmp(&self.giveable(*a)).then(a.cmp(b)));
+        givers.sort_by(|a, b| {
+            let transfer = |x: &BufferAccount| x.currency() == account.currency();
+            transfer(b)
+                .cmp(&transfer(a))
+                .then(self.giveable(*b).cmp(&self.giveable(*a)))
+                .then(a.cmp(b))
+        });
         givers
     }
 
@@ -137,7 +168,7 @@ impl Router {
         if remaining <= Decimal::ZERO {
             return;
         }
-        if account.currency() == crate::domain::Currency::Usd {
+        if account.currency() == crate::domain::Currency::Usd && !self.transfers {
             self.route_through_usdc(account, remaining);
         } else {
             self.notes.push(PlanNote {
@@ -198,7 +229,7 @@ impl Router {
             .standing
             .keys()
             .copied()
-            .filter(|a| a.currency() != account.currency())
+            .filter(|a| self.reachable(account, *a) && !self.gives(*a))
             .collect();
         let shortfall = |r: &Router, a: BufferAccount| {
             let d = r.standing[&a];
@@ -249,8 +280,10 @@ impl Router {
         } else {
             ConversionDirection::UsdcToUsd
         };
-        let (kept, dropped): (Vec<Movement>, Vec<Movement>) =
-            self.movements.iter().partition(|m| m.direction == keep);
+        let (kept, dropped): (Vec<Movement>, Vec<Movement>) = self
+            .movements
+            .iter()
+            .partition(|m| m.direction == keep || !m.direction.is_conversion());
         for m in dropped {
             self.notes.push(PlanNote {
                 account: m.destination,
@@ -264,10 +297,12 @@ impl Router {
     }
 }
 
-/// The movements for one cycle, with notes on what could not be met.
+/// The movements for one cycle, with notes on what could not be met;
+/// `transfers` says whether some provider carries out `usd_transfer`.
 pub fn route(
     positions: &[BufferPosition],
     levels: &BTreeMap<BufferAccount, BufferLevels>,
+    transfers: bool,
 ) -> (Vec<Movement>, Vec<PlanNote>) {
     let standing: BTreeMap<BufferAccount, Standing> = positions
         .iter()
@@ -290,6 +325,7 @@ pub fn route(
     let mut router = Router {
         standing,
         urgent,
+        transfers,
         movements: Vec::new(),
         notes: Vec::new(),
     };

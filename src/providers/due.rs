@@ -311,6 +311,7 @@ impl DueProvider {
         direction: ConversionDirection,
         amount: &Money,
     ) -> Result<(String, Quote, Value), ProviderError> {
+        super::conversions_only(&self.name, direction)?;
         let body = quote_request_body(direction, amount, &self.config);
         let response = send_json(
             self.request(Method::POST, "/v1/transfers/quote")

@@ -120,6 +120,24 @@ pub struct Quote {
     pub fee: Money,
 }
 
+/// Refuses a `usd_transfer` at a provider that only converts (its row must
+/// not offer transfers; this guards a row that says it does by mistake).
+pub fn conversions_only(
+    provider: &str,
+    direction: ConversionDirection,
+) -> Result<(), ProviderError> {
+    if direction.is_conversion() {
+        Ok(())
+    } else {
+        Err(ProviderError::Final {
+            code: "unsupported_direction".to_owned(),
+            reason: format!(
+                "{provider} converts between USD and USDC; it does not carry out {direction}"
+            ),
+        })
+    }
+}
+
 /// What went wrong talking to a provider.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {

@@ -79,6 +79,9 @@ pub struct ProviderRow {
     pub supports_usdc_to_usd: bool,
     /// Whether it converts USD into USDC.
     pub supports_usd_to_usdc: bool,
+    /// Whether it moves USD between the two USD buffers (`usd_transfer`).
+    #[serde(default)]
+    pub supports_usd_transfer: bool,
     /// Smallest amount it accepts (`min_conversion_amount`).
     pub min_amount: Decimal,
     /// Largest amount it accepts (`max_conversion_amount`).
@@ -110,6 +113,7 @@ impl ProviderRow {
         match direction {
             ConversionDirection::UsdcToUsd => self.supports_usdc_to_usd,
             ConversionDirection::UsdToUsdc => self.supports_usd_to_usdc,
+            ConversionDirection::UsdTransfer => self.supports_usd_transfer,
         }
     }
 

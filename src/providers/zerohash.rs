@@ -190,6 +190,8 @@ pub fn rfq_request_body(
             map.insert("side".into(), json!("buy"));
             map.insert("total".into(), json!(amount_text(amount)));
         }
+        // Refused before any body is built (`conversions_only`).
+        ConversionDirection::UsdTransfer => {}
     }
     if let Some(label) = &config.account_label {
         map.insert("account_label".into(), json!(label));
@@ -224,6 +226,7 @@ pub fn map_rfq(
     }
     let rate = match direction {
         ConversionDirection::UsdcToUsd => price,
+        ConversionDirection::UsdTransfer => Decimal::ONE,
         ConversionDirection::UsdToUsdc => {
             (Decimal::ONE / price).round_dp_with_strategy(10, RoundingStrategy::MidpointNearestEven)
         }
@@ -507,6 +510,7 @@ impl ZeroHashProvider {
         amount: &Money,
         request_id: Option<Uuid>,
     ) -> Result<(String, Quote), ProviderError> {
+        super::conversions_only(&self.name, direction)?;
         let body = rfq_request_body(direction, amount, &self.config);
         let response =
             send_json(self.signed(Method::POST, "/liquidity/rfq", Some(&body), request_id)?)

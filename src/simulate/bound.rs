@@ -69,15 +69,17 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
         }
     }
     let bps = Decimal::from(10_000);
-    let rate = world
-        .providers
-        .iter()
+    let converting = || {
+        world
+            .providers
+            .iter()
+            .filter(|p| p.row.supports_usdc_to_usd || p.row.supports_usd_to_usdc)
+    };
+    let rate = converting()
         .map(|p| p.row.fee_percentage + p.row.spread_bps / bps)
         .min()
         .unwrap_or_default();
-    let fixed = world
-        .providers
-        .iter()
+    let fixed = converting()
         .map(|p| p.row.fee_fixed)
         .min()
         .unwrap_or_default();

@@ -34,7 +34,8 @@ pub struct Violation {
 /// What [`check_plan`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlanChecks {
-    /// Both directions were planned in the same cycle.
+    /// Both conversion directions were planned in the same cycle (a
+    /// transfer alongside either is not opposite to it).
     pub opposite_directions: bool,
     /// One line per command that takes its source below its minimum.
     pub below_minimum: Vec<String>,
@@ -42,7 +43,11 @@ pub struct PlanChecks {
 
 /// Checks one cycle's commands against the positions they were planned on.
 pub fn check_plan(positions: &[BufferPosition], commands: &[ConversionCommand]) -> PlanChecks {
-    let directions: BTreeSet<_> = commands.iter().map(|c| c.direction).collect();
+    let directions: BTreeSet<_> = commands
+        .iter()
+        .map(|c| c.direction)
+        .filter(|d| d.is_conversion())
+        .collect();
     let mut spendable: BTreeMap<BufferAccount, Decimal> = positions
         .iter()
         .map(|p| (p.account, p.balance - p.outgoing))

@@ -162,6 +162,7 @@ impl Policy for PerEventPolicy {
                 BufferAccount::BrokerOperational,
                 BufferAccount::SystemBufferUsdc,
             ),
+            ConversionDirection::UsdTransfer => return Vec::new(),
         };
         let cycle_id = format!("event:{}", event.event_id);
         movement(

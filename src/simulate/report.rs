@@ -28,10 +28,15 @@ pub struct PolicyReport {
     pub conversions: u64,
     /// Commands the policy issued.
     pub commands: u64,
+    /// USD transfers between the two USD buffers completed (not conversions).
+    pub transfers: u64,
     /// Source amount converted, at par.
     pub conversion_volume: Decimal,
-    /// Fees, spread and fixed fees paid, at par.
+    /// Fees, spread and fixed fees paid to providers, at par: conversions and
+    /// transfers (the latter also in `transfer_cost`).
     pub conversion_cost: Decimal,
+    /// The part of `conversion_cost` paid for transfers.
+    pub transfer_cost: Decimal,
     /// The fee part of the cost.
     pub fees: Decimal,
     /// Source amount converted per route (`source->destination`).
@@ -130,9 +135,10 @@ impl Comparison {
         let b = &self.lower_bound;
         let _ = writeln!(
             out,
-            "{:<14} {:>7} {:>12} {:>8} {:>8} {:>8} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
+            "{:<14} {:>7} {:>6} {:>12} {:>8} {:>8} {:>8} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
             b.policy,
             b.conversions,
+            "-",
             b.conversion_cost.round_dp(2).to_string(),
             "-",
             "-",
@@ -153,9 +159,10 @@ impl Comparison {
 fn write_policy_rows(out: &mut String, policies: &[PolicyReport]) {
     let _ = writeln!(
         out,
-        "{:<14} {:>7} {:>12} {:>8} {:>8} {:>8} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
+        "{:<14} {:>7} {:>6} {:>12} {:>8} {:>8} {:>8} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
         "POLICY",
         "CONV",
+        "XFER",
         "COST",
         "<MIN m",
         "<0 m",
@@ -172,9 +179,10 @@ fn write_policy_rows(out: &mut String, policies: &[PolicyReport]) {
     for p in policies {
         let _ = writeln!(
             out,
-            "{:<14} {:>7} {:>12} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
+            "{:<14} {:>7} {:>6} {:>12} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
             p.policy,
             p.conversions,
+            p.transfers,
             p.conversion_cost.round_dp(2).to_string(),
             p.minutes_below_min,
             p.minutes_below_zero,

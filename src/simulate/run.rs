@@ -392,8 +392,13 @@ impl Run<'_> {
                 return Err(self.violation(now, format!("job {index} executed twice")));
             }
             let job = &self.executor.jobs[index];
-            self.report.conversions += 1;
-            self.report.conversion_volume += job.job.amount.value;
+            if job.job.direction.is_conversion() {
+                self.report.conversions += 1;
+                self.report.conversion_volume += job.job.amount.value;
+            } else {
+                self.report.transfers += 1;
+                self.report.transfer_cost += cost;
+            }
             *self
                 .report
                 .volume_by_route

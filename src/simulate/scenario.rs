@@ -20,6 +20,12 @@
 //! latency_median = "4m"
 //! latency_p99 = "25m"
 //! failure_rate = "0.01"
+//! [[providers]]                   # a USD transfer rail between the two USD buffers
+//! name = "Bank transfer"
+//! supports_usd_transfer = true    # converts nothing unless supports_usd_to_usdc/usdc_to_usd say so
+//! fixed_fee = "0.25"
+//! latency_median = "2m"
+//! latency_p99 = "15m"
 //! ```
 
 use std::collections::BTreeMap;
@@ -172,6 +178,7 @@ struct ProviderFile {
     outages: Vec<String>,
     supports_usdc_to_usd: Option<bool>,
     supports_usd_to_usdc: Option<bool>,
+    supports_usd_transfer: Option<bool>,
 }
 
 /// The seeded thresholds and batch sizes (`migrations/…_treasury_core.sql`).
@@ -210,6 +217,7 @@ pub fn provider_row(name: &str, priority: i32) -> ProviderRow {
         status: ProviderStatus::Active,
         supports_usdc_to_usd: true,
         supports_usd_to_usdc: true,
+        supports_usd_transfer: false,
         min_amount: dec!(100),
         max_amount: dec!(1000000),
         daily_volume_limit: None,
@@ -396,6 +404,8 @@ impl World {
 fn provider(p: ProviderFile, default_priority: i32) -> Result<SimProvider, ScenarioError> {
     let field = |f: &str| format!("[[providers]] {}: {f}", p.name);
     let bps = Decimal::from(10_000);
+    // A transfer provider converts only when its entry says so.
+    let transfers = p.supports_usd_transfer.unwrap_or(false);
     let row = ProviderRow {
         min_amount: p.min_amount.unwrap_or(dec!(100)),
         max_amount: p.max_amount.unwrap_or(dec!(1000000)),
@@ -403,8 +413,9 @@ fn provider(p: ProviderFile, default_priority: i32) -> Result<SimProvider, Scena
         fee_percentage: p.fee_bps.unwrap_or_default() / bps,
         fee_fixed: p.fixed_fee.unwrap_or_default(),
         spread_bps: p.spread_bps.unwrap_or_default(),
-        supports_usdc_to_usd: p.supports_usdc_to_usd.unwrap_or(true),
-        supports_usd_to_usdc: p.supports_usd_to_usdc.unwrap_or(true),
+        supports_usdc_to_usd: p.supports_usdc_to_usd.unwrap_or(!transfers),
+        supports_usd_to_usdc: p.supports_usd_to_usdc.unwrap_or(!transfers),
+        supports_usd_transfer: transfers,
         ..provider_row(&p.name, p.priority.unwrap_or(default_priority))
     };
     if row.min_amount <= Decimal::ZERO || row.min_amount > row.max_amount {

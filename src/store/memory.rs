@@ -23,8 +23,8 @@ use crate::domain::{
     Thresholds,
 };
 use crate::planner::{AmountLimits, BufferPosition};
+use crate::providers::ProviderRow;
 use crate::providers::health::AttemptOutcome;
-use crate::providers::{ProviderRow, ProviderStatus};
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
 
 #[derive(Debug, Clone)]
@@ -550,29 +550,7 @@ impl StoreTx for MemoryTx {
     async fn amount_limits(
         &mut self,
     ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError> {
-        let mut limits: BTreeMap<ConversionDirection, AmountLimits> = BTreeMap::new();
-        let active = self
-            .work
-            .providers
-            .iter()
-            .filter(|p| p.status == ProviderStatus::Active);
-        for row in active {
-            for direction in [
-                ConversionDirection::UsdcToUsd,
-                ConversionDirection::UsdToUsdc,
-            ] {
-                if !row.supports(direction) {
-                    continue;
-                }
-                let entry = limits.entry(direction).or_insert(AmountLimits {
-                    min: row.min_amount,
-                    max: row.max_amount,
-                });
-                entry.min = entry.min.min(row.min_amount);
-                entry.max = entry.max.max(row.max_amount);
-            }
-        }
-        Ok(limits)
+        Ok(crate::planner::amount_limits(&self.work.providers))
     }
 
     async fn auto_rebalance_paused(&mut self) -> Result<bool, StoreError> {

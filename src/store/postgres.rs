@@ -631,7 +631,10 @@ impl StoreTx for PgTx {
                FROM conversion_providers WHERE status = 'active' AND supports_usdc_to_usd
              UNION ALL
              SELECT 'usd_to_usdc', min(min_conversion_amount), max(max_conversion_amount)
-               FROM conversion_providers WHERE status = 'active' AND supports_usd_to_usdc",
+               FROM conversion_providers WHERE status = 'active' AND supports_usd_to_usdc
+             UNION ALL
+             SELECT 'usd_transfer', min(min_conversion_amount), max(max_conversion_amount)
+               FROM conversion_providers WHERE status = 'active' AND supports_usd_transfer",
         )
         .fetch_all(&mut *self.tx)
         .await?;

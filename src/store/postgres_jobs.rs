@@ -96,6 +96,7 @@ pub(super) fn provider_from_row(r: &PgRow) -> Result<ProviderRow, StoreError> {
         status: parse::<ProviderStatus>(r.get::<&str, _>("status"))?,
         supports_usdc_to_usd: r.get("supports_usdc_to_usd"),
         supports_usd_to_usdc: r.get("supports_usd_to_usdc"),
+        supports_usd_transfer: r.get("supports_usd_transfer"),
         min_amount: r.get::<Decimal, _>("min_conversion_amount").normalize(),
         max_amount: r.get::<Decimal, _>("max_conversion_amount").normalize(),
         daily_volume_limit: r

@@ -73,6 +73,7 @@ pub fn providers() -> Result<Vec<ProviderRow>, SeedError> {
                 status: field.parse::<ProviderStatus>("status")?,
                 supports_usdc_to_usd: field.boolean("supports_usdc_to_usd")?,
                 supports_usd_to_usdc: field.boolean("supports_usd_to_usdc")?,
+                supports_usd_transfer: false,
                 min_amount: field.parse("min_conversion_amount")?,
                 max_amount: field.parse("max_conversion_amount")?,
                 daily_volume_limit: field.optional("daily_volume_limit")?,
