@@ -344,16 +344,17 @@ fn a_usd_need_is_met_by_one_transfer_when_a_provider_offers_transfers() {
             && c.destination_account == BufferAccount::SystemBufferFiat
     }));
     let to_fiat: Decimal = transfers.iter().map(|c| c.amount.value).sum();
-    assert!(to_fiat >= dec!(56000), "fiat back to its target: {to_fiat}");
+    assert_eq!(to_fiat, dec!(56000), "fiat back to its target");
     let to_usdc: Decimal = planned
         .commands
         .iter()
         .filter(|c| c.direction == ConversionDirection::UsdToUsdc)
         .map(|c| c.amount.value)
         .sum();
-    assert!(
-        to_usdc > dec!(26000) && to_usdc < dec!(56000),
-        "USDC's own need only, nothing routed for fiat: {to_usdc}"
+    assert_eq!(
+        to_usdc,
+        dec!(26000),
+        "USDC back to its target, nothing routed through it for fiat"
     );
     let checks = check_plan(&with.positions, &planned.commands);
     assert!(!checks.opposite_directions && checks.below_minimum.is_empty());
