@@ -117,6 +117,11 @@ impl ProviderRow {
         }
     }
 
+    /// Whether the row converts in either direction (a transfer-only row does not).
+    pub fn converts(&self) -> bool {
+        self.supports_usdc_to_usd || self.supports_usd_to_usdc
+    }
+
     /// The environment variable named by `credentials_ref`, or `default` when
     /// the row names none.
     pub fn credentials_var<'a>(&'a self, default: &'a str) -> &'a str {

@@ -69,12 +69,7 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
         }
     }
     let bps = Decimal::from(10_000);
-    let converting = || {
-        world
-            .providers
-            .iter()
-            .filter(|p| p.row.supports_usdc_to_usd || p.row.supports_usd_to_usdc)
-    };
+    let converting = || world.providers.iter().filter(|p| p.row.converts());
     let rate = converting()
         .map(|p| p.row.fee_percentage + p.row.spread_bps / bps)
         .min()

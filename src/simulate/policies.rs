@@ -253,7 +253,7 @@ impl BandPolicy {
         let b = view
             .providers
             .iter()
-            .filter(|r| r.supports_usdc_to_usd || r.supports_usd_to_usdc)
+            .filter(|r| r.converts())
             .map(|r| {
                 r.fee_fixed + batch * (r.fee_percentage + r.spread_bps / Decimal::from(10_000))
             })

@@ -377,6 +377,16 @@ impl PgTx {
     pub(super) fn pg_tx(&mut self) -> &mut Transaction<'static, Postgres> {
         &mut self.tx
     }
+
+    /// Every `conversion_providers` row, by priority then name.
+    async fn provider_rows(&mut self) -> Result<Vec<crate::providers::ProviderRow>, StoreError> {
+        sqlx::query("SELECT * FROM conversion_providers ORDER BY priority, name")
+            .fetch_all(&mut *self.tx)
+            .await?
+            .iter()
+            .map(super::postgres_jobs::provider_from_row)
+            .collect()
+    }
 }
 
 #[async_trait]
@@ -576,12 +586,7 @@ impl StoreTx for PgTx {
         &mut self,
         since: DateTime<Utc>,
     ) -> Result<PlanningRecords, StoreError> {
-        let providers = sqlx::query("SELECT * FROM conversion_providers ORDER BY priority, name")
-            .fetch_all(&mut *self.tx)
-            .await?
-            .iter()
-            .map(super::postgres_jobs::provider_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+        let providers = self.provider_rows().await?;
         let mut windows: BTreeMap<DateTime<Utc>, WindowTally> = BTreeMap::new();
         for r in sqlx::query(
             "SELECT f.window_start, f.account_type, f.inflow, f.outflow
@@ -626,35 +631,7 @@ impl StoreTx for PgTx {
     async fn amount_limits(
         &mut self,
     ) -> Result<BTreeMap<ConversionDirection, AmountLimits>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT 'usdc_to_usd' AS direction, min(min_conversion_amount) AS lo, max(max_conversion_amount) AS hi
-               FROM conversion_providers WHERE status = 'active' AND supports_usdc_to_usd
-             UNION ALL
-             SELECT 'usd_to_usdc', min(min_conversion_amount), max(max_conversion_amount)
-               FROM conversion_providers WHERE status = 'active' AND supports_usd_to_usdc
-             UNION ALL
-             SELECT 'usd_transfer', min(min_conversion_amount), max(max_conversion_amount)
-               FROM conversion_providers WHERE status = 'active' AND supports_usd_transfer",
-        )
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let mut limits = BTreeMap::new();
-        for r in rows {
-            let (Some(min), Some(max)) = (
-                r.get::<Option<Decimal>, _>("lo"),
-                r.get::<Option<Decimal>, _>("hi"),
-            ) else {
-                continue;
-            };
-            limits.insert(
-                parse(r.get::<&str, _>("direction"))?,
-                AmountLimits {
-                    min: min.normalize(),
-                    max: max.normalize(),
-                },
-            );
-        }
-        Ok(limits)
+        Ok(crate::planner::amount_limits(&self.provider_rows().await?))
     }
 
     async fn auto_rebalance_paused(&mut self) -> Result<bool, StoreError> {
