@@ -216,6 +216,12 @@ impl Config {
                     env.duration_or_off("TREASURY_PLANNER_WATCH_INTERVAL", "1m")?,
                 )
                 .unwrap_or(chrono::Duration::minutes(1)),
+                urgent_pieces: env.parsed(
+                    "TREASURY_PLANNER_URGENT_PIECES",
+                    "3",
+                    "a whole number 1..=20",
+                    |n: &u32| (1..=20).contains(n),
+                )?,
             },
             reconcile_tolerance: env.parsed(
                 "TREASURY_RECONCILE_TOLERANCE",

@@ -19,6 +19,17 @@
 //!
 //! `min`, `target` and `max` stay hard limits: the trigger never falls below
 //! `min`, the return point never passes `max`.
+//!
+//! `T` counts twice for a USD buffer when no provider offers `usd_transfer`
+//! ([`refill_hops`]): its refill may have to pass through the USDC buffer,
+//! one conversion after the other. In a watch between window closes, a
+//! buffer draining fast enough to cross its minimum before a refill lands
+//! takes the drain observed in the open windows (over `T`) when it is the
+//! larger ([`BufferLevels::with_observed_drain`]), and its return point is
+//! at least that drain above its minimum. A buffer projected less than its
+//! drain above its minimum is [urgent](BufferLevels::urgent): givers then
+//! give down to their own trigger, and its refill is cut into pieces (see
+//! the planner).
 
 use chrono::Duration;
 use rust_decimal::{Decimal, MathematicalOps};
@@ -26,6 +37,19 @@ use serde::{Deserialize, Serialize};
 
 use super::history::FlowStats;
 use super::{BufferPosition, PlannerSettings};
+use crate::domain::{BufferAccount, Currency, Thresholds};
+
+/// How many conversions a refill of `account` may pass through: a USD
+/// buffer's refill goes through USDC (two) when no provider offers
+/// `usd_transfer` and the USDC buffer has nothing to spare, so its lead
+/// time counts twice.
+pub fn refill_hops(account: BufferAccount, transfers: bool) -> i32 {
+    if account.currency() == Currency::Usd && !transfers {
+        2
+    } else {
+        1
+    }
+}
 
 /// When and how far one buffer is refilled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +64,30 @@ pub struct BufferLevels {
     pub drain: Decimal,
     /// Windows a refill is expected to take, decision included.
     pub lead_windows: u32,
+}
+
+impl BufferLevels {
+    /// The levels with a drain observed between window closes (a watch):
+    /// the expected loss is at least `observed`, and a refill brings the
+    /// buffer at least that far above its minimum (never past its maximum).
+    pub fn with_observed_drain(self, observed: Decimal, thresholds: &Thresholds) -> Self {
+        let drain = self.drain.max(observed);
+        let return_point = self
+            .return_point
+            .max(thresholds.min().saturating_add(observed))
+            .min(thresholds.max());
+        Self {
+            drain,
+            return_point,
+            ..self
+        }
+    }
+
+    /// Whether a buffer projected at `projected` is expected below `min`
+    /// before a refill planned now could land.
+    pub fn urgent(&self, projected: Decimal, min: Decimal) -> bool {
+        projected - self.drain < min
+    }
 }
 
 /// The windows a refill takes: the lead time in windows, rounded up, plus one.
@@ -88,7 +136,6 @@ pub fn levels(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{BufferAccount, Thresholds};
     use rust_decimal_macros::dec;
 
     fn position() -> BufferPosition {

@@ -34,7 +34,7 @@ pub mod routing;
 mod watch;
 
 pub use history::{FlowHistory, FlowStats, fill_windows, quantile, variance};
-pub use levels::{BufferLevels, levels as buffer_levels};
+pub use levels::{BufferLevels, levels as buffer_levels, refill_hops};
 pub use watch::Watch;
 
 use crate::domain::{
@@ -125,6 +125,11 @@ pub struct PlannerSettings {
     /// closes (`TREASURY_PLANNER_WATCH_INTERVAL`; zero turns the watch off).
     #[serde(with = "humantime_chrono")]
     pub watch_interval: chrono::Duration,
+    /// A refill into an urgent buffer (expected below its minimum before
+    /// money lands) is cut into pieces of at most this fraction (1/k) of
+    /// its band above the minimum, so one slow conversion cannot leave it
+    /// empty (`TREASURY_PLANNER_URGENT_PIECES`; 1 keeps refills whole).
+    pub urgent_pieces: u32,
 }
 
 impl Default for PlannerSettings {
@@ -134,6 +139,7 @@ impl Default for PlannerSettings {
             lookback_windows: 288,
             default_lead_time: chrono::Duration::minutes(30),
             watch_interval: chrono::Duration::minutes(1),
+            urgent_pieces: 3,
         }
     }
 }
@@ -197,18 +203,21 @@ pub fn plan(input: &PlanInput) -> Plan {
             &watched
         }
     };
-    let levels: BTreeMap<BufferAccount, BufferLevels> = positions
+    let limits = amount_limits(&input.providers);
+    let transfers = limits.contains_key(&ConversionDirection::UsdTransfer);
+    let lead_of = |account: BufferAccount| lead * refill_hops(account, transfers);
+    let mut levels: BTreeMap<BufferAccount, BufferLevels> = positions
         .iter()
         .map(|p| {
             let stats = input.history.stats(p.account);
             (
                 p.account,
-                buffer_levels(p, stats, lead, input.window, &input.settings),
+                buffer_levels(p, stats, lead_of(p.account), input.window, &input.settings),
             )
         })
         .collect();
     if let Some(watch) = &input.watch
-        && !watch.must_act(positions, lead)
+        && !watch.must_act(positions, lead_of)
     {
         let status: BTreeMap<BufferAccount, BufferStatus> = positions
             .iter()
@@ -222,8 +231,28 @@ pub fn plan(input: &PlanInput) -> Plan {
             levels,
         };
     }
-    let limits = amount_limits(&input.providers);
-    let transfers = limits.contains_key(&ConversionDirection::UsdTransfer);
+    let mut urgent: Vec<BufferAccount> = Vec::new();
+    if let Some(watch) = &input.watch {
+        for p in positions {
+            let lead = lead_of(p.account);
+            if watch.expected_before_refill(p, lead) >= p.thresholds.min() {
+                continue;
+            }
+            urgent.push(p.account);
+            if let Some(l) = levels.get_mut(&p.account) {
+                *l = l.with_observed_drain(watch.drain_over(p.account, lead), &p.thresholds);
+            }
+        }
+    }
+    for p in positions {
+        if let Some(l) = levels.get(&p.account)
+            && p.projected() < l.trigger
+            && l.urgent(p.projected(), p.thresholds.min())
+            && !urgent.contains(&p.account)
+        {
+            urgent.push(p.account);
+        }
+    }
     let (movements, mut notes) = routing::route(positions, &levels, transfers);
     let capacity = daily_capacity(&input.providers);
     let mut commands = Vec::new();
@@ -270,13 +299,28 @@ pub fn plan(input: &PlanInput) -> Plan {
         *used.entry(m.direction).or_default() += amount;
         *moved.entry(m.source).or_default() -= amount;
         *moved.entry(m.destination).or_default() += amount;
-        let pieces = pieces_for(
+        let mut pieces = pieces_for(
             amount,
             m.direction,
             &input.providers,
             limit,
             currency.scale(),
         );
+        if urgent.contains(&m.destination)
+            && let (Some(l), Some(d)) = (
+                levels.get(&m.destination),
+                positions.iter().find(|p| p.account == m.destination),
+            )
+        {
+            let band = (l.return_point - d.thresholds.min()).max(Decimal::ZERO);
+            pieces = urgent_pieces(
+                &pieces,
+                band,
+                input.settings.urgent_pieces,
+                limit,
+                currency.scale(),
+            );
+        }
         for piece in pieces {
             let seq = sequence.entry(m.direction).or_insert(0);
             let Ok(money) = Money::positive(currency, piece) else {
@@ -405,6 +449,48 @@ pub fn pieces_for(
         Some((.., cut)) => cut,
         None => split(amount, limits, scale),
     }
+}
+
+/// `pieces` cut further so that none is larger than `band / k` (nor smaller
+/// than the providers' minimum): a refill into an urgent buffer arrives in
+/// several conversions with their own latencies, so one slow piece leaves
+/// the buffer short by a fraction of its band, not all of it. The pieces
+/// still add up to the same amount.
+pub fn urgent_pieces(
+    pieces: &[Decimal],
+    band: Decimal,
+    k: u32,
+    limits: &AmountLimits,
+    scale: u32,
+) -> Vec<Decimal> {
+    if k <= 1 || band <= Decimal::ZERO {
+        return pieces.to_vec();
+    }
+    let cap = (band / Decimal::from(k))
+        .round_dp_with_strategy(scale, RoundingStrategy::ToZero)
+        .max(limits.min);
+    if cap <= Decimal::ZERO {
+        return pieces.to_vec();
+    }
+    pieces
+        .iter()
+        .flat_map(|piece| {
+            let wanted = (*piece / cap).ceil();
+            let most = match limits.min > Decimal::ZERO {
+                true => (*piece / limits.min).floor(),
+                false => wanted,
+            };
+            let n = wanted.min(most).max(Decimal::ONE);
+            if n <= Decimal::ONE {
+                return vec![*piece];
+            }
+            let each = (*piece / n).round_dp_with_strategy(scale, RoundingStrategy::ToZero);
+            let count = u32::try_from(n).unwrap_or(1);
+            let mut out = vec![each; count as usize - 1];
+            out.push(*piece - each * Decimal::from(count - 1));
+            out
+        })
+        .collect()
 }
 
 /// Splits `amount` into the fewest pieces no larger than `limits.max`, as equal

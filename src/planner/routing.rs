@@ -5,7 +5,9 @@
 //!   point; a buffer that needs gives nothing.
 //! - Any other buffer can *give* what it holds (balance less what is already
 //!   leaving; never money still in flight toward it) above its return point,
-//!   or, when some buffer is below its minimum, above its trigger.
+//!   or, when some buffer is below its minimum or needs money it is expected
+//!   to miss before a refill lands ([urgent](super::BufferLevels::urgent)),
+//!   above its trigger.
 //! - A USD need is met first by a `usd_transfer` from the other USD buffer
 //!   when some provider offers transfers (one hop, no spread: the cheapest
 //!   and quickest money there is), then by converting the USDC buffer's
@@ -321,7 +323,9 @@ pub fn route(
             ))
         })
         .collect();
-    let urgent = standing.values().any(|s| s.projected < s.min);
+    let urgent = standing
+        .values()
+        .any(|s| s.projected < s.min || (s.needy && s.levels.urgent(s.projected, s.min)));
     let mut router = Router {
         standing,
         urgent,

@@ -72,15 +72,34 @@ impl Watch {
 
     /// Whether some buffer of `now_positions` (open flows counted) is
     /// expected below its minimum before a refill planned at the close lands.
-    pub fn must_act(&self, now_positions: &[BufferPosition], lead_time: Duration) -> bool {
+    pub fn must_act(
+        &self,
+        now_positions: &[BufferPosition],
+        lead_time: impl Fn(BufferAccount) -> Duration,
+    ) -> bool {
+        now_positions
+            .iter()
+            .any(|p| self.expected_before_refill(p, lead_time(p.account)) < p.thresholds.min())
+    }
+
+    /// What `position` (open flows counted) is expected to hold when a
+    /// refill planned at the close would land, draining at the open windows' rate.
+    pub fn expected_before_refill(
+        &self,
+        position: &BufferPosition,
+        lead_time: Duration,
+    ) -> Decimal {
+        let ahead = self.until_close + lead_time;
+        position.projected() - self.drain_over(position.account, ahead)
+    }
+
+    /// What `account` is expected to lose over `ahead` at the open windows' rate.
+    pub fn drain_over(&self, account: BufferAccount, ahead: Duration) -> Decimal {
         let elapsed_ms = Decimal::from(self.elapsed.max(WATCH_MIN_ELAPSED).num_milliseconds());
-        let ahead_ms = Decimal::from((self.until_close + lead_time).num_milliseconds().max(0));
-        now_positions.iter().any(|p| {
-            let flow = self.open_flows.get(&p.account).copied().unwrap_or_default();
-            let drain = (-flow).max(Decimal::ZERO);
-            let expected = p.projected() - (drain / elapsed_ms).saturating_mul(ahead_ms);
-            expected < p.thresholds.min()
-        })
+        let ahead_ms = Decimal::from(ahead.num_milliseconds().max(0));
+        let flow = self.open_flows.get(&account).copied().unwrap_or_default();
+        let drain = (-flow).max(Decimal::ZERO);
+        (drain / elapsed_ms).saturating_mul(ahead_ms)
     }
 }
 
@@ -118,13 +137,13 @@ mod tests {
         let fast = watch(dec!(-20000), 2);
         let now = fast.positions(&[usdc(dec!(50000))]);
         assert_eq!(now[0].balance, dec!(30000));
-        assert!(fast.must_act(&now, lead));
+        assert!(fast.must_act(&now, |_| lead));
         // 2,000 out in 2 minutes: 30,000 stays far above the minimum.
         let calm = watch(dec!(-2000), 2);
-        assert!(!calm.must_act(&calm.positions(&[usdc(dec!(50000))]), lead));
+        assert!(!calm.must_act(&calm.positions(&[usdc(dec!(50000))]), |_| lead));
         // Already below the minimum with money arriving: act.
         let arriving = watch(dec!(500), 2);
-        assert!(arriving.must_act(&arriving.positions(&[usdc(dec!(9000))]), lead));
+        assert!(arriving.must_act(&arriving.positions(&[usdc(dec!(9000))]), |_| lead));
     }
 
     #[test]
