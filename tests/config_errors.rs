@@ -424,3 +424,12 @@ fn the_planner_watch_is_turned_off_with_zero() {
     let err = load(&[("TREASURY_PLANNER_WATCH_INTERVAL", "soon")]).unwrap_err();
     assert_eq!(err.variable, "TREASURY_PLANNER_WATCH_INTERVAL");
 }
+
+#[test]
+fn urgent_pieces_default_to_three_and_refuse_zero() {
+    assert_eq!(load(&[]).unwrap().planner.urgent_pieces, 3);
+    let whole = load(&[("TREASURY_PLANNER_URGENT_PIECES", "1")]).unwrap();
+    assert_eq!(whole.planner.urgent_pieces, 1);
+    let err = load(&[("TREASURY_PLANNER_URGENT_PIECES", "0")]).unwrap_err();
+    assert_eq!(err.variable, "TREASURY_PLANNER_URGENT_PIECES");
+}

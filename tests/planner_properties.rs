@@ -11,7 +11,7 @@ use treasury::domain::{
 };
 use treasury::planner::{
     AmountLimits, BufferPosition, FlowHistory, FlowStats, PlanInput, PlannerSettings, pieces_for,
-    plan, split,
+    plan, split, urgent_pieces,
 };
 use treasury::providers::selection::expected_cost;
 use treasury::providers::{ProviderRow, ProviderStatus};
@@ -220,6 +220,46 @@ proptest! {
         prop_assert!(pieces.iter().all(|p| *p > Decimal::ZERO && *p <= limits.max && p.scale() <= scale));
         let fewest = (amount / limits.max).ceil();
         prop_assert_eq!(Decimal::from(pieces.len()), fewest.max(Decimal::ONE));
+    }
+
+    #[test]
+    fn urgent_pieces_keep_the_total_and_stay_within_a_kth_of_the_band(
+        pieces in proptest::collection::vec(1i64..100_000_000_000, 1..4),
+        band_percent in prop::option::of(8i64..500),
+        k in 1u32..8,
+        min in 1i64..1_000_000,
+        scale in prop::sample::select(vec![2u32, 6]),
+    ) {
+        let pieces: Vec<Decimal> = pieces.iter().map(|u| Decimal::new(*u, scale)).collect();
+        // The band as a share of the largest piece (so no piece needs more
+        // than 100 cuts), or none.
+        let largest = pieces.iter().copied().max().unwrap_or_default();
+        let band = band_percent.map_or(Decimal::ZERO, |pc| {
+            (largest * Decimal::from(pc) / Decimal::ONE_HUNDRED).round_dp(scale)
+        });
+        let limits = AmountLimits { min: Decimal::new(min, scale), max: Decimal::MAX };
+        let cut = urgent_pieces(&pieces, band, k, &limits, scale);
+        prop_assert_eq!(cut.iter().copied().sum::<Decimal>(), pieces.iter().copied().sum::<Decimal>());
+        prop_assert!(cut.len() >= pieces.len());
+        prop_assert!(cut.iter().all(|p| *p > Decimal::ZERO && p.scale() <= scale));
+        // Every piece cut is at least the providers' minimum; one left whole
+        // is as it was.
+        let split_any = cut.len() > pieces.len();
+        if split_any {
+            prop_assert!(cut.iter().all(|p| *p >= limits.min || pieces.contains(p)));
+        }
+        if k > 1 && band > Decimal::ZERO {
+            let cap = (band / Decimal::from(k)).round_dp_with_strategy(scale, rust_decimal::RoundingStrategy::ToZero).max(limits.min);
+            // A piece larger than the cap is only kept whole when cutting it
+            // would make pieces below the minimum; otherwise each piece is
+            // at most the cap plus the rounding of one unit per piece.
+            let unit = Decimal::new(1, scale) * Decimal::from(cut.len() as u64);
+            for p in &cut {
+                prop_assert!(*p <= cap + unit || *p < limits.min * Decimal::TWO, "{} over {} (cap {})", p, band, cap);
+            }
+        } else {
+            prop_assert_eq!(cut, pieces);
+        }
     }
 
     #[test]

@@ -201,4 +201,37 @@ mod tests {
             "a batch above the target when it lands, plus the drain"
         );
     }
+
+    #[test]
+    fn an_observed_drain_raises_the_drain_and_the_return_point_up_to_max() {
+        let p = position();
+        let calm = levels(
+            &p,
+            FlowStats::default(),
+            Duration::minutes(20),
+            Duration::minutes(5),
+            &PlannerSettings::default(),
+        );
+        let watched = calm.with_observed_drain(dec!(60000), &p.thresholds);
+        assert_eq!(watched.drain, dec!(60000));
+        assert_eq!(watched.return_point, dec!(70000), "min + observed drain");
+        assert_eq!(watched.trigger, calm.trigger);
+        assert!(watched.urgent(dec!(65000), p.thresholds.min()));
+        assert!(!calm.urgent(dec!(65000), p.thresholds.min()));
+        let huge = calm.with_observed_drain(dec!(500000), &p.thresholds);
+        assert_eq!(huge.return_point, dec!(100000), "never past max");
+        let small = calm.with_observed_drain(dec!(1000), &p.thresholds);
+        assert_eq!(
+            small.return_point, calm.return_point,
+            "a drain the return point already covers leaves it"
+        );
+    }
+
+    #[test]
+    fn a_usd_refill_counts_two_hops_only_without_a_transfer_rail() {
+        assert_eq!(refill_hops(BufferAccount::SystemBufferFiat, false), 2);
+        assert_eq!(refill_hops(BufferAccount::BrokerOperational, false), 2);
+        assert_eq!(refill_hops(BufferAccount::SystemBufferFiat, true), 1);
+        assert_eq!(refill_hops(BufferAccount::SystemBufferUsdc, false), 1);
+    }
 }

@@ -15,7 +15,8 @@
 //!   capacity left), cut into pieces by [`pieces_for`] (sized to the provider
 //!   whose limits make the move cheapest, so a maximum that binds at the
 //!   cheaper provider splits the amount there instead of sending all of it to
-//!   a dearer one), and commands with ids derived from (cycle, direction,
+//!   a dearer one; a refill into an urgent buffer is cut further by
+//!   [`urgent_pieces`]), and commands with ids derived from (cycle, direction,
 //!   sequence): the same inputs always give the same commands, so a replay
 //!   plans nothing new.
 //!
@@ -452,7 +453,7 @@ pub fn pieces_for(
 }
 
 /// `pieces` cut further so that none is larger than `band / k` (nor smaller
-/// than the providers' minimum): a refill into an urgent buffer arrives in
+/// than the providers' minimum, nor into more than 100): a refill into an urgent buffer arrives in
 /// several conversions with their own latencies, so one slow piece leaves
 /// the buffer short by a fraction of its band, not all of it. The pieces
 /// still add up to the same amount.
@@ -480,7 +481,10 @@ pub fn urgent_pieces(
                 true => (*piece / limits.min).floor(),
                 false => wanted,
             };
-            let n = wanted.min(most).max(Decimal::ONE);
+            let n = wanted
+                .min(most)
+                .min(Decimal::from(MAX_PIECES_AT_ONE_PROVIDER))
+                .max(Decimal::ONE);
             if n <= Decimal::ONE {
                 return vec![*piece];
             }
