@@ -33,6 +33,9 @@ fn settlement(pool: &PgPool, auto_rebalance: bool) -> Settlement {
         auto_rebalance,
         PlannerSettings {
             watch_interval: chrono::Duration::zero(),
+            // One command per refill: these tests count commands across
+            // cycles and instances, not the pieces of an urgent refill.
+            urgent_pieces: 1,
             ..PlannerSettings::default()
         },
     )
@@ -141,7 +144,10 @@ async fn withdraw_usdc(
 
 #[sqlx::test]
 async fn a_burst_in_an_open_window_is_answered_before_the_window_closes(pool: PgPool) {
-    let planner = PlannerSettings::default();
+    let planner = PlannerSettings {
+        urgent_pieces: 1,
+        ..PlannerSettings::default()
+    };
     assert_eq!(planner.watch_interval, chrono::Duration::minutes(1));
     let settle = settlement_with(&pool, true, planner);
     progress_to(&pool, t(1)).await;
