@@ -88,6 +88,12 @@ impl BufferLevels {
     pub fn urgent(&self, projected: Decimal, min: Decimal) -> bool {
         projected - self.drain < min
     }
+
+    /// Whether a buffer projected at `projected` needs money (below its
+    /// trigger) and is [urgent](Self::urgent).
+    pub fn urgent_need(&self, projected: Decimal, min: Decimal) -> bool {
+        projected < self.trigger && self.urgent(projected, min)
+    }
 }
 
 /// The windows a refill takes: the lead time in windows, rounded up, plus one.

@@ -247,8 +247,7 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
     for p in positions {
         if let Some(l) = levels.get(&p.account)
-            && p.projected() < l.trigger
-            && l.urgent(p.projected(), p.thresholds.min())
+            && l.urgent_need(p.projected(), p.thresholds.min())
             && !urgent.contains(&p.account)
         {
             urgent.push(p.account);
@@ -453,10 +452,10 @@ pub fn pieces_for(
 }
 
 /// `pieces` cut further so that none is larger than `band / k` (nor smaller
-/// than the providers' minimum, nor into more than 100): a refill into an urgent buffer arrives in
-/// several conversions with their own latencies, so one slow piece leaves
-/// the buffer short by a fraction of its band, not all of it. The pieces
-/// still add up to the same amount.
+/// than the providers' minimum, nor into more than 100): a refill into an
+/// urgent buffer arrives in several conversions with their own latencies,
+/// so one slow piece leaves the buffer short by a fraction of its band, not
+/// all of it. The pieces still add up to the same amount.
 pub fn urgent_pieces(
     pieces: &[Decimal],
     band: Decimal,
@@ -477,9 +476,10 @@ pub fn urgent_pieces(
         .iter()
         .flat_map(|piece| {
             let wanted = (*piece / cap).ceil();
-            let most = match limits.min > Decimal::ZERO {
-                true => (*piece / limits.min).floor(),
-                false => wanted,
+            let most = if limits.min > Decimal::ZERO {
+                (*piece / limits.min).floor()
+            } else {
+                wanted
             };
             let n = wanted
                 .min(most)

@@ -325,7 +325,7 @@ pub fn route(
         .collect();
     let urgent = standing
         .values()
-        .any(|s| s.projected < s.min || (s.needy && s.levels.urgent(s.projected, s.min)));
+        .any(|s| s.projected < s.min || s.levels.urgent_need(s.projected, s.min));
     let mut router = Router {
         standing,
         urgent,
