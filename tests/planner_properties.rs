@@ -206,6 +206,7 @@ proptest! {
             let p = input.positions.iter().find(|p| p.account == *account).unwrap();
             prop_assert!(l.trigger >= p.thresholds.min() && l.trigger <= p.thresholds.target());
             prop_assert!(l.return_point >= p.thresholds.target() && l.return_point <= p.thresholds.max());
+            prop_assert!(l.sweep_point >= l.return_point && l.sweep_point <= p.thresholds.max());
         }
         let ids: std::collections::BTreeSet<_> = planned.commands.iter().map(|c| c.command_id).collect();
         prop_assert_eq!(ids.len(), planned.commands.len(), "command ids are distinct");

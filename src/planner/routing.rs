@@ -17,8 +17,8 @@
 //!   buffer, which passes the money on once it has landed (what is already
 //!   on its way to the USDC buffer beyond its own return point counts toward
 //!   that).
-//! - A buffer above its ceiling (its maximum plus what it is expected to
-//!   lose while money travels) sweeps down to its return point into the
+//! - A buffer above its ceiling (its maximum) sweeps down to its sweep
+//!   point (a batch below the maximum, never below its return point) into the
 //!   buffer it can reach (the other currency's, or the other USD buffer by
 //!   transfer) furthest below its own return point, never filling it past
 //!   that buffer's ceiling, and never into a buffer that pays another in the
@@ -224,7 +224,7 @@ impl Router {
             return;
         }
         let mut excess = scale_down(
-            (s.projected.min(s.spendable) - s.levels.return_point).min(self.giveable(account)),
+            (s.projected.min(s.spendable) - s.levels.sweep_point).min(self.giveable(account)),
             account,
         );
         let mut destinations: Vec<BufferAccount> = self
