@@ -27,21 +27,22 @@ pub fn render_status(report: &[BufferReport]) -> String {
     out
 }
 
-/// The trigger levels and return points table printed by `treasury status`.
+/// The trigger levels, return points and sweep points table printed by `treasury status`.
 pub fn render_levels(levels: &BTreeMap<String, BufferLevels>) -> String {
     if levels.is_empty() {
         return "no settlement has set trigger levels yet\n".into();
     }
     let mut out = format!(
-        "{:<20} {:>14} {:>14} {:>12}\n",
-        "ACCOUNT", "TRIGGER", "RETURN POINT", "LEAD WINDOWS"
+        "{:<20} {:>14} {:>14} {:>14} {:>12}\n",
+        "ACCOUNT", "TRIGGER", "RETURN POINT", "SWEEP POINT", "LEAD WINDOWS"
     );
     for (account, l) in levels {
         out.push_str(&format!(
-            "{:<20} {:>14} {:>14} {:>12}\n",
+            "{:<20} {:>14} {:>14} {:>14} {:>12}\n",
             account,
             l.trigger.round_dp(2).to_string(),
             l.return_point.round_dp(2).to_string(),
+            l.sweep_point.round_dp(2).to_string(),
             l.lead_windows
         ));
     }

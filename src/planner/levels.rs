@@ -72,7 +72,9 @@ pub struct BufferLevels {
     pub return_point: Decimal,
     /// Above this the buffer sweeps its excess to others.
     pub ceiling: Decimal,
-    /// A sweep brings the projected balance down to this.
+    /// A sweep brings the projected balance down to this (zero in levels
+    /// stored before it existed).
+    #[serde(default)]
     pub sweep_point: Decimal,
     /// What the buffer is expected to lose while a refill travels.
     pub drain: Decimal,
@@ -202,6 +204,17 @@ mod tests {
         assert_eq!(l.trigger, dec!(30000), "no windows yet: the batch rule");
         assert_eq!(l.return_point, dec!(50000));
         assert_eq!(l.sweep_point, dec!(80000), "a batch below max");
+    }
+
+    #[test]
+    fn levels_stored_without_a_sweep_point_still_read() {
+        let stored = serde_json::json!({
+            "trigger": "30000", "return_point": "50000", "ceiling": "100000",
+            "drain": "0", "lead_windows": 5
+        });
+        let l: BufferLevels = serde_json::from_value(stored).unwrap();
+        assert_eq!(l.return_point, dec!(50000));
+        assert_eq!(l.sweep_point, Decimal::ZERO);
     }
 
     #[test]
