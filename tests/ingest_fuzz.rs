@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
 use treasury::codec::{Codec, SchemaKind};
 use treasury::domain::FlowKind;
-use treasury::ingest::batch::{BatchContext, Consumed, commit_batch};
+use treasury::ingest::batch::{BatchContext, Consumed, ExpectedIds, commit_batch};
 use treasury::ingest::decode_event;
 use treasury::store::memory::MemoryStore;
 use treasury::store::{Store, TopicPartition};
@@ -182,6 +182,7 @@ async fn check_batch(codec: &Codec, batch: &[Fields]) -> Result<(), TestCaseErro
         dlq_topic: "fuzz.dlq",
         caught_up: &caught_up,
         now: now(),
+        expected: ExpectedIds::New,
     };
     let outcome = commit_batch(&ctx, &messages)
         .await

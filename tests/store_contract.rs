@@ -211,6 +211,101 @@ async fn an_event_counts_once_and_a_dropped_transaction_changes_nothing(pool: Pg
 }
 
 #[sqlx::test]
+async fn a_batch_starts_by_advancing_its_offsets_and_reading_the_window_clock(pool: PgPool) {
+    for (name, store, _) in stores(&pool).await {
+        let range = |partition, first, next| OffsetRange {
+            tp: tp(partition),
+            first,
+            next,
+        };
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        let clock = tx
+            .start_batch("g", &[range(0, 0, 10), range(1, 0, 4)])
+            .await
+            .unwrap();
+        assert_eq!(clock, None, "{name}: no window closed yet");
+        tx.commit().await.unwrap();
+        let mut tx = store.begin(LockMode::Exclusive).await.unwrap();
+        tx.set_next_window_start(t0()).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        assert_eq!(
+            tx.start_batch("g", &[range(0, 10, 12)]).await.unwrap(),
+            Some(t0()),
+            "{name}"
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(
+            store.load_offsets("g", &[tp(0), tp(1)]).await.unwrap(),
+            BTreeMap::from([(tp(0), 12), (tp(1), 4)]),
+            "{name}"
+        );
+        // A range another consumer already committed past refuses the
+        // whole batch: the other partition's offset does not move either.
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        let moved = tx
+            .start_batch("g", &[range(0, 11, 20), range(1, 4, 9)])
+            .await;
+        assert!(
+            matches!(
+                moved,
+                Err(StoreError::OffsetConflict {
+                    partition: 0,
+                    stored: 12,
+                    first: 11,
+                    ..
+                })
+            ),
+            "{name}: {moved:?}"
+        );
+        drop(tx);
+        assert_eq!(
+            store.load_offsets("g", &[tp(0), tp(1)]).await.unwrap(),
+            BTreeMap::from([(tp(0), 12), (tp(1), 4)]),
+            "{name}"
+        );
+    }
+}
+
+#[sqlx::test]
+async fn ids_expected_new_are_claimed_whole_or_refused_whole(pool: PgPool) {
+    for (name, store, _) in stores(&pool).await {
+        let event = |id: u128, offset| EventRef {
+            event_id: Uuid::from_u128(id),
+            tp: tp(0),
+            offset,
+            window_start: t0(),
+        };
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        let new = tx
+            .claim_new_events(&[event(1, 0), event(2, 1)])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(new.len(), 2, "{name}");
+        // One seen before: either the store says so (and its transaction is
+        // void), or it counts only the new one, as `claim_events` would.
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        match tx.claim_new_events(&[event(3, 2), event(2, 3)]).await {
+            Err(StoreError::SeenBefore) => drop(tx),
+            Ok(new) => {
+                assert_eq!(new, HashSet::from([Uuid::from_u128(3)]), "{name}");
+                drop(tx);
+            }
+            Err(e) => panic!("{name}: {e}"),
+        }
+        let mut tx = store.begin(LockMode::Shared).await.unwrap();
+        let new = tx.claim_events(&[event(3, 2), event(2, 3)]).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            new,
+            HashSet::from([Uuid::from_u128(3)]),
+            "{name}: the refused claim left nothing behind"
+        );
+    }
+}
+
+#[sqlx::test]
 async fn two_transactions_claiming_the_same_event_count_it_once(pool: PgPool) {
     for (name, store, _) in stores(&pool).await {
         let claim = |store: Arc<dyn Store>| async move {

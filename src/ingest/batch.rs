@@ -44,6 +44,31 @@ pub struct BatchContext<'a> {
     /// Partitions found at their end while filling the batch.
     pub caught_up: &'a HashSet<TopicPartition>,
     pub now: DateTime<Utc>,
+    /// Whether the batch's event ids are expected to be new.
+    pub expected: ExpectedIds,
+}
+
+/// What a batch's event ids are expected to be: it picks the store's way of
+/// claiming them. Either way each id counts once; a wrong guess only costs
+/// time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedIds {
+    /// New (the usual case): written by the fastest path; if one was seen
+    /// before after all, the batch is written again with each id checked.
+    New,
+    /// Some seen before (the last batch held duplicates: a replay).
+    SomeSeen,
+}
+
+impl ExpectedIds {
+    /// What to expect of the batch after one with `outcome`.
+    pub fn after(outcome: &BatchOutcome) -> Self {
+        if outcome.duplicates > 0 {
+            ExpectedIds::SomeSeen
+        } else {
+            ExpectedIds::New
+        }
+    }
 }
 
 /// Commits `messages` (contiguous per partition) in one transaction.
@@ -51,13 +76,25 @@ pub async fn commit_batch(
     ctx: &BatchContext<'_>,
     messages: &[Consumed],
 ) -> Result<BatchOutcome, StoreError> {
+    match write_batch(ctx, messages, ctx.expected).await {
+        Err(StoreError::SeenBefore) => write_batch(ctx, messages, ExpectedIds::SomeSeen).await,
+        written => written,
+    }
+}
+
+/// One attempt at [`commit_batch`] in one transaction.
+async fn write_batch(
+    ctx: &BatchContext<'_>,
+    messages: &[Consumed],
+    expected: ExpectedIds,
+) -> Result<BatchOutcome, StoreError> {
     let mut tx = ctx.store.begin(LockMode::Shared).await?;
-    tx.advance_offsets(
-        ctx.group,
-        &offset_ranges(messages.iter().map(|m| (&m.tp, m.offset))),
-    )
-    .await?;
-    let next_open = tx.next_window_start().await?;
+    let next_open = tx
+        .start_batch(
+            ctx.group,
+            &offset_ranges(messages.iter().map(|m| (&m.tp, m.offset))),
+        )
+        .await?;
 
     let mut outcome = BatchOutcome::default();
     let mut seen_in_batch = HashSet::new();
@@ -98,7 +135,10 @@ pub async fn commit_batch(
             }
         }
     }
-    let fresh = tx.claim_events(&refs).await?;
+    let fresh = match expected {
+        ExpectedIds::New => tx.claim_new_events(&refs).await?,
+        ExpectedIds::SomeSeen => tx.claim_events(&refs).await?,
+    };
     for (event, assignment) in candidates {
         if fresh.contains(&event.event_id) {
             outcome.counted += 1;
@@ -108,9 +148,12 @@ pub async fn commit_batch(
             outcome.duplicates += 1;
         }
     }
-    tx.add_tallies(&outcome.tallies, ctx.spec.length).await?;
-    tx.record_progress(&progress(messages, ctx.caught_up, ctx.now))
-        .await?;
+    tx.add_batch_sums(
+        &outcome.tallies,
+        ctx.spec.length,
+        &progress(messages, ctx.caught_up, ctx.now),
+    )
+    .await?;
     tx.enqueue(&dead_letters).await?;
     tx.commit().await?;
     Ok(outcome)

@@ -45,6 +45,10 @@ pub enum StoreError {
     },
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// [`StoreTx::claim_new_events`] met an id seen before: the transaction
+    /// is void, and the batch is to be written again with each id checked.
+    #[error("an event id of the batch was seen before")]
+    SeenBefore,
 }
 
 impl StoreError {
@@ -72,7 +76,7 @@ impl StoreError {
                 _ => false,
             },
             StoreError::OffsetConflict { .. } => true,
-            StoreError::Migration(_) | StoreError::Corrupt(_) => false,
+            StoreError::Migration(_) | StoreError::Corrupt(_) | StoreError::SeenBefore => false,
         }
     }
 }
@@ -244,6 +248,35 @@ pub trait StoreTx: Send {
     ) -> Result<(), StoreError>;
     /// Records event ids; returns those not seen before (the rest are duplicates).
     async fn claim_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError>;
+    /// Records event ids expected to be new, by the store's fastest path.
+    /// May fail with [`StoreError::SeenBefore`] when one was seen before,
+    /// leaving the transaction void; otherwise as [`Self::claim_events`].
+    async fn claim_new_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError> {
+        self.claim_events(events).await
+    }
+    /// Advances the offsets as [`Self::advance_offsets`] and reads the
+    /// window clock as [`Self::next_window_start`]: how an ingest batch
+    /// starts (one round trip on PostgreSQL).
+    async fn start_batch(
+        &mut self,
+        group: &str,
+        ranges: &[OffsetRange],
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.advance_offsets(group, ranges).await?;
+        self.next_window_start().await
+    }
+    /// Adds a batch's sums as [`Self::add_tallies`] and records its
+    /// partitions' progress as [`Self::record_progress`] (one round trip on
+    /// PostgreSQL).
+    async fn add_batch_sums(
+        &mut self,
+        tallies: &WindowTallies,
+        length: chrono::Duration,
+        updates: &[ProgressUpdate],
+    ) -> Result<(), StoreError> {
+        self.add_tallies(tallies, length).await?;
+        self.record_progress(updates).await
+    }
     /// Adds a batch's sums to its windows.
     async fn add_tallies(
         &mut self,

@@ -403,6 +403,27 @@ impl StoreTx for PgTx {
         super::postgres_batch::claim_events(&mut self.tx, events).await
     }
 
+    async fn claim_new_events(&mut self, events: &[EventRef]) -> Result<HashSet<Uuid>, StoreError> {
+        super::postgres_batch::claim_new_events(&mut self.tx, events).await
+    }
+
+    async fn start_batch(
+        &mut self,
+        group: &str,
+        ranges: &[OffsetRange],
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        super::postgres_batch::start_batch(&mut self.tx, group, ranges).await
+    }
+
+    async fn add_batch_sums(
+        &mut self,
+        tallies: &WindowTallies,
+        length: chrono::Duration,
+        updates: &[ProgressUpdate],
+    ) -> Result<(), StoreError> {
+        super::postgres_batch::add_batch_sums(&mut self.tx, tallies, length, updates).await
+    }
+
     async fn add_tallies(
         &mut self,
         tallies: &WindowTallies,

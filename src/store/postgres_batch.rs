@@ -11,29 +11,20 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
+use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
 use super::{EventRef, OffsetRange, OutboxMessage, ProgressUpdate, StoreError};
 use crate::window::WindowTallies;
 
-/// Locks the group's offset rows of every range (latest committed values,
-/// whatever this transaction's snapshot), refuses the batch if another
-/// consumer already committed past a range's first offset, and stores the
-/// new next offsets — one statement. A conflict writes nothing.
-pub(super) async fn advance_offsets(
-    conn: &mut PgConnection,
-    group: &str,
-    ranges: &[OffsetRange],
-) -> Result<(), StoreError> {
-    if ranges.is_empty() {
-        return Ok(());
-    }
-    let topics: Vec<&str> = ranges.iter().map(|r| r.tp.topic.as_str()).collect();
-    let partitions: Vec<i32> = ranges.iter().map(|r| r.tp.partition).collect();
-    let firsts: Vec<i64> = ranges.iter().map(|r| r.first).collect();
-    let nexts: Vec<i64> = ranges.iter().map(|r| r.next).collect();
-    let conflicts: Vec<(String, i32, i64, i64)> = sqlx::query_as(
+/// The CTEs that lock the group's offset rows of every range ($1 the group;
+/// $2–$5 topics, partitions, first and next offsets), find the ranges
+/// another consumer already committed past (`conflicts`), and store the new
+/// next offsets unless there is one.
+macro_rules! offsets_ctes {
+    () => {
         "WITH want AS (
              SELECT * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[])
                  AS w(topic, partition, first_offset, next_offset)),
@@ -52,17 +43,48 @@ pub(super) async fn advance_offsets(
               WHERE NOT EXISTS (SELECT 1 FROM conflicts)
              ON CONFLICT (consumer_group, topic, partition)
              DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now())
-         SELECT topic, partition, stored, first_offset FROM conflicts
-          ORDER BY topic, partition",
-    )
-    .bind(group)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&firsts)
-    .bind(&nexts)
-    .fetch_all(&mut *conn)
-    .await?;
-    match conflicts.into_iter().next() {
+         "
+    };
+}
+
+/// The ranges as the columns `offsets_ctes!` binds.
+struct RangeColumns<'a> {
+    topics: Vec<&'a str>,
+    partitions: Vec<i32>,
+    firsts: Vec<i64>,
+    nexts: Vec<i64>,
+}
+
+impl<'a> RangeColumns<'a> {
+    fn of(ranges: &'a [OffsetRange]) -> Self {
+        Self {
+            topics: ranges.iter().map(|r| r.tp.topic.as_str()).collect(),
+            partitions: ranges.iter().map(|r| r.tp.partition).collect(),
+            firsts: ranges.iter().map(|r| r.first).collect(),
+            nexts: ranges.iter().map(|r| r.next).collect(),
+        }
+    }
+
+    /// Binds `group` and the columns to a query over `offsets_ctes!`.
+    fn bind<'q, O>(
+        &'q self,
+        group: &'q str,
+        query: QueryAs<'q, Postgres, O, PgArguments>,
+    ) -> QueryAs<'q, Postgres, O, PgArguments> {
+        query
+            .bind(group)
+            .bind(&self.topics)
+            .bind(&self.partitions)
+            .bind(&self.firsts)
+            .bind(&self.nexts)
+    }
+}
+
+/// A conflict row: topic, partition, the stored next offset, the batch's first.
+type Conflict = (String, i32, i64, i64);
+
+fn refuse(conflict: Option<Conflict>) -> Result<(), StoreError> {
+    match conflict {
         Some((topic, partition, stored, first)) => Err(StoreError::OffsetConflict {
             topic,
             partition,
@@ -73,14 +95,76 @@ pub(super) async fn advance_offsets(
     }
 }
 
-/// Inserts the event ids not seen before; returns those (the fresh ones).
-///
-/// Usually none was seen before, and binary `COPY` writes them with about
-/// a third less of the database's time than an insert that checks each
-/// for a conflict. So the ids go in by `COPY` inside a savepoint first; if
-/// one is already there (a duplicate or a replay), the unique index refuses
-/// the `COPY`, the savepoint is rolled back, and the ids are claimed one by
-/// one with `ON CONFLICT DO NOTHING`. Either way the unique index decides.
+/// Locks the group's offset rows of every range (latest committed values,
+/// whatever this transaction's snapshot), refuses the batch if another
+/// consumer already committed past a range's first offset, and stores the
+/// new next offsets — one statement. A conflict writes nothing.
+pub(super) async fn advance_offsets(
+    conn: &mut PgConnection,
+    group: &str,
+    ranges: &[OffsetRange],
+) -> Result<(), StoreError> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let c = RangeColumns::of(ranges);
+    let conflicts: Vec<Conflict> = c
+        .bind(
+            group,
+            sqlx::query_as(concat!(
+                offsets_ctes!(),
+                "SELECT topic, partition, stored, first_offset FROM conflicts
+                  ORDER BY topic, partition"
+            )),
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+    refuse(conflicts.into_iter().next())
+}
+
+/// [`advance_offsets`] and the window clock (`settlement_state`'s
+/// `next_window_start`) in one statement: the clock rides on every row, with
+/// the conflicts (if any) left-joined to it.
+pub(super) async fn start_batch(
+    conn: &mut PgConnection,
+    group: &str,
+    ranges: &[OffsetRange],
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let c = RangeColumns::of(ranges);
+    type Row = (
+        Option<DateTime<Utc>>,
+        Option<String>,
+        Option<i32>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let rows: Vec<Row> = c
+        .bind(
+            group,
+            sqlx::query_as(concat!(
+                offsets_ctes!(),
+                "SELECT s.next_window_start, c.topic, c.partition, c.stored, c.first_offset
+                   FROM settlement_state s LEFT JOIN conflicts c ON TRUE
+                  WHERE s.id = 1
+                  ORDER BY c.topic, c.partition"
+            )),
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+    let Some((clock, ..)) = rows.first().cloned() else {
+        return Err(StoreError::Corrupt("settlement_state has no row".into()));
+    };
+    let conflict = rows
+        .into_iter()
+        .find_map(|(_, topic, partition, stored, first)| {
+            Some((topic?, partition?, stored?, first?))
+        });
+    refuse(conflict)?;
+    Ok(clock)
+}
+
+/// Claims the ids one by one with `ON CONFLICT DO NOTHING`: those written
+/// are the new ones; the unique index decides.
 pub(super) async fn claim_events(
     conn: &mut PgConnection,
     events: &[EventRef],
@@ -88,19 +172,30 @@ pub(super) async fn claim_events(
     if events.is_empty() {
         return Ok(HashSet::new());
     }
-    sqlx::query("SAVEPOINT claim_events")
-        .execute(&mut *conn)
-        .await?;
-    match copy_events(conn, events).await {
-        Ok(()) => return Ok(events.iter().map(|e| e.event_id).collect()),
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
-            sqlx::query("ROLLBACK TO SAVEPOINT claim_events")
-                .execute(&mut *conn)
-                .await?;
-        }
-        Err(e) => return Err(e.into()),
-    }
     insert_events(conn, events).await
+}
+
+/// Usually none was seen before, and binary `COPY` writes them with about
+/// a third less of the database's time than an insert that checks each
+/// for a conflict. If one is already there (a duplicate or a replay), the
+/// unique index refuses the `COPY`, which voids the transaction:
+/// [`StoreError::SeenBefore`] says to write the batch again with
+/// [`claim_events`]. No savepoint: it would cost a round trip and a
+/// subtransaction on every batch for the rare one that needs it.
+pub(super) async fn claim_new_events(
+    conn: &mut PgConnection,
+    events: &[EventRef],
+) -> Result<HashSet<Uuid>, StoreError> {
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    match copy_events(conn, events).await {
+        Ok(()) => Ok(events.iter().map(|e| e.event_id).collect()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+            Err(StoreError::SeenBefore)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// SQLSTATE of a unique index refusing a row.
@@ -214,9 +309,7 @@ impl<'a> TallyColumns<'a> {
     }
 }
 
-/// Adds the batch's sums to its windows, flows and demand — one statement
-/// (the windows' rows are written before the flows that reference them are
-/// checked: foreign keys are checked at the end of the statement).
+/// Adds the batch's sums to its windows, flows and demand.
 pub(super) async fn add_tallies(
     conn: &mut PgConnection,
     tallies: &WindowTallies,
@@ -225,7 +318,48 @@ pub(super) async fn add_tallies(
     if tallies.0.is_empty() {
         return Ok(());
     }
+    add_batch_sums(conn, tallies, length, &[]).await
+}
+
+/// Records the partitions' event-time progress and whether each is caught up.
+pub(super) async fn record_progress(
+    conn: &mut PgConnection,
+    updates: &[ProgressUpdate],
+) -> Result<(), StoreError> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    add_batch_sums(
+        conn,
+        &WindowTallies::default(),
+        chrono::Duration::zero(),
+        updates,
+    )
+    .await
+}
+
+/// Adds the batch's sums to its windows, flows and demand, and records the
+/// partitions' event-time progress and whether each is caught up — one
+/// statement (the windows' rows are written before the flows that reference
+/// them are checked: foreign keys are checked at the end of the statement).
+/// A partition named twice is merged first ([`ProgressUpdate::merged`]): one
+/// `INSERT … ON CONFLICT` may not touch a row twice.
+pub(super) async fn add_batch_sums(
+    conn: &mut PgConnection,
+    tallies: &WindowTallies,
+    length: chrono::Duration,
+    updates: &[ProgressUpdate],
+) -> Result<(), StoreError> {
+    if tallies.0.is_empty() && updates.is_empty() {
+        return Ok(());
+    }
     let c = TallyColumns::of(tallies, length);
+    let updates = &ProgressUpdate::merged(updates);
+    let topics: Vec<&str> = updates.iter().map(|u| u.tp.topic.as_str()).collect();
+    let partitions: Vec<i32> = updates.iter().map(|u| u.tp.partition).collect();
+    let watermarks: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| u.max_event_time).collect();
+    let caught_up: Vec<bool> = updates.iter().map(|u| u.caught_up).collect();
+    let nows: Vec<DateTime<Utc>> = updates.iter().map(|u| u.now).collect();
     sqlx::query(
         "WITH windows AS (
              INSERT INTO settlement_windows (window_start, window_end, event_count, late_event_count)
@@ -247,9 +381,23 @@ pub(super) async fn add_tallies(
              ON CONFLICT (window_start, direction) DO UPDATE SET
                 amount = window_demand.amount + EXCLUDED.amount,
                 event_count = window_demand.event_count + EXCLUDED.event_count
+             RETURNING 1),
+         progress AS (
+             INSERT INTO partition_progress (topic, partition, watermark, caught_up, caught_up_since, updated_at)
+             SELECT t, p, w, c, CASE WHEN c THEN n END, n
+               FROM UNNEST($13::text[], $14::int[], $15::timestamptz[], $16::bool[], $17::timestamptz[])
+                 AS u(t, p, w, c, n)
+             ON CONFLICT (topic, partition) DO UPDATE SET
+                watermark = GREATEST(partition_progress.watermark, EXCLUDED.watermark),
+                caught_up = EXCLUDED.caught_up,
+                caught_up_since = CASE
+                    WHEN NOT EXCLUDED.caught_up THEN NULL
+                    ELSE COALESCE(partition_progress.caught_up_since, EXCLUDED.caught_up_since)
+                END,
+                updated_at = EXCLUDED.updated_at
              RETURNING 1)
          SELECT (SELECT count(*) FROM windows), (SELECT count(*) FROM flows),
-                (SELECT count(*) FROM demand)",
+                (SELECT count(*) FROM demand), (SELECT count(*) FROM progress)",
     )
     .bind(&c.starts)
     .bind(&c.ends)
@@ -263,42 +411,6 @@ pub(super) async fn add_tallies(
     .bind(&c.demand_directions)
     .bind(&c.demand_amounts)
     .bind(&c.demand_counts)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Records the partitions' event-time progress and whether each is caught
-/// up — one statement. A partition named twice is merged first
-/// ([`ProgressUpdate::merged`]): one `INSERT … ON CONFLICT` may not touch a
-/// row twice.
-pub(super) async fn record_progress(
-    conn: &mut PgConnection,
-    updates: &[ProgressUpdate],
-) -> Result<(), StoreError> {
-    if updates.is_empty() {
-        return Ok(());
-    }
-    let updates = &ProgressUpdate::merged(updates);
-    let topics: Vec<&str> = updates.iter().map(|u| u.tp.topic.as_str()).collect();
-    let partitions: Vec<i32> = updates.iter().map(|u| u.tp.partition).collect();
-    let watermarks: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| u.max_event_time).collect();
-    let caught_up: Vec<bool> = updates.iter().map(|u| u.caught_up).collect();
-    let nows: Vec<DateTime<Utc>> = updates.iter().map(|u| u.now).collect();
-    sqlx::query(
-        "INSERT INTO partition_progress (topic, partition, watermark, caught_up, caught_up_since, updated_at)
-         SELECT t, p, w, c, CASE WHEN c THEN n END, n
-           FROM UNNEST($1::text[], $2::int[], $3::timestamptz[], $4::bool[], $5::timestamptz[])
-             AS u(t, p, w, c, n)
-         ON CONFLICT (topic, partition) DO UPDATE SET
-            watermark = GREATEST(partition_progress.watermark, EXCLUDED.watermark),
-            caught_up = EXCLUDED.caught_up,
-            caught_up_since = CASE
-                WHEN NOT EXCLUDED.caught_up THEN NULL
-                ELSE COALESCE(partition_progress.caught_up_since, EXCLUDED.caught_up_since)
-            END,
-            updated_at = EXCLUDED.updated_at",
-    )
     .bind(&topics)
     .bind(&partitions)
     .bind(&watermarks)
