@@ -37,6 +37,10 @@ pub struct CycleView<'a> {
     pub watch: Option<planner::Watch>,
 }
 
+/// How many closed windows a policy is shown unless it asks otherwise (a
+/// day of 5-minute windows).
+pub const HISTORY_WINDOWS: usize = 288;
+
 /// A way of deciding conversions.
 pub trait Policy {
     /// The name in reports.
@@ -59,6 +63,10 @@ pub trait Policy {
     /// Whether its conversions bypass provider limits (a hypothetical baseline).
     fn ignores_limits(&self) -> bool {
         false
+    }
+    /// How many of the latest closed windows each view holds.
+    fn history_windows(&self) -> usize {
+        HISTORY_WINDOWS
     }
 }
 
@@ -93,6 +101,11 @@ impl Policy for EnginePolicy {
 
     fn on_watch(&mut self, view: &CycleView<'_>) -> Vec<ConversionCommand> {
         self.on_cycle(view)
+    }
+
+    /// The planner's look-back, as the live cycle reads it from the store.
+    fn history_windows(&self) -> usize {
+        self.settings.lookback_windows as usize
     }
 }
 
@@ -330,5 +343,24 @@ impl Policy for BandPolicy {
             commands.extend(command(&view.cycle_id, sequence, view.now, m));
         }
         commands
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_policy_is_shown_its_own_look_back_and_the_others_a_day() {
+        let settings = PlannerSettings {
+            lookback_windows: 96,
+            ..PlannerSettings::default()
+        };
+        assert_eq!(EnginePolicy { settings }.history_windows(), 96);
+        assert_eq!(
+            EnginePolicy::default().history_windows(),
+            PlannerSettings::default().lookback_windows as usize
+        );
+        assert_eq!(PerEventPolicy.history_windows(), HISTORY_WINDOWS);
     }
 }

@@ -58,9 +58,6 @@ pub struct RunOutcome {
     pub conversions: Vec<Conversion>,
 }
 
-/// How many closed windows the policy is shown (a day of 5-minute windows,
-/// at least as many as the planner's default look-back).
-const HISTORY_WINDOWS: usize = 288;
 /// How many recent lead times the policy is shown.
 const LEAD_TIMES: usize = 50;
 /// How long after the last event the run goes on, so conversions land.
@@ -81,6 +78,8 @@ struct Run<'a> {
     tallies: BTreeMap<DateTime<Utc>, WindowTally>,
     next_open: Option<DateTime<Utc>>,
     recent: VecDeque<WindowTally>,
+    /// How many closed windows `recent` keeps (the policy's own look-back).
+    history_windows: usize,
     lead_times: VecDeque<Duration>,
     report: PolicyReport,
     outcome_balances: BTreeMap<BufferAccount, Vec<(DateTime<Utc>, Decimal)>>,
@@ -130,7 +129,8 @@ pub fn run(
         counted: 0,
         tallies: BTreeMap::new(),
         next_open: None,
-        recent: VecDeque::with_capacity(HISTORY_WINDOWS + 1),
+        recent: VecDeque::with_capacity(policy.history_windows() + 1),
+        history_windows: policy.history_windows(),
         lead_times: VecDeque::with_capacity(LEAD_TIMES + 1),
         report: PolicyReport::named(policy.name()),
         outcome_balances: start
@@ -250,7 +250,7 @@ impl Run<'_> {
         self.report.counted_events += tally.events;
         self.next_open = Some(self.spec.window_end(window));
         self.recent.push_back(tally);
-        if self.recent.len() > HISTORY_WINDOWS {
+        if self.recent.len() > self.history_windows {
             self.recent.pop_front();
         }
         self.decide(
