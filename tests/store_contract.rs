@@ -40,6 +40,16 @@ fn tp(partition: i32) -> TopicPartition {
     }
 }
 
+/// Event `id` read at `offset` of partition 0, in the window at `t0`.
+fn event(id: u128, offset: i64) -> EventRef {
+    EventRef {
+        event_id: Uuid::from_u128(id),
+        tp: tp(0),
+        offset,
+        window_start: t0(),
+    }
+}
+
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 3, 3, 12, 0, 0).unwrap()
 }
@@ -172,12 +182,6 @@ async fn offsets_move_forward_only_and_replay_overrides_them(pool: PgPool) {
 #[sqlx::test]
 async fn an_event_counts_once_and_a_dropped_transaction_changes_nothing(pool: PgPool) {
     for (name, store, _) in stores(&pool).await {
-        let event = |id: u128, offset| EventRef {
-            event_id: Uuid::from_u128(id),
-            tp: tp(0),
-            offset,
-            window_start: t0(),
-        };
         let mut tx = store.begin(LockMode::Shared).await.unwrap();
         let new = tx.claim_events(&[event(1, 0), event(2, 1)]).await.unwrap();
         drop(tx);
@@ -270,12 +274,6 @@ async fn a_batch_starts_by_advancing_its_offsets_and_reading_the_window_clock(po
 #[sqlx::test]
 async fn ids_expected_new_are_claimed_whole_or_refused_whole(pool: PgPool) {
     for (name, store, _) in stores(&pool).await {
-        let event = |id: u128, offset| EventRef {
-            event_id: Uuid::from_u128(id),
-            tp: tp(0),
-            offset,
-            window_start: t0(),
-        };
         let mut tx = store.begin(LockMode::Shared).await.unwrap();
         let new = tx
             .claim_new_events(&[event(1, 0), event(2, 1)])

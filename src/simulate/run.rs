@@ -106,6 +106,7 @@ pub fn run(
     let spec = WindowSpec::new(world.cycle, world.grace);
     let start: BTreeMap<BufferAccount, Decimal> =
         world.buffers.iter().map(|(a, b)| (*a, b.start)).collect();
+    let history_windows = policy.history_windows();
     let mut run = Run {
         world,
         spec,
@@ -129,8 +130,8 @@ pub fn run(
         counted: 0,
         tallies: BTreeMap::new(),
         next_open: None,
-        recent: VecDeque::with_capacity(policy.history_windows() + 1),
-        history_windows: policy.history_windows(),
+        recent: VecDeque::with_capacity(history_windows + 1),
+        history_windows,
         lead_times: VecDeque::with_capacity(LEAD_TIMES + 1),
         report: PolicyReport::named(policy.name()),
         outcome_balances: start

@@ -163,24 +163,12 @@ pub(super) async fn start_batch(
     Ok(clock)
 }
 
-/// Claims the ids one by one with `ON CONFLICT DO NOTHING`: those written
-/// are the new ones; the unique index decides.
-pub(super) async fn claim_events(
-    conn: &mut PgConnection,
-    events: &[EventRef],
-) -> Result<HashSet<Uuid>, StoreError> {
-    if events.is_empty() {
-        return Ok(HashSet::new());
-    }
-    insert_events(conn, events).await
-}
-
 /// Usually none was seen before, and binary `COPY` writes them with about
 /// a third less of the database's time than an insert that checks each
 /// for a conflict. If one is already there (a duplicate or a replay), the
 /// unique index refuses the `COPY`, which voids the transaction:
 /// [`StoreError::SeenBefore`] says to write the batch again with
-/// [`claim_events`]. No savepoint: it would cost a round trip and a
+/// `claim_events`. No savepoint: it would cost a round trip and a
 /// subtransaction on every batch for the rare one that needs it.
 pub(super) async fn claim_new_events(
     conn: &mut PgConnection,
@@ -241,11 +229,15 @@ fn binary_rows(events: &[EventRef]) -> Vec<u8> {
     out
 }
 
-/// Inserts the ids that are not there yet; returns those.
-async fn insert_events(
+/// Claims the ids one by one with `ON CONFLICT DO NOTHING`: those written
+/// are the new ones; the unique index decides.
+pub(super) async fn claim_events(
     conn: &mut PgConnection,
     events: &[EventRef],
 ) -> Result<HashSet<Uuid>, StoreError> {
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let topics: Vec<&str> = events.iter().map(|e| e.tp.topic.as_str()).collect();
     let partitions: Vec<i32> = events.iter().map(|e| e.tp.partition).collect();
@@ -315,9 +307,6 @@ pub(super) async fn add_tallies(
     tallies: &WindowTallies,
     length: chrono::Duration,
 ) -> Result<(), StoreError> {
-    if tallies.0.is_empty() {
-        return Ok(());
-    }
     add_batch_sums(conn, tallies, length, &[]).await
 }
 
@@ -326,9 +315,6 @@ pub(super) async fn record_progress(
     conn: &mut PgConnection,
     updates: &[ProgressUpdate],
 ) -> Result<(), StoreError> {
-    if updates.is_empty() {
-        return Ok(());
-    }
     add_batch_sums(
         conn,
         &WindowTallies::default(),
