@@ -90,6 +90,10 @@ pub struct Config {
     /// Longest wait to fill a batch (`TREASURY_BATCH_MAX_WAIT`).
     #[serde(with = "humantime_serde_compat")]
     pub batch_max_wait: Duration,
+    /// Ingest consumers this process runs in the aggregator's group, each
+    /// with its own partitions and its own batch in flight
+    /// (`TREASURY_INGEST_WORKERS`).
+    pub ingest_workers: usize,
     /// PostgreSQL URL (`DATABASE_URL`); shown masked.
     pub database_url: Option<String>,
     /// Bootstrap servers (`KAFKA_BROKERS`).
@@ -127,6 +131,7 @@ mod humantime_serde_compat {
 
 const DURATION: &str = "a duration such as 30s, 5m or 1h";
 const DURATION_OR_OFF: &str = "a duration such as 30s, 5m or 1h, or 0s for off";
+const INGEST_WORKERS_EXPECTED: &str = "a whole number 1..=8";
 
 impl Config {
     /// Reads the configuration from the process environment.
@@ -170,6 +175,12 @@ impl Config {
                 |n: &usize| (1..=100_000).contains(n),
             )?,
             batch_max_wait: env.duration("TREASURY_BATCH_MAX_WAIT", "100ms")?,
+            ingest_workers: env.parsed(
+                "TREASURY_INGEST_WORKERS",
+                "1",
+                INGEST_WORKERS_EXPECTED,
+                |n: &usize| (1..=crate::ingest::MAX_WORKERS).contains(n),
+            )?,
             database_url: env.text("DATABASE_URL"),
             kafka_brokers: env
                 .text("KAFKA_BROKERS")
@@ -221,6 +232,14 @@ impl Config {
                     "3",
                     "a whole number 1..=20",
                     |n: &u32| (1..=20).contains(n),
+                )?,
+                burst_factor: env.parsed(
+                    "TREASURY_PLANNER_BURST_FACTOR",
+                    "5",
+                    "a decimal number 0..=20",
+                    |z: &rust_decimal::Decimal| {
+                        (rust_decimal::Decimal::ZERO..=rust_decimal::Decimal::from(20)).contains(z)
+                    },
                 )?,
             },
             reconcile_tolerance: env.parsed(

@@ -65,6 +65,20 @@ pub fn consumer_config(base: &ClientConfig, group: &str) -> ClientConfig {
     config
 }
 
+/// The consumer settings of a process's `index`th member (from 0) of
+/// `group` when it runs several (`TREASURY_INGEST_WORKERS`): past the first,
+/// a static member id (`group.instance.id`, from `KAFKA_GROUP_INSTANCE_ID`)
+/// gets `-2`, `-3`, … appended, since two members with one id fence each other.
+pub fn member_config(base: &ClientConfig, group: &str, index: usize) -> ClientConfig {
+    let mut config = consumer_config(base, group);
+    if index > 0
+        && let Some(id) = config.get("group.instance.id").map(str::to_owned)
+    {
+        config.set("group.instance.id", format!("{id}-{}", index + 1));
+    }
+    config
+}
+
 /// Creates `topics` with `partitions` partitions each; existing topics are fine.
 pub async fn ensure_topics(
     base: &ClientConfig,
@@ -89,4 +103,37 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_member_past_the_first_gets_its_own_static_id() {
+        let mut base = ClientConfig::new();
+        base.set("group.instance.id", "treasury-aggregator-7f9c");
+        let ids: Vec<_> = (0..3)
+            .map(|i| {
+                member_config(&base, "g", i)
+                    .get("group.instance.id")
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                Some("treasury-aggregator-7f9c".to_owned()),
+                Some("treasury-aggregator-7f9c-2".to_owned()),
+                Some("treasury-aggregator-7f9c-3".to_owned()),
+            ]
+        );
+        let dynamic = member_config(&ClientConfig::new(), "g", 1);
+        assert_eq!(
+            dynamic.get("group.instance.id"),
+            None,
+            "no static id: none invented"
+        );
+        assert_eq!(dynamic.get("group.id"), Some("g"));
+    }
 }

@@ -145,7 +145,8 @@ pub fn settlement_settings(config: &Config) -> SettlementSettings {
     }
 }
 
-/// Spawns the aggregator's tasks (ingest, settlement, relay) on `store`.
+/// Spawns the aggregator's tasks on `store`: `TREASURY_INGEST_WORKERS` ingest
+/// consumers in one group (`ingest`, `ingest-2`, …), settlement and the relay.
 pub fn spawn_aggregator(
     config: &Config,
     store: Arc<dyn Store>,
@@ -158,16 +159,34 @@ pub fn spawn_aggregator(
     // Settlement closes a window as soon as the ingest has moved the
     // watermark past it, and the relay publishes as soon as it has committed.
     let progress = Arc::new(tokio::sync::Notify::new());
-    let ingest = Ingest::new(
-        &kafka::consumer_config(&base, &config.aggregator_group),
-        store.clone(),
-        codec.clone(),
-        clock.clone(),
-        ingest_settings(config),
-    )
-    .context("creating the aggregator consumer")?
-    .reporting_to(health.clone())
-    .notifying(progress.clone());
+    let mut tasks: Vec<NamedTask> = Vec::new();
+    for index in 0..config.ingest_workers {
+        let name = crate::ingest::worker_name(index).with_context(|| {
+            format!(
+                "TREASURY_INGEST_WORKERS: at most {}",
+                crate::ingest::MAX_WORKERS
+            )
+        })?;
+        let ingest = Ingest::new(
+            &kafka::member_config(&base, &config.aggregator_group, index),
+            store.clone(),
+            codec.clone(),
+            clock.clone(),
+            ingest_settings(config),
+        )
+        .with_context(|| format!("creating the aggregator consumer {name}"))?
+        .named(name)
+        .reporting_to(health.clone())
+        .notifying(progress.clone());
+        let stop: Shutdown = shutdown.subscribe();
+        tasks.push((
+            name,
+            tokio::spawn(async move {
+                ingest.run(stop).await?;
+                Ok(())
+            }),
+        ));
+    }
     let producer = kafka::idempotent_producer(&base).context("creating the outbox producer")?;
     let relay = Relay::new(store.clone(), producer);
     let settlement = Settlement::new(store, codec, settlement_settings(config))
@@ -176,26 +195,17 @@ pub fn spawn_aggregator(
         .waking_relay(relay.waker())
         .woken_by_progress(progress);
     let tick = settlement_tick(config);
-    let ingest_stop: Shutdown = shutdown.subscribe();
     let settle_stop = shutdown.subscribe();
     let relay_stop = shutdown.subscribe();
-    Ok(vec![
-        (
-            "ingest",
-            tokio::spawn(async move {
-                ingest.run(ingest_stop).await?;
-                Ok(())
-            }),
-        ),
-        (
-            "settlement",
-            tokio::spawn(async move {
-                settlement.run(settle_stop, tick).await;
-                Ok(())
-            }),
-        ),
-        ("aggregator-relay", spawn_relay(relay, relay_stop)),
-    ])
+    tasks.push((
+        "settlement",
+        tokio::spawn(async move {
+            settlement.run(settle_stop, tick).await;
+            Ok(())
+        }),
+    ));
+    tasks.push(("aggregator-relay", spawn_relay(relay, relay_stop)));
+    Ok(tasks)
 }
 
 fn spawn_relay(relay: Relay, stop: Shutdown) -> tokio::task::JoinHandle<anyhow::Result<()>> {

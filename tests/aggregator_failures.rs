@@ -26,6 +26,19 @@ fn spawn_worker(
     instance: &str,
     idle_timeout: &str,
 ) -> Child {
+    spawn_worker_with(pool, brokers, topics, group, instance, idle_timeout, &[])
+}
+
+/// [`spawn_worker`] with more settings on top.
+fn spawn_worker_with(
+    pool: &PgPool,
+    brokers: &str,
+    topics: &Topics,
+    group: &str,
+    instance: &str,
+    idle_timeout: &str,
+    extra: &[(&str, String)],
+) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(format!("{group}-{instance}.log")))
         .unwrap();
     Command::new(env!("CARGO_BIN_EXE_treasury"))
@@ -40,6 +53,7 @@ fn spawn_worker(
         .env("KAFKA_GROUP_INSTANCE_ID", format!("{group}-{instance}"))
         .env("TREASURY_BATCH_SIZE", "25")
         .env("TREASURY_IDLE_TIMEOUT", idle_timeout)
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
@@ -122,6 +136,45 @@ async fn assert_commands_unique(pool: &PgPool, brokers: &str, topics: &Topics) {
     );
 }
 
+/// Starts a worker of `group` and SIGKILLs it at a random moment after it
+/// has counted something, again and again, until `(mid_stream, most)`:
+/// that many kills landed mid-stream, or that many kills in all, or all
+/// `total` events are counted (the moments are seeded by `total`, so a run
+/// repeats). Returns (kills, mid-stream kills).
+async fn kill_at_random_moments(
+    pool: &PgPool,
+    brokers: &str,
+    topics: &Topics,
+    group: &str,
+    total: i64,
+    (mid_stream, most): (u32, u32),
+    extra: &[(&str, String)],
+) -> (u32, u32) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(total as u64);
+    let (mut kills, mut mid_stream_kills) = (0, 0);
+    while mid_stream_kills < mid_stream && kills < most {
+        let before = common::counted(pool).await;
+        if before == total {
+            break;
+        }
+        let mut worker = spawn_worker_with(pool, brokers, topics, group, "w", "2s", extra);
+        common::wait_until(Duration::from_secs(30), || async {
+            common::counted(pool).await > before
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..100))).await;
+        worker.kill().expect("SIGKILL");
+        worker.wait().unwrap();
+        kills += 1;
+        let after = common::counted(pool).await;
+        if after > before && after < total {
+            mid_stream_kills += 1;
+        }
+        eprintln!("kill {kills}: {before} → {after} events counted");
+    }
+    (kills, mid_stream_kills)
+}
+
 #[sqlx::test]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
     let Some(brokers) = common::brokers() else {
@@ -135,29 +188,8 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
 
     // Each worker is killed at a random moment after it has started counting,
     // so every kill lands mid-stream (between or inside batch transactions).
-    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-    let mut kills = 0;
-    let mut mid_stream_kills = 0;
-    while mid_stream_kills < 12 && kills < 30 {
-        let before = common::counted(&pool).await;
-        if before == 20_000 {
-            break;
-        }
-        let mut worker = spawn_worker(&pool, &brokers, &topics, "kill", "w", "2s");
-        common::wait_until(Duration::from_secs(30), || async {
-            common::counted(&pool).await > before
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..100))).await;
-        worker.kill().expect("SIGKILL");
-        worker.wait().unwrap();
-        kills += 1;
-        let after = common::counted(&pool).await;
-        if after > before && after < 20_000 {
-            mid_stream_kills += 1;
-        }
-        eprintln!("kill {kills}: {before} → {after} events counted");
-    }
+    let (kills, mid_stream_kills) =
+        kill_at_random_moments(&pool, &brokers, &topics, "kill", 20_000, (12, 30), &[]).await;
     assert!(
         mid_stream_kills >= 10,
         "only {mid_stream_kills} kills landed mid-stream"
@@ -168,6 +200,79 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing(pool: PgPool) {
     })
     .await;
     let status = terminate(&mut worker);
+    assert!(
+        settled,
+        "all events counted after {kills} kills; counted {}",
+        common::counted(&pool).await
+    );
+    assert!(status.success(), "SIGTERM gives a clean exit, got {status}");
+    assert_exact(&pool, &events).await;
+    assert_commands_unique(&pool, &brokers, &topics).await;
+}
+
+/// A process running two ingest consumers in the group
+/// (`TREASURY_INGEST_WORKERS=2`, with static membership, so each needs its
+/// own instance id), killed at random moments and then left to finish:
+/// every event counts once, every command is planned and published once, and
+/// `/readyz` names both consumers, each holding partitions.
+#[sqlx::test]
+async fn two_ingest_workers_in_one_process_killed_at_random_count_each_event_once(pool: PgPool) {
+    let Some(brokers) = common::brokers() else {
+        return;
+    };
+    let topics = common::unique_topics("pair");
+    let base = common::base(&brokers);
+    common::create_topics(&base, &topics, 4).await;
+    let events = common::generate(23, 12_000, chrono::Duration::hours(2));
+    common::produce(&base, &topics, &events).await;
+    let two = ("TREASURY_INGEST_WORKERS", "2".to_owned());
+
+    let (kills, mid_stream_kills) = kill_at_random_moments(
+        &pool,
+        &brokers,
+        &topics,
+        "pair",
+        12_000,
+        (6, 20),
+        std::slice::from_ref(&two),
+    )
+    .await;
+    assert!(
+        mid_stream_kills >= 4,
+        "only {mid_stream_kills} kills landed mid-stream"
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let extra = [
+        two.clone(),
+        ("TREASURY_HTTP_ADDR", format!("127.0.0.1:{port}")),
+    ];
+    let mut worker = spawn_worker_with(&pool, &brokers, &topics, "pair", "w", "2s", &extra);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let both_assigned = common::wait_until(Duration::from_secs(60), || async {
+        let Ok(response) = reqwest::get(&readyz).await else {
+            return false;
+        };
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        ["ingest", "ingest-2"].iter().all(|name| {
+            let consumer = &body["consumers"][name];
+            consumer["state"] == "assigned" && consumer["partitions"].as_u64() > Some(0)
+        })
+    })
+    .await;
+    let settled = common::wait_until(Duration::from_secs(240), || async {
+        common::all_settled(&pool, 12_000).await && outbox_sent(&pool).await
+    })
+    .await;
+    let status = terminate(&mut worker);
+    assert!(
+        both_assigned,
+        "/readyz names ingest and ingest-2, each holding partitions"
+    );
     assert!(
         settled,
         "all events counted after {kills} kills; counted {}",

@@ -134,6 +134,9 @@ const MALFORMED: &[(&str, &str)] = &[
     ("TREASURY_IDLE_TIMEOUT", "idle"),
     ("TREASURY_DEDUP_RETENTION", "forever"),
     ("TREASURY_BATCH_MAX_WAIT", "100"),
+    ("TREASURY_INGEST_WORKERS", "0"),
+    ("TREASURY_INGEST_WORKERS", "9"),
+    ("TREASURY_INGEST_WORKERS", "two"),
 ];
 
 /// Valid settings for every variable, so the error can only come from the bad one.
@@ -150,6 +153,7 @@ const OTHERWISE_VALID: &[(&str, &str)] = &[
     ("TREASURY_DEDUP_RETENTION", "7d"),
     ("TREASURY_BATCH_SIZE", "500"),
     ("TREASURY_BATCH_MAX_WAIT", "100ms"),
+    ("TREASURY_INGEST_WORKERS", "2"),
     ("TREASURY_TOPIC_FUNDING", "funding.events"),
     ("TREASURY_TOPIC_WITHDRAWALS", "withdrawal.events"),
     ("TREASURY_TOPIC_COMMANDS", "treasury.conversion-commands"),
@@ -432,4 +436,71 @@ fn urgent_pieces_default_to_three_and_refuse_zero() {
     assert_eq!(whole.planner.urgent_pieces, 1);
     let err = load(&[("TREASURY_PLANNER_URGENT_PIECES", "0")]).unwrap_err();
     assert_eq!(err.variable, "TREASURY_PLANNER_URGENT_PIECES");
+}
+
+#[test]
+fn the_burst_factor_defaults_to_five_and_refuses_what_is_not_a_number_in_range() {
+    assert_eq!(
+        load(&[]).unwrap().planner.burst_factor,
+        rust_decimal::Decimal::from(5)
+    );
+    let three = load(&[("TREASURY_PLANNER_BURST_FACTOR", "3")]).unwrap();
+    assert_eq!(three.planner.burst_factor, rust_decimal::Decimal::from(3));
+    for bad in ["-1", "21", "often"] {
+        let err = load(&[("TREASURY_PLANNER_BURST_FACTOR", bad)]).unwrap_err();
+        assert_eq!(err.variable, "TREASURY_PLANNER_BURST_FACTOR", "{bad}");
+    }
+}
+
+/// The `KEY: value` entries of `deploy/k8s/configmap.yaml`'s data.
+fn configmap_settings() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s/configmap.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let data = text.split_once("\ndata:\n").expect("a data: section").1;
+    data.lines()
+        .filter_map(|line| {
+            let (key, rest) = line.strip_prefix("  ")?.split_once(':')?;
+            if key.is_empty()
+                || !key
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return None;
+            }
+            let rest = rest.trim_start();
+            let value = match rest.strip_prefix('"') {
+                Some(quoted) => quoted.split_once('"')?.0,
+                None => rest.split(" #").next()?.trim(),
+            };
+            Some((key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_settings_deploy_ships_load_as_they_are() {
+    let shipped = configmap_settings();
+    assert!(shipped.len() > 10, "read the configmap: {shipped:?}");
+    let config = Config::from_vars(shipped.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .unwrap_or_else(|e| panic!("deploy/k8s/configmap.yaml does not load: {e}"));
+    let value = |key: &str| {
+        shipped
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        Some(config.ingest_workers.to_string()),
+        value("TREASURY_INGEST_WORKERS")
+    );
+    assert_eq!(
+        Some(config.batch_size.to_string()),
+        value("TREASURY_BATCH_SIZE")
+    );
+    assert_eq!(Some(config.kafka_brokers.clone()), value("KAFKA_BROKERS"));
+    assert_eq!(
+        load(&[]).unwrap().ingest_workers,
+        1,
+        "one ingest consumer by default"
+    );
 }

@@ -82,6 +82,8 @@ pub struct Ingest {
     progress: Option<Arc<Notify>>,
     /// What the next batch's event ids are expected to be.
     expected_ids: ExpectedIds,
+    /// What this consumer reports under (health, metrics, logs).
+    name: &'static str,
 }
 
 impl Ingest {
@@ -114,6 +116,7 @@ impl Ingest {
             read_ahead: None,
             progress: None,
             expected_ids: ExpectedIds::New,
+            name: HEALTH_NAME,
         })
     }
 
@@ -125,10 +128,17 @@ impl Ingest {
         self
     }
 
-    /// Reports this consumer's state to `health` (for `/readyz`).
+    /// Names this consumer (default [`HEALTH_NAME`]) for its health entry,
+    /// metrics and logs; name it before [`Self::reporting_to`].
+    pub fn named(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// Reports this consumer's state to `health` (for `/readyz`) under its name.
     pub fn reporting_to(mut self, health: Health) -> Self {
-        health.consumer(HEALTH_NAME, ConsumerState::Starting);
-        retry::register_series(HEALTH_NAME);
+        health.consumer(self.name, ConsumerState::Starting);
+        retry::register_series(self.name);
         self.health = health;
         self
     }
@@ -153,12 +163,12 @@ impl Ingest {
             match self.step().await {
                 // Only a committed batch shows that what was down is back.
                 Ok(()) if self.totals.batches == committed => {}
-                Ok(()) => retry::resumed(HEALTH_NAME, &mut backoff),
+                Ok(()) => retry::resumed(self.name, &mut backoff),
                 Err(e) if e.is_transient() => {
                     self.forget_all();
                     let dependency = e.dependency();
                     retry::hold(
-                        HEALTH_NAME,
+                        self.name,
                         dependency,
                         &e,
                         &mut backoff,
@@ -168,7 +178,7 @@ impl Ingest {
                     .await;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "ingest cannot go on");
+                    tracing::error!(consumer = self.name, error = %e, "ingest cannot go on");
                     self.consumer.close();
                     return Err(e);
                 }
@@ -186,7 +196,7 @@ impl Ingest {
             tracing::warn!(error = %e, "could not record the hand-over of partitions");
         }
         self.consumer.close();
-        tracing::info!(totals = ?self.totals, "ingest stopped");
+        tracing::info!(consumer = self.name, totals = ?self.totals, "ingest stopped");
         Ok(self.totals)
     }
 
@@ -399,7 +409,7 @@ impl Ingest {
     /// Returns whether any partition moved.
     async fn apply_rebalances(&mut self) -> Result<bool, StoreError> {
         let changes = self.consumer.take_rebalances().await?;
-        self.health.consumer(HEALTH_NAME, self.consumer.state());
+        self.health.consumer(self.name, self.consumer.state());
         let moved: Vec<TopicPartition> = changes
             .revoked
             .iter()
@@ -429,8 +439,29 @@ impl Ingest {
     }
 }
 
-/// The name this consumer reports under in `/readyz`.
+/// The name the first ingest consumer reports under in `/readyz` and in the
+/// `consumer` label of its metrics.
 pub const HEALTH_NAME: &str = "ingest";
+
+/// Most ingest consumers one process runs (`TREASURY_INGEST_WORKERS`).
+pub const MAX_WORKERS: usize = 8;
+
+const WORKER_NAMES: [&str; MAX_WORKERS] = [
+    HEALTH_NAME,
+    "ingest-2",
+    "ingest-3",
+    "ingest-4",
+    "ingest-5",
+    "ingest-6",
+    "ingest-7",
+    "ingest-8",
+];
+
+/// The name of a process's `index`th ingest consumer (from 0): `ingest`,
+/// then `ingest-2`, `ingest-3`, …; None past [`MAX_WORKERS`].
+pub fn worker_name(index: usize) -> Option<&'static str> {
+    WORKER_NAMES.get(index).copied()
+}
 
 /// A batch read and decoded, not committed yet.
 struct ReadBatch {

@@ -6,5 +6,5 @@ pub mod consumer;
 pub mod validate;
 
 pub use batch::{BatchOutcome, Consumed, commit_batch};
-pub use consumer::{Ingest, IngestSettings, IngestTotals};
+pub use consumer::{Ingest, IngestSettings, IngestTotals, MAX_WORKERS, worker_name};
 pub use validate::{Rejection, decode_event, validate};

@@ -38,7 +38,10 @@
 //! buffer draining fast enough to cross its minimum before a refill lands
 //! takes the drain observed in the open windows (over `T`) when it is the
 //! larger ([`BufferLevels::with_observed_drain`]), and its return point is
-//! at least that drain above its minimum. A buffer projected less than its
+//! at least that drain above its minimum; when the drain is a burst (beyond
+//! the spread of its recent flows, [`crate::planner::Watch::bursting`]), the
+//! trigger rises to `min + drain` too, a batch below the return point
+//! ([`BufferLevels::in_burst`]). A buffer projected less than its
 //! drain above its minimum is [urgent](BufferLevels::urgent): givers then
 //! give down to their own trigger, and its refill is cut into pieces (see
 //! the planner).
@@ -96,6 +99,21 @@ impl BufferLevels {
             drain,
             return_point,
             sweep_point: self.sweep_point.max(return_point),
+            ..self
+        }
+    }
+
+    /// The levels of a buffer in a burst (a drain beyond what its flows'
+    /// spread explains, see [`crate::planner::Watch::bursting`]): projected
+    /// less than its drain above `min`, it needs money now, so the trigger
+    /// rises to `min + drain`, but stays a batch below the return point, so
+    /// that a burst is met by refills of a batch or more rather than by a
+    /// sliver every minute.
+    pub fn in_burst(self, min: Decimal, batch_size: Decimal) -> Self {
+        let wanted = min.saturating_add(self.drain);
+        let room = self.return_point.saturating_sub(batch_size);
+        Self {
+            trigger: self.trigger.max(wanted.min(room)),
             ..self
         }
     }
@@ -291,6 +309,42 @@ mod tests {
             small.return_point, calm.return_point,
             "a drain the return point already covers leaves it"
         );
+    }
+
+    #[test]
+    fn in_a_burst_the_trigger_rises_to_the_drain_a_batch_below_the_return_point() {
+        let p = position();
+        let calm = levels(
+            &p,
+            FlowStats::default(),
+            Duration::minutes(20),
+            Duration::minutes(5),
+            &PlannerSettings::default(),
+        );
+        // min 10000, batch 20000, max 100000; the calm trigger is 30,000.
+        assert_eq!(calm.trigger, dec!(30000));
+        // A drain of 60,000: return point 70,000, trigger 50,000 (a batch below).
+        let burst = calm
+            .with_observed_drain(dec!(60000), &p.thresholds)
+            .in_burst(p.thresholds.min(), p.batch_size);
+        assert_eq!(
+            (burst.trigger, burst.return_point),
+            (dec!(50000), dec!(70000))
+        );
+        // A drain past the band: the return point stops at max, the trigger a batch below.
+        let wild = calm
+            .with_observed_drain(dec!(200000), &p.thresholds)
+            .in_burst(p.thresholds.min(), p.batch_size);
+        assert_eq!(
+            (wild.trigger, wild.return_point),
+            (dec!(80000), dec!(100000))
+        );
+        // A small drain leaves the trigger where it was (never lowers it).
+        let small = calm
+            .with_observed_drain(dec!(1000), &p.thresholds)
+            .in_burst(p.thresholds.min(), p.batch_size);
+        assert_eq!(small.trigger, calm.trigger);
+        assert!(small.trigger <= small.return_point);
     }
 
     #[test]

@@ -131,6 +131,11 @@ pub struct PlannerSettings {
     /// its band above the minimum, so one slow conversion cannot leave it
     /// empty (`TREASURY_PLANNER_URGENT_PIECES`; 1 keeps refills whole).
     pub urgent_pieces: u32,
+    /// Standard deviations beyond its recent flows a buffer's drain in the
+    /// open windows must go (over at least three minutes) to count as a
+    /// burst, which makes a buffer expected below its minimum before a
+    /// refill lands need money at once (`TREASURY_PLANNER_BURST_FACTOR`).
+    pub burst_factor: Decimal,
 }
 
 impl Default for PlannerSettings {
@@ -141,6 +146,7 @@ impl Default for PlannerSettings {
             default_lead_time: chrono::Duration::minutes(30),
             watch_interval: chrono::Duration::minutes(1),
             urgent_pieces: 3,
+            burst_factor: Decimal::from(5),
         }
     }
 }
@@ -240,8 +246,17 @@ pub fn plan(input: &PlanInput) -> Plan {
                 continue;
             }
             urgent.push(p.account);
+            let bursting = watch.bursting(
+                p.account,
+                input.history.stats(p.account),
+                input.window,
+                input.settings.burst_factor,
+            );
             if let Some(l) = levels.get_mut(&p.account) {
                 *l = l.with_observed_drain(watch.drain_over(p.account, lead), &p.thresholds);
+                if bursting {
+                    *l = l.in_burst(p.thresholds.min(), p.batch_size);
+                }
             }
         }
     }

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
-use rust_decimal::Decimal;
+use rust_decimal::{Decimal, MathematicalOps};
 
-use super::BufferPosition;
+use super::{BufferPosition, FlowStats};
 use crate::domain::BufferAccount;
 use crate::window::WindowTally;
 
@@ -30,6 +30,9 @@ pub struct Watch {
 
 /// The shortest stretch a watch extrapolates a drain rate from.
 const WATCH_MIN_ELAPSED: Duration = Duration::minutes(1);
+/// The shortest stretch a drain is judged a burst over: a single large
+/// withdrawal in the first minute of a window is not a rate.
+const BURST_MIN_ELAPSED: Duration = Duration::minutes(3);
 
 impl Watch {
     /// The watch at `now` over the open windows' `tallies` (keyed by window
@@ -93,6 +96,33 @@ impl Watch {
         position.projected() - self.drain_over(position.account, ahead)
     }
 
+    /// Whether `account` drains in the open windows faster than its recent
+    /// flows explain: the drain so far exceeds what the mean flow would
+    /// take over the time elapsed by more than `z` standard deviations
+    /// (`stats` are per `window`, scaled by √(elapsed / window)). A single
+    /// large withdrawal in a calm window stays within the spread; a burst
+    /// leaves it within a minute or two.
+    pub fn bursting(
+        &self,
+        account: BufferAccount,
+        stats: FlowStats,
+        window: Duration,
+        z: Decimal,
+    ) -> bool {
+        let flow = self.open_flows.get(&account).copied().unwrap_or_default();
+        let drain = (-flow).max(Decimal::ZERO);
+        if drain.is_zero() {
+            return false;
+        }
+        let share = Decimal::from(self.elapsed.max(BURST_MIN_ELAPSED).num_milliseconds())
+            / Decimal::from(window.num_milliseconds().max(1));
+        let expected = (-stats.mean).max(Decimal::ZERO).saturating_mul(share);
+        let spread = z
+            .saturating_mul(stats.std_dev)
+            .saturating_mul(share.sqrt().unwrap_or(Decimal::ONE));
+        drain > expected.saturating_add(spread)
+    }
+
     /// What `account` is expected to lose over `ahead` at the open windows' rate.
     pub fn drain_over(&self, account: BufferAccount, ahead: Duration) -> Decimal {
         let elapsed_ms = Decimal::from(self.elapsed.max(WATCH_MIN_ELAPSED).num_milliseconds());
@@ -144,6 +174,37 @@ mod tests {
         // Already below the minimum with money arriving: act.
         let arriving = watch(dec!(500), 2);
         assert!(arriving.must_act(&arriving.positions(&[usdc(dec!(9000))]), |_| lead));
+    }
+
+    #[test]
+    fn a_burst_is_a_drain_beyond_the_spread_of_recent_flows_over_three_minutes() {
+        let window = Duration::minutes(5);
+        let z = dec!(4);
+        // Net flow per 5-minute window: mean −500, σ 4,000.
+        let stats = FlowStats {
+            mean: dec!(-500),
+            std_dev: dec!(4000),
+            recent_mean: dec!(-500),
+            windows: 288,
+        };
+        let bursting = |flow: Decimal, minutes: i64| {
+            watch(flow, minutes).bursting(BufferAccount::SystemBufferUsdc, stats, window, z)
+        };
+        // Over 3 minutes (share 0.6): 300 expected + 4·4000·√0.6 ≈ 12,694.
+        assert!(bursting(dec!(-13000), 3));
+        assert!(!bursting(dec!(-12000), 3));
+        // One minute in, the drain is judged over three: a single large
+        // withdrawal is not a rate.
+        assert!(!bursting(dec!(-12000), 1));
+        // Over the whole window (share 1): 500 + 16,000.
+        assert!(!bursting(dec!(-16000), 5));
+        assert!(bursting(dec!(-17000), 5));
+        assert!(!bursting(dec!(20000), 3), "money coming in is no burst");
+        let calm_history = FlowStats::default();
+        assert!(
+            watch(dec!(-1), 3).bursting(BufferAccount::SystemBufferUsdc, calm_history, window, z),
+            "with no spread measured, any drain is beyond it"
+        );
     }
 
     #[test]
