@@ -131,7 +131,6 @@ mod humantime_serde_compat {
 
 const DURATION: &str = "a duration such as 30s, 5m or 1h";
 const DURATION_OR_OFF: &str = "a duration such as 30s, 5m or 1h, or 0s for off";
-const INGEST_WORKERS_EXPECTED: &str = "a whole number 1..=8";
 
 impl Config {
     /// Reads the configuration from the process environment.
@@ -178,7 +177,7 @@ impl Config {
             ingest_workers: env.parsed(
                 "TREASURY_INGEST_WORKERS",
                 "1",
-                INGEST_WORKERS_EXPECTED,
+                "a whole number 1..=8",
                 |n: &usize| (1..=crate::ingest::MAX_WORKERS).contains(n),
             )?,
             database_url: env.text("DATABASE_URL"),

@@ -323,26 +323,21 @@ mod tests {
         );
         // min 10000, batch 20000, max 100000; the calm trigger is 30,000.
         assert_eq!(calm.trigger, dec!(30000));
+        let burst = |drain: Decimal| {
+            calm.with_observed_drain(drain, &p.thresholds)
+                .in_burst(p.thresholds.min(), p.batch_size)
+        };
         // A drain of 60,000: return point 70,000, trigger 50,000 (a batch below).
-        let burst = calm
-            .with_observed_drain(dec!(60000), &p.thresholds)
-            .in_burst(p.thresholds.min(), p.batch_size);
-        assert_eq!(
-            (burst.trigger, burst.return_point),
-            (dec!(50000), dec!(70000))
-        );
+        let big = burst(dec!(60000));
+        assert_eq!((big.trigger, big.return_point), (dec!(50000), dec!(70000)));
         // A drain past the band: the return point stops at max, the trigger a batch below.
-        let wild = calm
-            .with_observed_drain(dec!(200000), &p.thresholds)
-            .in_burst(p.thresholds.min(), p.batch_size);
+        let wild = burst(dec!(200000));
         assert_eq!(
             (wild.trigger, wild.return_point),
             (dec!(80000), dec!(100000))
         );
         // A small drain leaves the trigger where it was (never lowers it).
-        let small = calm
-            .with_observed_drain(dec!(1000), &p.thresholds)
-            .in_burst(p.thresholds.min(), p.batch_size);
+        let small = burst(dec!(1000));
         assert_eq!(small.trigger, calm.trigger);
         assert!(small.trigger <= small.return_point);
     }

@@ -109,8 +109,7 @@ impl Watch {
         window: Duration,
         z: Decimal,
     ) -> bool {
-        let flow = self.open_flows.get(&account).copied().unwrap_or_default();
-        let drain = (-flow).max(Decimal::ZERO);
+        let drain = self.drained(account);
         if drain.is_zero() {
             return false;
         }
@@ -127,9 +126,13 @@ impl Watch {
     pub fn drain_over(&self, account: BufferAccount, ahead: Duration) -> Decimal {
         let elapsed_ms = Decimal::from(self.elapsed.max(WATCH_MIN_ELAPSED).num_milliseconds());
         let ahead_ms = Decimal::from(ahead.num_milliseconds().max(0));
+        (self.drained(account) / elapsed_ms).saturating_mul(ahead_ms)
+    }
+
+    /// What `account` has lost in the open windows (zero when it gained).
+    fn drained(&self, account: BufferAccount) -> Decimal {
         let flow = self.open_flows.get(&account).copied().unwrap_or_default();
-        let drain = (-flow).max(Decimal::ZERO);
-        (drain / elapsed_ms).saturating_mul(ahead_ms)
+        (-flow).max(Decimal::ZERO)
     }
 }
 
