@@ -449,3 +449,67 @@ proptest! {
         prop_assert_eq!(trace.events, events);
     }
 }
+
+/// `--seeds A..B --sweep` on a trace file: one row per seed (the same trace,
+/// each seed's own provider draws) and the totals, as JSON; without
+/// `--seeds` the flag is refused by name.
+#[test]
+fn the_sweep_prints_a_row_per_seed_and_needs_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let day: Vec<FlowEvent> = generate(Scenario::Normal, 3, start())
+        .into_iter()
+        .filter(|e| e.occurred_at < start() + Duration::hours(12))
+        .collect();
+    let path = dir.path().join("day.csv");
+    write_trace(&path, &day).unwrap();
+    let treasury = || std::process::Command::new(env!("CARGO_BIN_EXE_treasury"));
+    let out = treasury()
+        .args(["simulate", "--trace"])
+        .arg(&path)
+        .args([
+            "--capital-scale",
+            "1.5",
+            "--seeds",
+            "4..6",
+            "--sweep",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seeds: Vec<u64> = json["seeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seeds, vec![4, 5, 6]);
+    assert_eq!(json["summary"]["seeds"], 3);
+    let most = json["seeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["conversions"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(json["summary"]["most_conversions"].as_u64(), Some(most));
+    assert!(most > 0, "half a day of flows needs some conversions");
+
+    let refused = treasury()
+        .args(["simulate", "--trace"])
+        .arg(&path)
+        .arg("--sweep")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--seeds"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -15,6 +15,7 @@ use treasury::simulate::generate::{Scenario, generate};
 use treasury::simulate::invariants::check_plan;
 use treasury::simulate::report::PolicyReport;
 use treasury::simulate::scenario::World;
+use treasury::simulate::sweep::{summary, sweep, table};
 
 /// The cost model the planner is judged on (10 bps fee + 5 bps spread + 1.00
 /// fixed, latency median 4 min / p99 25 min, the seeded limits).
@@ -66,6 +67,54 @@ fn the_same_seed_gives_the_same_report_byte_for_byte() {
         first,
         serde_json::to_string(&other.comparison.to_json()).unwrap()
     );
+}
+
+/// A sweep's rows are the engine's own runs seed by seed, in seed order
+/// whatever the threads, and its totals add them up.
+#[test]
+fn a_sweep_reports_each_seed_as_its_own_run_and_adds_them_up() {
+    let base = world(dec!(1.5));
+    let events_for = |seed: u64| first_days(generate(Scenario::Normal, seed, generated_start()), 2);
+    let seeds = [5u64, 3, 4];
+    let rows = sweep(&base, &seeds, &events_for, PlannerSettings::default(), 2)
+        .expect("no invariant breaks");
+    assert_eq!(
+        rows.iter().map(|r| r.seed).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    for row in &rows {
+        let events = events_for(row.seed);
+        let alone = engine_only(&base, &events, row.seed, PlannerSettings::default())
+            .unwrap()
+            .report;
+        assert_eq!(row.conversions, alone.conversions);
+        assert_eq!(row.conversion_cost, alone.conversion_cost);
+        assert_eq!(row.minutes_below_min, alone.minutes_below_min);
+        assert_eq!(row.minutes_below_zero, alone.minutes_below_zero);
+        assert_eq!(
+            row.lower_bound_cost,
+            treasury::simulate::bound::lower_bound(&base, &events).conversion_cost
+        );
+        assert!(row.lower_bound_cost > Decimal::ZERO);
+    }
+    let total = summary(&rows);
+    assert_eq!(total.seeds, 3);
+    assert_eq!(
+        total.clean_seeds,
+        rows.iter().filter(|r| r.minutes_below_zero == 0.0).count()
+    );
+    assert_eq!(
+        total.mean_cost,
+        rows.iter().map(|r| r.conversion_cost).sum::<Decimal>() / dec!(3)
+    );
+    assert_eq!(
+        total.most_conversions,
+        rows.iter().map(|r| r.conversions).max().unwrap()
+    );
+    assert!(total.worst_cost_ratio >= rows[0].cost_ratio());
+    let printed = table("t", &rows);
+    assert_eq!(printed.lines().count(), 1 + 1 + 3 + 1, "{printed}");
+    assert!(printed.contains("3 seeds: "), "{printed}");
 }
 
 #[test]

@@ -15,6 +15,7 @@ use super::generate::{Scenario, generate};
 use super::plot::{BufferSeries, ConversionMark, plot};
 use super::recommend::{Budget, Case, search};
 use super::scenario::World;
+use super::sweep::{summary, sweep, table};
 use super::trace::{read_trace, write_trace};
 use crate::domain::FlowEvent;
 use crate::planner::PlannerSettings;
@@ -38,7 +39,8 @@ pub struct SimulateArgs {
     pub seed: u64,
     /// Run the engine over many seeds with faults injected (provider
     /// failures, lost answers, an outage) and name every seed whose
-    /// invariants fail, e.g. `--seeds 1..200`.
+    /// invariants fail, e.g. `--seeds 1..200` (with `--sweep`: as generated,
+    /// one row of figures per seed).
     #[arg(long, value_name = "A..B", value_parser = parse_seeds)]
     pub seeds: Option<RangeInclusive<u64>>,
     /// Write the generated (or read) trace to this file (CSV or JSON Lines, `.gz` too).
@@ -59,6 +61,11 @@ pub struct SimulateArgs {
     /// Measure decision invariants instead of stopping at the first violation.
     #[arg(long)]
     pub keep_going: bool,
+    /// With `--seeds`: run the engine on each seed with no faults injected
+    /// and print one row per seed (conversions, cost against the lower
+    /// bound, minutes below min and below zero) and the totals.
+    #[arg(long, requires = "seeds", conflicts_with_all = ["plot", "export_trace"])]
+    pub sweep: bool,
     /// Search min/target/max/batch size per buffer for the least total cost
     /// (conversions + capital) with 0 minutes below zero, and print the
     /// `UPDATE buffer_thresholds` statements with the current and
@@ -247,23 +254,57 @@ fn run_recommend(
     Ok(())
 }
 
+/// The trace of each seed of `--seeds`: a trace file's is the same for
+/// every seed, a generator's is its own.
+struct SeededTraces {
+    fixed: Option<Vec<FlowEvent>>,
+    scenario: Option<Scenario>,
+    label: String,
+}
+
+impl SeededTraces {
+    fn new(args: &SimulateArgs) -> anyhow::Result<Self> {
+        if args.trace.is_some() {
+            let (events, label) = input(args, 0)?;
+            return Ok(Self {
+                fixed: Some(events),
+                scenario: None,
+                label,
+            });
+        }
+        let Some(scenario) = args.generate else {
+            bail!("give --trace FILE or --generate SCENARIO");
+        };
+        Ok(Self {
+            fixed: None,
+            scenario: Some(scenario),
+            label: format!("generated {scenario}"),
+        })
+    }
+
+    fn events(&self, seed: u64) -> Vec<FlowEvent> {
+        match (&self.fixed, self.scenario) {
+            (Some(events), _) => events.clone(),
+            (None, Some(scenario)) => generate(scenario, seed, generated_start()),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
 fn run_seeds(
     args: &SimulateArgs,
     world: &World,
     seeds: RangeInclusive<u64>,
     settings: PlannerSettings,
 ) -> anyhow::Result<()> {
-    let fixed = match &args.trace {
-        Some(_) => Some(input(args, 0)?.0),
-        None => None,
-    };
+    let traces = SeededTraces::new(args)?;
+    if args.sweep {
+        return print_sweep(args, world, &traces, seeds.collect(), settings);
+    }
     let bar = progress(seeds.clone().count() as u64, "seeds");
     let mut failing = Vec::new();
     for seed in seeds.clone() {
-        let events = match &fixed {
-            Some(events) => events.clone(),
-            None => input(args, seed)?.0,
-        };
+        let events = traces.events(seed);
         if let Err(violation) = engine_only(&with_faults(world, seed), &events, seed, settings) {
             bar.suspend(|| eprintln!("{violation}"));
             failing.push(seed);
@@ -286,6 +327,44 @@ fn run_seeds(
                 .join(", ")
         )
     }
+}
+
+/// `--seeds --sweep`: the engine alone on each seed, no faults, as a table or JSON.
+fn print_sweep(
+    args: &SimulateArgs,
+    world: &World,
+    traces: &SeededTraces,
+    seeds: Vec<u64>,
+    settings: PlannerSettings,
+) -> anyhow::Result<()> {
+    let events_for = |seed: u64| traces.events(seed);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = Instant::now();
+    let spinner = progress(1, &format!("the engine over {} seeds", seeds.len()));
+    let rows = sweep(world, &seeds, &events_for, settings, threads)
+        .map_err(|(seed, violation)| anyhow::anyhow!("seed {seed}: {violation}"))?;
+    spinner.finish_and_clear();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "trace": traces.label,
+                "seeds": rows,
+                "summary": summary(&rows),
+            }))?
+        );
+    } else {
+        print!(
+            "{}",
+            table(&format!("engine on {}, no faults", traces.label), &rows)
+        );
+    }
+    eprintln!(
+        "simulated {} seeds in {:.1} s",
+        rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn draw(path: &Path, label: &str, world: &World, compared: &Compared) -> anyhow::Result<()> {

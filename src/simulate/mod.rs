@@ -18,4 +18,5 @@ pub mod recommend;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod sweep;
 pub mod trace;
