@@ -256,37 +256,37 @@ fn run_recommend(
 
 /// The trace of each seed of `--seeds`: a trace file's is the same for
 /// every seed, a generator's is its own.
-struct SeededTraces {
-    fixed: Option<Vec<FlowEvent>>,
-    scenario: Option<Scenario>,
-    label: String,
+enum SeededTraces {
+    File {
+        events: Vec<FlowEvent>,
+        label: String,
+    },
+    Generated(Scenario),
 }
 
 impl SeededTraces {
     fn new(args: &SimulateArgs) -> anyhow::Result<Self> {
         if args.trace.is_some() {
             let (events, label) = input(args, 0)?;
-            return Ok(Self {
-                fixed: Some(events),
-                scenario: None,
-                label,
-            });
+            return Ok(Self::File { events, label });
         }
-        let Some(scenario) = args.generate else {
-            bail!("give --trace FILE or --generate SCENARIO");
-        };
-        Ok(Self {
-            fixed: None,
-            scenario: Some(scenario),
-            label: format!("generated {scenario}"),
-        })
+        match args.generate {
+            Some(scenario) => Ok(Self::Generated(scenario)),
+            None => bail!("give --trace FILE or --generate SCENARIO"),
+        }
     }
 
     fn events(&self, seed: u64) -> Vec<FlowEvent> {
-        match (&self.fixed, self.scenario) {
-            (Some(events), _) => events.clone(),
-            (None, Some(scenario)) => generate(scenario, seed, generated_start()),
-            (None, None) => Vec::new(),
+        match self {
+            Self::File { events, .. } => events.clone(),
+            Self::Generated(scenario) => generate(*scenario, seed, generated_start()),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Self::File { label, .. } => label.clone(),
+            Self::Generated(scenario) => format!("generated {scenario}"),
         }
     }
 }
@@ -348,7 +348,7 @@ fn print_sweep(
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "trace": traces.label,
+                "trace": traces.label(),
                 "seeds": rows,
                 "summary": summary(&rows),
             }))?
@@ -356,7 +356,7 @@ fn print_sweep(
     } else {
         print!(
             "{}",
-            table(&format!("engine on {}, no faults", traces.label), &rows)
+            table(&format!("engine on {}, no faults", traces.label()), &rows)
         );
     }
     eprintln!(

@@ -12,6 +12,7 @@ pub mod executor;
 pub mod generate;
 pub mod invariants;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod policies;
 pub mod recommend;

@@ -56,14 +56,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde::Serialize;
 
 use super::invariants::Violation;
+use super::parallel::map_in_order;
 use super::policies::EnginePolicy;
 use super::report::{PolicyReport, policy_table};
 use super::run::{RunOptions, run};
@@ -412,50 +411,37 @@ fn run_all(
         return vec![Vec::new(); candidates.len()];
     }
     let worlds: Vec<World> = candidates.iter().map(|k| apply(world, k)).collect();
-    let jobs = worlds.len() * cases.len();
-    let next = AtomicUsize::new(0);
-    let slots: Mutex<Vec<Option<CaseResult>>> = Mutex::new(vec![None; jobs]);
-    std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, jobs.max(1)) {
-            scope.spawn(|| {
-                loop {
-                    let job = next.fetch_add(1, Ordering::Relaxed);
-                    if job >= jobs {
-                        break;
-                    }
-                    let (w, c) = (&worlds[job / cases.len()], &cases[job % cases.len()]);
-                    let outcome = run_case(w, c, settings);
-                    let result = match outcome {
-                        Ok(report) => {
-                            let seconds = c.events.first().map_or(0, |first| {
-                                (report.simulated_until - first.occurred_at).num_seconds()
-                            });
-                            let capital = capital_cost(w, seconds);
-                            CaseResult {
-                                case: c.label.clone(),
-                                total_cost: report.conversion_cost + capital,
-                                capital_cost: capital,
-                                report: Some(report),
-                                violation: None,
-                            }
-                        }
-                        Err(v) => CaseResult {
-                            case: c.label.clone(),
-                            report: None,
-                            violation: Some(v.to_string()),
-                            capital_cost: Decimal::ZERO,
-                            total_cost: Decimal::ZERO,
-                        },
-                    };
-                    if let Ok(mut slots) = slots.lock() {
-                        slots[job] = Some(result);
-                    }
-                    tick();
+    let jobs: Vec<(usize, usize)> = (0..worlds.len())
+        .flat_map(|w| (0..cases.len()).map(move |c| (w, c)))
+        .collect();
+    let results = map_in_order(&jobs, threads, &|&(w, c)| {
+        let (w, c) = (&worlds[w], &cases[c]);
+        let result = match run_case(w, c, settings) {
+            Ok(report) => {
+                let seconds = c.events.first().map_or(0, |first| {
+                    (report.simulated_until - first.occurred_at).num_seconds()
+                });
+                let capital = capital_cost(w, seconds);
+                CaseResult {
+                    case: c.label.clone(),
+                    total_cost: report.conversion_cost + capital,
+                    capital_cost: capital,
+                    report: Some(report),
+                    violation: None,
                 }
-            });
-        }
+            }
+            Err(v) => CaseResult {
+                case: c.label.clone(),
+                report: None,
+                violation: Some(v.to_string()),
+                capital_cost: Decimal::ZERO,
+                total_cost: Decimal::ZERO,
+            },
+        };
+        tick();
+        result
     });
-    let mut slots = slots.into_inner().unwrap_or_default().into_iter();
+    let mut slots = results.into_iter();
     candidates
         .iter()
         .map(|_| {

@@ -5,8 +5,6 @@
 //! (`treasury simulate --seeds A..B --sweep`).
 
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -14,6 +12,7 @@ use serde::Serialize;
 use super::bound::lower_bound;
 use super::compare::engine_only;
 use super::invariants::Violation;
+use super::parallel::map_in_order;
 use super::scenario::World;
 use crate::domain::FlowEvent;
 use crate::planner::PlannerSettings;
@@ -53,40 +52,25 @@ pub fn sweep(
     settings: PlannerSettings,
     threads: usize,
 ) -> Result<Vec<SeedRow>, (u64, Violation)> {
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Result<SeedRow, (u64, Violation)>>> = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
-            scope.spawn(|| {
-                while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let events = events_for(seed);
-                    let row = engine_only(world, &events, seed, settings)
-                        .map(|outcome| {
-                            let r = outcome.report;
-                            SeedRow {
-                                seed,
-                                conversions: r.conversions,
-                                conversion_cost: r.conversion_cost,
-                                lower_bound_cost: lower_bound(world, &events).conversion_cost,
-                                minutes_below_min: r.minutes_below_min,
-                                minutes_below_zero: r.minutes_below_zero,
-                                opposite_conversion_cycles: r.opposite_conversion_cycles,
-                                unfunded_commands: r.unfunded_commands,
-                            }
-                        })
-                        .map_err(|v| (seed, v));
-                    if let Ok(mut all) = results.lock() {
-                        all.push(row);
-                    }
+    let rows = map_in_order(seeds, threads, &|&seed| {
+        let events = events_for(seed);
+        engine_only(world, &events, seed, settings)
+            .map(|outcome| {
+                let r = outcome.report;
+                SeedRow {
+                    seed,
+                    conversions: r.conversions,
+                    conversion_cost: r.conversion_cost,
+                    lower_bound_cost: lower_bound(world, &events).conversion_cost,
+                    minutes_below_min: r.minutes_below_min,
+                    minutes_below_zero: r.minutes_below_zero,
+                    opposite_conversion_cycles: r.opposite_conversion_cycles,
+                    unfunded_commands: r.unfunded_commands,
                 }
-            });
-        }
+            })
+            .map_err(|v| (seed, v))
     });
-    let mut rows = results
-        .into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut rows = rows.into_iter().flatten().collect::<Result<Vec<_>, _>>()?;
     rows.sort_by_key(|r| r.seed);
     Ok(rows)
 }
