@@ -240,6 +240,7 @@ impl Config {
                         (rust_decimal::Decimal::ZERO..=rust_decimal::Decimal::from(20)).contains(z)
                     },
                 )?,
+                burst_top_up: env.boolean("TREASURY_PLANNER_BURST_TOP_UP", false)?,
             },
             reconcile_tolerance: env.parsed(
                 "TREASURY_RECONCILE_TOLERANCE",

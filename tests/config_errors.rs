@@ -452,6 +452,15 @@ fn the_burst_factor_defaults_to_five_and_refuses_what_is_not_a_number_in_range()
     }
 }
 
+#[test]
+fn the_burst_top_up_is_off_by_default_and_refuses_what_is_not_a_switch() {
+    assert!(!load(&[]).unwrap().planner.burst_top_up);
+    let on = load(&[("TREASURY_PLANNER_BURST_TOP_UP", "on")]).unwrap();
+    assert!(on.planner.burst_top_up);
+    let err = load(&[("TREASURY_PLANNER_BURST_TOP_UP", "sometimes")]).unwrap_err();
+    assert_eq!(err.variable, "TREASURY_PLANNER_BURST_TOP_UP");
+}
+
 /// The `KEY: value` entries of `deploy/k8s/configmap.yaml`'s data.
 fn configmap_settings() -> Vec<(String, String)> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s/configmap.yaml");

@@ -41,7 +41,10 @@
 //! at least that drain above its minimum; when the drain is a burst (beyond
 //! the spread of its recent flows, [`crate::planner::Watch::bursting`]), the
 //! trigger rises to `min + drain` too, a batch below the return point
-//! ([`BufferLevels::in_burst`]). A buffer projected less than its
+//! ([`BufferLevels::in_burst`]); if what it holds, money in flight toward
+//! it not counted, would not [outlast](crate::planner::Watch::outlasts)
+//! the lead time at that drain, the trigger rises to the return point
+//! ([`BufferLevels::topped_up_every_watch`]). A buffer projected less than its
 //! drain above its minimum is [urgent](BufferLevels::urgent): givers then
 //! give down to their own trigger, and its refill is cut into pieces (see
 //! the planner).
@@ -114,6 +117,18 @@ impl BufferLevels {
         let room = self.return_point.saturating_sub(batch_size);
         Self {
             trigger: self.trigger.max(wanted.min(room)),
+            ..self
+        }
+    }
+
+    /// The levels of a bursting buffer that cannot [outlast](crate::planner::Watch::outlasts)
+    /// the lead time on what it holds: the trigger rises to the return
+    /// point, so every watch tops it up to there until the burst passes,
+    /// instead of letting refills in flight stand in for money a batch at a
+    /// time.
+    pub fn topped_up_every_watch(self) -> Self {
+        Self {
+            trigger: self.trigger.max(self.return_point),
             ..self
         }
     }
@@ -340,6 +355,13 @@ mod tests {
         let small = burst(dec!(1000));
         assert_eq!(small.trigger, calm.trigger);
         assert!(small.trigger <= small.return_point);
+        // Living on refills in flight: topped up to the return point.
+        let thin = big.topped_up_every_watch();
+        assert_eq!(
+            (thin.trigger, thin.return_point),
+            (dec!(70000), dec!(70000))
+        );
+        assert_eq!(thin.drain, big.drain);
     }
 
     #[test]

@@ -96,6 +96,16 @@ impl Watch {
         position.projected() - self.drain_over(position.account, ahead)
     }
 
+    /// Whether what `position` holds now (open flows counted, less what is
+    /// already leaving, money in flight toward it not counted) outlasts
+    /// `lead_time` at the open windows' drain rate without crossing its
+    /// minimum. A buffer that does not is living on its refills in flight:
+    /// if one of them is slow, it runs dry before the next one planned lands.
+    pub fn outlasts(&self, position: &BufferPosition, lead_time: Duration) -> bool {
+        let held = position.balance - position.outgoing;
+        held - self.drain_over(position.account, lead_time) >= position.thresholds.min()
+    }
+
     /// Whether `account` drains in the open windows faster than its recent
     /// flows explain: the drain so far exceeds what the mean flow would
     /// take over the time elapsed by more than `z` standard deviations
@@ -177,6 +187,31 @@ mod tests {
         // Already below the minimum with money arriving: act.
         let arriving = watch(dec!(500), 2);
         assert!(arriving.must_act(&arriving.positions(&[usdc(dec!(9000))]), |_| lead));
+    }
+
+    #[test]
+    fn only_money_held_counts_toward_outlasting_the_lead_time() {
+        let lead = Duration::minutes(10);
+        // 10,000 a minute out over 2 minutes: 100,000 over the lead time.
+        let burst = watch(dec!(-20000), 2);
+        let held = burst.positions(&[usdc(dec!(131000))]);
+        assert!(burst.outlasts(&held[0], lead), "111,000 − 100,000 ≥ 10,000");
+        let thin = BufferPosition {
+            incoming: dec!(90000),
+            ..burst.positions(&[usdc(dec!(60000))])[0]
+        };
+        assert_eq!(thin.projected(), dec!(130000));
+        assert!(
+            !burst.outlasts(&thin, lead),
+            "money in flight does not count: 40,000 − 100,000 < 10,000"
+        );
+        let leaving = BufferPosition {
+            outgoing: dec!(6000),
+            ..held[0]
+        };
+        assert!(!burst.outlasts(&leaving, lead), "what is leaving is gone");
+        let calm = watch(dec!(2000), 2);
+        assert!(calm.outlasts(&calm.positions(&[usdc(dec!(12000))])[0], lead));
     }
 
     #[test]
