@@ -113,9 +113,9 @@ fn a_bursting_buffer_that_holds_the_lead_times_drain_keeps_the_burst_trigger() {
     // 110,000 held, nothing in flight: less the ~100,000 the lead time
     // drains, the minimum is still there.
     let held = input(dec!(110000), Decimal::ZERO, true);
-    let plan = plan(&held);
+    let planned = plan(&held);
     assert_eq!(
-        plan.levels[&BufferAccount::SystemBufferUsdc].trigger,
+        planned.levels[&BufferAccount::SystemBufferUsdc].trigger,
         dec!(80000),
         "the burst trigger, not the top-up"
     );

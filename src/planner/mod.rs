@@ -139,9 +139,10 @@ pub struct PlannerSettings {
     /// A bursting buffer whose holdings (money in flight not counted) would
     /// not outlast the lead time at the observed drain is topped up to its
     /// return point at every watch, rather than a batch at a time
-    /// (`TREASURY_PLANNER_BURST_TOP_UP`; off by default: on its own it
-    /// leaves more minutes below zero, with `urgent_pieces` at 6 fewer, at
-    /// more conversions — see the README's simulate section).
+    /// (`TREASURY_PLANNER_BURST_TOP_UP`, off by default). On its own it
+    /// leaves more minutes below zero; together with `urgent_pieces` at 6
+    /// it leaves fewer, at the cost of more conversions (see the README's
+    /// simulate section).
     pub burst_top_up: bool,
 }
 
