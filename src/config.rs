@@ -241,6 +241,10 @@ impl Config {
                     },
                 )?,
                 burst_top_up: env.boolean("TREASURY_PLANNER_BURST_TOP_UP", false)?,
+                forecast_horizon: chrono::Duration::from_std(
+                    env.horizon("TREASURY_PLANNER_FORECAST_HORIZON", "0s")?,
+                )
+                .unwrap_or_default(),
             },
             reconcile_tolerance: env.parsed(
                 "TREASURY_RECONCILE_TOLERANCE",
@@ -365,6 +369,19 @@ impl Vars<'_> {
     fn duration_or_off(&self, name: &str, default: &str) -> Result<Duration, ConfigError> {
         let value = self.text(name).unwrap_or_else(|| default.into());
         humantime::parse_duration(&value).map_err(|_| Self::error(name, &value, DURATION_OR_OFF))
+    }
+
+    /// A duration of at most a day, zero (`0s`) meaning "off".
+    fn horizon(&self, name: &str, default: &str) -> Result<Duration, ConfigError> {
+        let value = self.text(name).unwrap_or_else(|| default.into());
+        match humantime::parse_duration(&value) {
+            Ok(d) if d <= Duration::from_secs(86_400) => Ok(d),
+            _ => Err(Self::error(
+                name,
+                &value,
+                "a duration of at most 24h such as 8h, or 0s for off",
+            )),
+        }
     }
 
     fn parsed<T: std::str::FromStr>(

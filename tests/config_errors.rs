@@ -513,3 +513,14 @@ fn the_settings_deploy_ships_load_as_they_are() {
         "one ingest consumer by default"
     );
 }
+
+#[test]
+fn the_forecast_horizon_is_off_by_default_and_at_most_a_day() {
+    assert!(load(&[]).unwrap().planner.forecast_horizon.is_zero());
+    let on = load(&[("TREASURY_PLANNER_FORECAST_HORIZON", "8h")]).unwrap();
+    assert_eq!(on.planner.forecast_horizon, chrono::Duration::hours(8));
+    for bad in ["2d", "soon", "-1h"] {
+        let err = load(&[("TREASURY_PLANNER_FORECAST_HORIZON", bad)]).unwrap_err();
+        assert_eq!(err.variable, "TREASURY_PLANNER_FORECAST_HORIZON", "{bad}");
+    }
+}

@@ -129,9 +129,10 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
         prop::collection::vec((-200_000i64..200_000, 0i64..100_000), 3),
         prop::option::of(0i64..7_200),
         any::<bool>(),
+        prop::option::of((0i64..=86_400, prop::collection::vec(-50_000i64..50_000, 3))),
     )
         .prop_map(
-            |(a, b, c, min, span, cycle, flows, lead_seconds, transfers)| {
+            |(a, b, c, min, span, cycle, flows, lead_seconds, transfers, forecast)| {
                 let provider = ProviderRow {
                     min_amount: Decimal::from(min),
                     max_amount: Decimal::from(min + span),
@@ -151,6 +152,17 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                     );
                 }
                 history.lead_time_p95 = lead_seconds.map(Duration::seconds);
+                history.cycle = Duration::minutes(5);
+                let mut settings = PlannerSettings::default();
+                if let Some((horizon, steps)) = forecast {
+                    settings.forecast_horizon = Duration::seconds(horizon);
+                    for (account, step) in BufferAccount::ALL.into_iter().zip(steps) {
+                        let nets = (0..288i64)
+                            .map(|i| Decimal::from(step * (i % 7 - 3)))
+                            .collect();
+                        history.nets.insert(account, nets);
+                    }
+                }
                 PlanInput {
                     cycle_id: format!("window:{cycle}"),
                     now: t0(),
@@ -158,7 +170,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                     providers: vec![provider],
                     window: Duration::minutes(5),
                     history,
-                    settings: PlannerSettings::default(),
+                    settings,
                     watch: None,
                 }
             },
@@ -195,6 +207,8 @@ proptest! {
             );
             let p = input.positions.iter().find(|p| p.account == c.destination_account).unwrap();
             let l = planned.levels[&p.account];
+            prop_assert!(l.trigger >= p.thresholds.min() && l.return_point <= p.thresholds.max(), "hard limits: {:?}", l);
+            prop_assert!(l.sweep_point >= l.return_point, "a sweep never goes below the return point: {:?}", l);
             let needs = p.projected() < l.trigger;
             prop_assert!(needs || c.trigger == ConversionTrigger::ScheduledRebalance,
                 "only a buffer below its trigger is refilled; others receive sweeps or routed money");

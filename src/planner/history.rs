@@ -42,6 +42,19 @@ pub struct FlowHistory {
     /// The settlement window length the flows are per.
     #[serde(skip)]
     pub cycle: Duration,
+    /// Each buffer's net flow per closed window, oldest first (what the
+    /// [day-ahead forecast](Self::day_ahead) reads).
+    #[serde(skip)]
+    pub nets: BTreeMap<BufferAccount, Vec<Decimal>>,
+}
+
+/// What the same hours of the day before say the next hours hold for a
+/// buffer: the deepest it fell below where it started and the highest it
+/// rose above (both zero or more).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DayAhead {
+    pub fall: Decimal,
+    pub rise: Decimal,
 }
 
 /// The population variance of `values` (zero for fewer than two).
@@ -103,16 +116,20 @@ impl FlowHistory {
     /// The history from the latest closed windows (oldest first) and the
     /// latest jobs' lead times.
     pub fn from_windows(windows: &[WindowTally], lead_times: &[Duration], cycle: Duration) -> Self {
-        let flows = BufferAccount::ALL
+        let nets: BTreeMap<BufferAccount, Vec<Decimal>> = BufferAccount::ALL
             .into_iter()
-            .map(|account| {
-                let nets: Vec<Decimal> = windows.iter().map(|w| w.net(account)).collect();
+            .map(|account| (account, windows.iter().map(|w| w.net(account)).collect()))
+            .collect();
+        let flows = nets
+            .iter()
+            .map(|(account, nets)| {
+                let account = *account;
                 let mean = if nets.is_empty() {
                     Decimal::ZERO
                 } else {
                     nets.iter().sum::<Decimal>() / Decimal::from(nets.len() as u64)
                 };
-                let std_dev = variance(&nets).sqrt().unwrap_or_default();
+                let std_dev = variance(nets).sqrt().unwrap_or_default();
                 let recent = &nets[nets.len().saturating_sub(RECENT_WINDOWS)..];
                 let recent_mean = if recent.is_empty() {
                     Decimal::ZERO
@@ -134,7 +151,36 @@ impl FlowHistory {
             flows,
             lead_time_p95: quantile(lead_times, Decimal::new(95, 2)),
             cycle,
+            nets,
         }
+    }
+
+    /// The flows of the `horizon` ahead as the same hours a day before ran
+    /// them: the windows starting a day before the next one to close, up to
+    /// `horizon`, summed in order. Zero when the history holds less than a
+    /// day, or `horizon` is zero.
+    pub fn day_ahead(&self, account: BufferAccount, horizon: Duration) -> DayAhead {
+        let cycle_ms = self.cycle.num_milliseconds();
+        let Some(nets) = self.nets.get(&account) else {
+            return DayAhead::default();
+        };
+        if cycle_ms <= 0 || horizon <= Duration::zero() {
+            return DayAhead::default();
+        }
+        let day = usize::try_from(Duration::days(1).num_milliseconds() / cycle_ms).unwrap_or(0);
+        let ahead = usize::try_from(horizon.num_milliseconds() / cycle_ms).unwrap_or(0);
+        if day == 0 || nets.len() < day {
+            return DayAhead::default();
+        }
+        let start = nets.len() - day;
+        let mut level = Decimal::ZERO;
+        let mut out = DayAhead::default();
+        for net in nets[start..].iter().take(ahead) {
+            level = level.saturating_add(*net);
+            out.fall = out.fall.max(-level);
+            out.rise = out.rise.max(level);
+        }
+        out
     }
 
     /// The figures for one buffer (zeros with no history).
@@ -156,5 +202,47 @@ mod tests {
         assert_eq!(quantile(&d, dec!(0.95)), Some(Duration::seconds(95)));
         assert_eq!(quantile(&d, dec!(1)), Some(Duration::seconds(100)));
         assert_eq!(quantile(&[], dec!(0.5)), None);
+    }
+
+    fn tally(nets: &[Decimal]) -> FlowHistory {
+        FlowHistory {
+            cycle: Duration::hours(6),
+            nets: BTreeMap::from([(BufferAccount::SystemBufferUsdc, nets.to_vec())]),
+            ..FlowHistory::default()
+        }
+    }
+
+    #[test]
+    fn the_day_ahead_reads_the_same_hours_a_day_before() {
+        let usdc = BufferAccount::SystemBufferUsdc;
+        // Four 6-hour windows make a day: the next 12 hours are windows 0 and 1.
+        let h = tally(&[dec!(-30), dec!(10), dec!(50), dec!(-70)]);
+        assert_eq!(
+            h.day_ahead(usdc, Duration::hours(12)),
+            DayAhead {
+                fall: dec!(30),
+                rise: Decimal::ZERO
+            }
+        );
+        assert_eq!(
+            h.day_ahead(usdc, Duration::hours(18)),
+            DayAhead {
+                fall: dec!(30),
+                rise: dec!(30)
+            }
+        );
+        // Longer history: the day before the next window is the oldest but one.
+        let h = tally(&[dec!(999), dec!(-30), dec!(10), dec!(50), dec!(-70)]);
+        assert_eq!(h.day_ahead(usdc, Duration::hours(6)).fall, dec!(30));
+        // Less than a day of history, no horizon, or another buffer: nothing.
+        assert_eq!(
+            tally(&[dec!(-30), dec!(10), dec!(50)]).day_ahead(usdc, Duration::hours(12)),
+            DayAhead::default()
+        );
+        assert_eq!(h.day_ahead(usdc, Duration::zero()), DayAhead::default());
+        assert_eq!(
+            h.day_ahead(BufferAccount::SystemBufferFiat, Duration::hours(12)),
+            DayAhead::default()
+        );
     }
 }

@@ -29,6 +29,14 @@
 //! than to the return point) cut the conversion cost from 2.75–3.29× the
 //! simulator's lower bound to 2.26–2.87× (seeds 1–20).
 //!
+//! With `TREASURY_PLANNER_FORECAST_HORIZON` set (off by default), the same
+//! hours of the day before stretch both points
+//! ([`BufferLevels::with_day_ahead`]): a refill brings the buffer to at
+//! least its trigger plus the deepest fall those hours took (at most a batch
+//! below `max`), a sweep down to at most `max` less the highest rise they
+//! took (never below the return point). Daily swings then move in fewer,
+//! larger conversions; the trigger, and so the risk, is unchanged.
+//!
 //! `min`, `target` and `max` stay hard limits: the trigger never falls below
 //! `min`, the return point and sweep point never pass `max`.
 //!
@@ -53,7 +61,7 @@ use chrono::Duration;
 use rust_decimal::{Decimal, MathematicalOps};
 use serde::{Deserialize, Serialize};
 
-use super::history::FlowStats;
+use super::history::{DayAhead, FlowStats};
 use super::{BufferPosition, PlannerSettings};
 use crate::domain::{BufferAccount, Currency, Thresholds};
 
@@ -129,6 +137,32 @@ impl BufferLevels {
     pub fn topped_up_every_watch(self) -> Self {
         Self {
             trigger: self.trigger.max(self.return_point),
+            ..self
+        }
+    }
+
+    /// The levels stretched by a [day-ahead forecast](super::FlowHistory::day_ahead):
+    /// a refill brings the buffer far enough above its trigger to meet the
+    /// fall the same hours took a day before (at most a batch below the
+    /// maximum), and a sweep leaves room for the rise they took; neither
+    /// point moves the other way.
+    pub fn with_day_ahead(
+        self,
+        ahead: DayAhead,
+        thresholds: &Thresholds,
+        batch_size: Decimal,
+    ) -> Self {
+        let cap = thresholds.max().saturating_sub(batch_size);
+        let return_point = self
+            .return_point
+            .max(self.trigger.saturating_add(ahead.fall).min(cap));
+        let sweep_point = self
+            .sweep_point
+            .min(thresholds.max().saturating_sub(ahead.rise))
+            .max(return_point);
+        Self {
+            return_point,
+            sweep_point,
             ..self
         }
     }
@@ -370,5 +404,30 @@ mod tests {
         assert_eq!(refill_hops(BufferAccount::BrokerOperational, false), 2);
         assert_eq!(refill_hops(BufferAccount::SystemBufferFiat, true), 1);
         assert_eq!(refill_hops(BufferAccount::SystemBufferUsdc, false), 1);
+    }
+
+    #[test]
+    fn the_day_ahead_stretches_refills_and_sweeps_within_the_band() {
+        let t = position().thresholds;
+        let calm = over_15_minutes(FlowStats::default());
+        let ahead = |fall, rise| calm.with_day_ahead(DayAhead { fall, rise }, &t, dec!(20000));
+        // Nothing ahead: unchanged.
+        assert_eq!(ahead(Decimal::ZERO, Decimal::ZERO), calm);
+        // A fall of 60,000 ahead: refilled to trigger + 60,000, capped a batch below max.
+        let fall = ahead(dec!(60000), Decimal::ZERO);
+        assert_eq!(
+            fall.return_point,
+            (calm.trigger + dec!(60000)).min(dec!(80000))
+        );
+        assert_eq!(fall.trigger, calm.trigger);
+        let deep = ahead(dec!(500000), Decimal::ZERO);
+        assert_eq!(deep.return_point, dec!(80000));
+        assert!(deep.sweep_point >= deep.return_point);
+        // A rise of 40,000 ahead: a sweep leaves room for it, never below the return point.
+        let rise = ahead(Decimal::ZERO, dec!(40000));
+        assert_eq!(rise.sweep_point, dec!(60000).max(calm.return_point));
+        assert_eq!(rise.return_point, calm.return_point);
+        let flood = ahead(Decimal::ZERO, dec!(1000000));
+        assert_eq!(flood.sweep_point, calm.return_point);
     }
 }

@@ -34,7 +34,7 @@ pub mod levels;
 pub mod routing;
 mod watch;
 
-pub use history::{FlowHistory, FlowStats, fill_windows, quantile, variance};
+pub use history::{DayAhead, FlowHistory, FlowStats, fill_windows, quantile, variance};
 pub use levels::{BufferLevels, levels as buffer_levels, refill_hops};
 pub use watch::Watch;
 
@@ -144,6 +144,11 @@ pub struct PlannerSettings {
     /// it leaves fewer, at the cost of more conversions (see the README's
     /// simulate section).
     pub burst_top_up: bool,
+    /// How far ahead the same hours of the day before size refills and
+    /// sweeps ([`BufferLevels::with_day_ahead`]; `TREASURY_PLANNER_FORECAST_HORIZON`,
+    /// off by default).
+    #[serde(with = "humantime_chrono")]
+    pub forecast_horizon: chrono::Duration,
 }
 
 impl Default for PlannerSettings {
@@ -156,6 +161,7 @@ impl Default for PlannerSettings {
             urgent_pieces: 3,
             burst_factor: Decimal::from(5),
             burst_top_up: false,
+            forecast_horizon: chrono::Duration::zero(),
         }
     }
 }
@@ -226,9 +232,13 @@ pub fn plan(input: &PlanInput) -> Plan {
         .iter()
         .map(|p| {
             let stats = input.history.stats(p.account);
+            let ahead = input
+                .history
+                .day_ahead(p.account, input.settings.forecast_horizon);
             (
                 p.account,
-                buffer_levels(p, stats, lead_of(p.account), input.window, &input.settings),
+                buffer_levels(p, stats, lead_of(p.account), input.window, &input.settings)
+                    .with_day_ahead(ahead, &p.thresholds, p.batch_size),
             )
         })
         .collect();

@@ -1,0 +1,216 @@
+//! The planner's levels: in a watch while a buffer bursts (what
+//! `burst_top_up` changes), and at a window close with `forecast_horizon` on
+//! (the same hours of the day before size a refill and a sweep).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use treasury::domain::{BufferAccount, Thresholds};
+use treasury::planner::{
+    BufferPosition, FlowHistory, FlowStats, PlanInput, PlannerSettings, Watch, plan,
+};
+use treasury::simulate::scenario::provider_row;
+
+const USDC: BufferAccount = BufferAccount::SystemBufferUsdc;
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 2, 14, 3, 0).unwrap()
+}
+
+fn position(account: BufferAccount, balance: Decimal, incoming: Decimal) -> BufferPosition {
+    let (min, target, max, batch) = match account {
+        USDC => (dec!(10000), dec!(50000), dec!(100000), dec!(20000)),
+        BufferAccount::SystemBufferFiat => (dec!(20000), dec!(100000), dec!(200000), dec!(50000)),
+        BufferAccount::BrokerOperational => (dec!(50000), dec!(200000), dec!(500000), dec!(100000)),
+    };
+    BufferPosition {
+        account,
+        thresholds: Thresholds::new(min, target, max).unwrap(),
+        batch_size: batch,
+        balance,
+        incoming,
+        outgoing: Decimal::ZERO,
+    }
+}
+
+/// USDC at `usdc_balance` (with `incoming`), fiat at its target, the broker
+/// 200,000 above its; calm flows (σ 1,000 a window) over a day of windows
+/// whose nets are `nets`; a 15-minute lead.
+fn base_input(
+    usdc_balance: Decimal,
+    incoming: Decimal,
+    nets: BTreeMap<BufferAccount, Vec<Decimal>>,
+    settings: PlannerSettings,
+) -> PlanInput {
+    let calm = FlowStats {
+        mean: Decimal::ZERO,
+        std_dev: dec!(1000),
+        recent_mean: Decimal::ZERO,
+        windows: 288,
+    };
+    PlanInput {
+        cycle_id: "cycle-14:03".into(),
+        now: now(),
+        positions: vec![
+            position(USDC, usdc_balance, incoming),
+            position(BufferAccount::SystemBufferFiat, dec!(100000), Decimal::ZERO),
+            position(
+                BufferAccount::BrokerOperational,
+                dec!(400000),
+                Decimal::ZERO,
+            ),
+        ],
+        providers: vec![provider_row("P", 1)],
+        window: Duration::minutes(5),
+        history: FlowHistory {
+            flows: BufferAccount::ALL.into_iter().map(|a| (a, calm)).collect(),
+            lead_time_p95: Some(Duration::minutes(15)),
+            cycle: Duration::minutes(5),
+            nets,
+        },
+        settings,
+        watch: None,
+    }
+}
+
+/// USDC drained by 20,000 in the three minutes of the open window after a
+/// calm day (σ 1,000 a window: a burst), holding `balance` with `incoming`
+/// on its way; the broker holds plenty.
+fn input(balance: Decimal, incoming: Decimal, burst_top_up: bool) -> PlanInput {
+    // Balances as of the last close: the watch adds the open window's drain.
+    let settings = PlannerSettings {
+        burst_top_up,
+        ..PlannerSettings::default()
+    };
+    PlanInput {
+        watch: Some(Watch {
+            open_flows: BTreeMap::from([(USDC, dec!(-20000))]),
+            elapsed: Duration::minutes(3),
+            until_close: Duration::minutes(2) + Duration::seconds(30),
+        }),
+        ..base_input(balance + dec!(20000), incoming, BTreeMap::new(), settings)
+    }
+}
+
+/// What the plan sends to the USDC buffer.
+fn refill(input: &PlanInput) -> Decimal {
+    plan(input)
+        .commands
+        .iter()
+        .filter(|c| c.destination_account == USDC)
+        .map(|c| c.amount.value)
+        .sum()
+}
+
+#[test]
+fn a_bursting_buffer_living_on_money_in_flight_is_topped_up_to_its_return_point() {
+    // 40,000 held, 45,000 in flight: projected 85,000. The drain (about 6,667
+    // a minute) over the 15-minute lead takes the return point to max
+    // (100,000); the burst trigger stays a batch below it, at 80,000.
+    let waits = input(dec!(40000), dec!(45000), false);
+    let levels = plan(&waits).levels[&USDC];
+    assert_eq!(levels.return_point, dec!(100000));
+    assert_eq!(levels.trigger, dec!(80000));
+    assert_eq!(
+        refill(&waits),
+        Decimal::ZERO,
+        "off: 85,000 projected is above the trigger"
+    );
+    // What it holds lasts 6 of the lead's 15 minutes: with the top-up on,
+    // the watch brings it to the return point now.
+    let topped = input(dec!(40000), dec!(45000), true);
+    assert_eq!(plan(&topped).levels[&USDC].trigger, dec!(100000));
+    assert_eq!(refill(&topped), dec!(15000));
+}
+
+#[test]
+fn a_bursting_buffer_that_holds_the_lead_times_drain_keeps_the_burst_trigger() {
+    // 110,000 held, nothing in flight: less the ~100,000 the lead time
+    // drains, the minimum is still there.
+    let held = input(dec!(110000), Decimal::ZERO, true);
+    let planned = plan(&held);
+    assert_eq!(
+        planned.levels[&USDC].trigger,
+        dec!(80000),
+        "the burst trigger, not the top-up"
+    );
+    assert_eq!(refill(&held), Decimal::ZERO);
+}
+
+/// USDC at `balance` after a day of 5-minute windows whose first two hours
+/// (the same hours as the next two, a day before) moved it by `per_window`
+/// each, at a window close.
+fn close_input(balance: Decimal, per_window: Decimal, horizon: Duration) -> PlanInput {
+    let mut usdc_nets = vec![per_window; 24];
+    usdc_nets.extend(vec![Decimal::ZERO; 264]);
+    let nets = BufferAccount::ALL
+        .into_iter()
+        .map(|a| {
+            let n = if a == USDC {
+                usdc_nets.clone()
+            } else {
+                vec![Decimal::ZERO; 288]
+            };
+            (a, n)
+        })
+        .collect();
+    let settings = PlannerSettings {
+        forecast_horizon: horizon,
+        ..PlannerSettings::default()
+    };
+    base_input(balance, Decimal::ZERO, nets, settings)
+}
+
+/// USDC the plan moves into the USDC buffer (positive) or out of it (negative).
+fn usdc_moved(input: &PlanInput) -> Decimal {
+    plan(input)
+        .commands
+        .iter()
+        .map(|c| {
+            if c.destination_account == USDC {
+                c.amount.value
+            } else if c.source_account == USDC {
+                -c.amount.value
+            } else {
+                Decimal::ZERO
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn a_refill_before_the_hours_that_drained_it_a_day_ago_covers_that_fall() {
+    // Trigger 14,000 (min + 2σ√4); return point 50,000 (target) off.
+    let off = close_input(dec!(12000), dec!(-2000), Duration::zero());
+    assert_eq!(usdc_moved(&off), dec!(38000));
+    // The next two hours fell by 48,000 a day ago: refilled to 14,000 + 48,000.
+    let on = close_input(dec!(12000), dec!(-2000), Duration::hours(2));
+    assert_eq!(plan(&on).levels[&USDC].return_point, dec!(62000));
+    assert_eq!(usdc_moved(&on), dec!(50000));
+    // A horizon shorter than the fall sees only its part of it.
+    let short = close_input(dec!(12000), dec!(-2000), Duration::hours(1));
+    assert_eq!(
+        usdc_moved(&short),
+        dec!(38000),
+        "24,000 ahead: the target is higher"
+    );
+    // Hours that rose a day ago do not stretch a refill.
+    let rising = close_input(dec!(12000), dec!(2000), Duration::hours(2));
+    assert_eq!(usdc_moved(&rising), dec!(38000));
+}
+
+#[test]
+fn a_sweep_before_the_hours_that_filled_it_a_day_ago_leaves_room_for_them() {
+    // Above max (100,000): swept to a batch below it off.
+    let off = close_input(dec!(130000), dec!(2000), Duration::zero());
+    assert_eq!(usdc_moved(&off), dec!(-50000));
+    // 48,000 came in over the same two hours a day ago: swept to 52,000.
+    let on = close_input(dec!(130000), dec!(2000), Duration::hours(2));
+    assert_eq!(plan(&on).levels[&USDC].sweep_point, dec!(52000));
+    assert_eq!(usdc_moved(&on), dec!(-78000));
+    // Never below the return point, however much came in.
+    let flood = close_input(dec!(130000), dec!(20000), Duration::hours(2));
+    assert_eq!(usdc_moved(&flood), dec!(-80000));
+}
