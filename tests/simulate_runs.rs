@@ -88,6 +88,26 @@ fn a_sweep_reports_each_seed_as_its_own_run_and_adds_them_up() {
             .unwrap()
             .report;
         assert_eq!(row.conversions, alone.conversions);
+        let per_event = compare(
+            &base,
+            &events,
+            "t",
+            row.seed,
+            PlannerSettings::default(),
+            true,
+        )
+        .unwrap()
+        .comparison
+        .policies
+        .into_iter()
+        .find(|p| p.policy == "per-event")
+        .unwrap();
+        assert_eq!(row.per_event_conversions, per_event.commands);
+        assert!(row.per_event_conversions > row.conversions);
+        assert_eq!(
+            row.conversion_share(),
+            Decimal::from(row.conversions) * dec!(100) / Decimal::from(per_event.commands)
+        );
         assert_eq!(row.conversion_cost, alone.conversion_cost);
         assert_eq!(row.minutes_below_min, alone.minutes_below_min);
         assert_eq!(row.minutes_below_zero, alone.minutes_below_zero);
@@ -112,6 +132,10 @@ fn a_sweep_reports_each_seed_as_its_own_run_and_adds_them_up() {
         rows.iter().map(|r| r.conversions).max().unwrap()
     );
     assert!(total.worst_cost_ratio >= rows[0].cost_ratio());
+    assert_eq!(
+        total.worst_conversion_share,
+        rows.iter().map(|r| r.conversion_share()).max().unwrap()
+    );
     let printed = table("t", &rows);
     assert_eq!(printed.lines().count(), 1 + 1 + 3 + 1, "{printed}");
     assert!(printed.contains("3 seeds: "), "{printed}");

@@ -194,6 +194,18 @@ impl Policy for PerEventPolicy {
     }
 }
 
+impl PerEventPolicy {
+    /// How many conversions it starts on `events`: one per event that
+    /// moves USDC against USD, whatever the balances.
+    pub fn commands_for(events: &[FlowEvent]) -> u64 {
+        let mut policy = Self;
+        events
+            .iter()
+            .map(|e| policy.on_event(e, e.occurred_at).len() as u64)
+            .sum()
+    }
+}
+
 /// The original engine's rule: every cycle, each buffer whose balance is
 /// below its minimum is refilled to its target — the USDC buffer from
 /// `system_buffer_fiat`, the USD buffers from the USDC buffer — with

@@ -1,6 +1,6 @@
 //! The engine over many seeds as generated (no faults injected): one row per
-//! seed with what the planner's goals are stated in — conversions, cost and
-//! its ratio to the lower bound, minutes below min and below zero, opposite
+//! seed with what the planner's goals are stated in — conversions and their
+//! share of the per-event baseline's, cost and its ratio to the lower bound, minutes below min and below zero, opposite
 //! cycles and unfunded commands — and the totals over the seeds
 //! (`treasury simulate --seeds A..B --sweep`).
 
@@ -13,6 +13,7 @@ use super::bound::lower_bound;
 use super::compare::engine_only;
 use super::invariants::Violation;
 use super::parallel::map_in_order;
+use super::policies::PerEventPolicy;
 use super::scenario::World;
 use crate::domain::FlowEvent;
 use crate::planner::PlannerSettings;
@@ -22,6 +23,8 @@ use crate::planner::PlannerSettings;
 pub struct SeedRow {
     pub seed: u64,
     pub conversions: u64,
+    /// Conversions the per-event baseline starts on the same trace.
+    pub per_event_conversions: u64,
     pub conversion_cost: Decimal,
     /// The simulator's lower bound on the same trace.
     pub lower_bound_cost: Decimal,
@@ -32,6 +35,17 @@ pub struct SeedRow {
 }
 
 impl SeedRow {
+    /// The engine's conversions as a percentage of the per-event
+    /// baseline's (zero when that has none).
+    pub fn conversion_share(&self) -> Decimal {
+        if self.per_event_conversions == 0 {
+            Decimal::ZERO
+        } else {
+            Decimal::from(self.conversions) * Decimal::ONE_HUNDRED
+                / Decimal::from(self.per_event_conversions)
+        }
+    }
+
     /// The cost over the lower bound's (zero when the bound is zero).
     pub fn cost_ratio(&self) -> Decimal {
         if self.lower_bound_cost.is_zero() {
@@ -60,6 +74,7 @@ pub fn sweep(
                 SeedRow {
                     seed,
                     conversions: r.conversions,
+                    per_event_conversions: PerEventPolicy::commands_for(&events),
                     conversion_cost: r.conversion_cost,
                     lower_bound_cost: lower_bound(world, &events).conversion_cost,
                     minutes_below_min: r.minutes_below_min,
@@ -87,6 +102,9 @@ pub struct SweepSummary {
     pub worst_minutes_below_min: f64,
     pub fewest_conversions: u64,
     pub most_conversions: u64,
+    /// The largest share of the per-event baseline's conversions on one
+    /// seed, in percent.
+    pub worst_conversion_share: Decimal,
     pub mean_cost: Decimal,
     pub worst_cost_ratio: Decimal,
     pub opposite_conversion_cycles: u64,
@@ -104,6 +122,11 @@ pub fn summary(rows: &[SeedRow]) -> SweepSummary {
         worst_minutes_below_min: rows.iter().map(|r| r.minutes_below_min).fold(0.0, f64::max),
         fewest_conversions: rows.iter().map(|r| r.conversions).min().unwrap_or(0),
         most_conversions: rows.iter().map(|r| r.conversions).max().unwrap_or(0),
+        worst_conversion_share: rows
+            .iter()
+            .map(SeedRow::conversion_share)
+            .max()
+            .unwrap_or_default(),
         mean_cost: if rows.is_empty() {
             Decimal::ZERO
         } else {
@@ -125,15 +148,25 @@ pub fn table(title: &str, rows: &[SeedRow]) -> String {
     let _ = writeln!(out, "{title}");
     let _ = writeln!(
         out,
-        "{:>5} {:>6} {:>12} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8}",
-        "SEED", "CONV", "COST", "LOWER BOUND", "RATIO", "<MIN m", "<0 m", "OPPOSITE", "UNFUNDED"
+        "{:>5} {:>6} {:>6} {:>12} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "SEED",
+        "CONV",
+        "% EVT",
+        "COST",
+        "LOWER BOUND",
+        "RATIO",
+        "<MIN m",
+        "<0 m",
+        "OPPOSITE",
+        "UNFUNDED"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:>5} {:>6} {:>12} {:>12} {:>7} {:>8.1} {:>8.1} {:>8} {:>8}",
+            "{:>5} {:>6} {:>6} {:>12} {:>12} {:>7} {:>8.1} {:>8.1} {:>8} {:>8}",
             r.seed,
             r.conversions,
+            r.conversion_share().round_dp(2).to_string(),
             r.conversion_cost.round_dp(2).to_string(),
             r.lower_bound_cost.round_dp(2).to_string(),
             r.cost_ratio().round_dp(2).to_string(),
@@ -147,7 +180,7 @@ pub fn table(title: &str, rows: &[SeedRow]) -> String {
     let _ = writeln!(
         out,
         "{} seeds: {} with 0 minutes below zero ({:.1} in all); {:.1} minutes below min in all, \
-         at most {:.1} on one seed; {}–{} conversions; mean cost {}, at most {}× the lower bound; \
+         at most {:.1} on one seed; {}–{} conversions, at most {} % of per-event's; mean cost {}, at most {}× the lower bound; \
          {} opposite cycles, {} unfunded commands",
         s.seeds,
         s.clean_seeds,
@@ -156,6 +189,7 @@ pub fn table(title: &str, rows: &[SeedRow]) -> String {
         s.worst_minutes_below_min,
         s.fewest_conversions,
         s.most_conversions,
+        s.worst_conversion_share.round_dp(2),
         s.mean_cost.round_dp(2),
         s.worst_cost_ratio.round_dp(2),
         s.opposite_conversion_cycles,
