@@ -245,6 +245,14 @@ impl Config {
                     env.horizon("TREASURY_PLANNER_FORECAST_HORIZON", "0s")?,
                 )
                 .unwrap_or_default(),
+                relay_reserve: env.parsed(
+                    "TREASURY_PLANNER_RELAY_RESERVE",
+                    "0",
+                    "a decimal number 0..=4",
+                    |k: &rust_decimal::Decimal| {
+                        (rust_decimal::Decimal::ZERO..=rust_decimal::Decimal::from(4)).contains(k)
+                    },
+                )?,
             },
             reconcile_tolerance: env.parsed(
                 "TREASURY_RECONCILE_TOLERANCE",

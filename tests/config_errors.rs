@@ -524,3 +524,14 @@ fn the_forecast_horizon_is_off_by_default_and_at_most_a_day() {
         assert_eq!(err.variable, "TREASURY_PLANNER_FORECAST_HORIZON", "{bad}");
     }
 }
+
+#[test]
+fn the_relay_reserve_is_off_by_default_and_at_most_four() {
+    assert!(load(&[]).unwrap().planner.relay_reserve.is_zero());
+    let on = load(&[("TREASURY_PLANNER_RELAY_RESERVE", "1.5")]).unwrap();
+    assert_eq!(on.planner.relay_reserve, rust_decimal::Decimal::new(15, 1));
+    for bad in ["5", "-1", "lots"] {
+        let err = load(&[("TREASURY_PLANNER_RELAY_RESERVE", bad)]).unwrap_err();
+        assert_eq!(err.variable, "TREASURY_PLANNER_RELAY_RESERVE", "{bad}");
+    }
+}

@@ -1,6 +1,7 @@
 //! The planner's levels: in a watch while a buffer bursts (what
 //! `burst_top_up` changes), and at a window close with `forecast_horizon` on
-//! (the same hours of the day before size a refill and a sweep).
+//! (the same hours of the day before size a refill and a sweep), and with
+//! `relay_reserve` on (USDC kept ready for the USD buffers).
 
 use std::collections::BTreeMap;
 
@@ -213,4 +214,66 @@ fn a_sweep_before_the_hours_that_filled_it_a_day_ago_leaves_room_for_them() {
     // Never below the return point, however much came in.
     let flood = close_input(dec!(130000), dec!(20000), Duration::hours(2));
     assert_eq!(usdc_moved(&flood), dec!(-80000));
+}
+
+/// Fiat draining 3,000 a window; USDC at `usdc_balance`; no transfer
+/// provider unless `transfers`.
+fn fiat_draining(usdc_balance: Decimal, relay_reserve: Decimal, transfers: bool) -> PlanInput {
+    let mut input = base_input(
+        usdc_balance,
+        Decimal::ZERO,
+        BTreeMap::new(),
+        PlannerSettings {
+            relay_reserve,
+            ..PlannerSettings::default()
+        },
+    );
+    input.history.flows.insert(
+        BufferAccount::SystemBufferFiat,
+        FlowStats {
+            mean: dec!(-3000),
+            std_dev: dec!(1000),
+            recent_mean: dec!(-3000),
+            windows: 288,
+        },
+    );
+    input.providers[0].supports_usd_transfer = transfers;
+    input
+}
+
+/// With no transfer provider a fiat refill passes through USDC: the relay
+/// reserve raises USDC's trigger by the fiat buffer's loss over one
+/// conversion's lead time, so USDC between the two triggers is refilled with
+/// it and not without; with transfers it changes nothing.
+#[test]
+fn the_relay_reserve_keeps_usdc_ready_for_the_usd_buffers() {
+    let fiat_one_hop = |input: &PlanInput| -> Decimal {
+        plan(input).levels[&BufferAccount::SystemBufferFiat].drain / dec!(2)
+    };
+    let off = plan(&fiat_draining(dec!(40000), Decimal::ZERO, false)).levels[&USDC];
+    let on_input = fiat_draining(dec!(40000), Decimal::ONE, false);
+    let on = plan(&on_input).levels[&USDC];
+    let reserve = fiat_one_hop(&on_input);
+    assert!(reserve > Decimal::ZERO, "fiat drains over its lead time");
+    assert_eq!(on.trigger, (off.trigger + reserve).min(dec!(50000)));
+    assert!(on.trigger > off.trigger);
+
+    let between = ((off.trigger + on.trigger) / dec!(2)).round_dp(6);
+    let into_usdc = |input: &PlanInput| -> Decimal {
+        plan(input)
+            .commands
+            .iter()
+            .filter(|c| c.destination_account == USDC)
+            .map(|c| c.amount.value)
+            .sum()
+    };
+    assert_eq!(
+        into_usdc(&fiat_draining(between, Decimal::ZERO, false)),
+        Decimal::ZERO
+    );
+    assert!(into_usdc(&fiat_draining(between, Decimal::ONE, false)) > Decimal::ZERO);
+
+    let with_transfers = plan(&fiat_draining(dec!(40000), Decimal::ONE, true)).levels[&USDC];
+    let without = plan(&fiat_draining(dec!(40000), Decimal::ZERO, true)).levels[&USDC];
+    assert_eq!(with_transfers, without);
 }

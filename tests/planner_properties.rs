@@ -130,9 +130,10 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
         prop::option::of(0i64..7_200),
         any::<bool>(),
         prop::option::of((0i64..=86_400, prop::collection::vec(-50_000i64..50_000, 3))),
+        0u32..=8,
     )
         .prop_map(
-            |(a, b, c, min, span, cycle, flows, lead_seconds, transfers, forecast)| {
+            |(a, b, c, min, span, cycle, flows, lead_seconds, transfers, forecast, halves)| {
                 let provider = ProviderRow {
                     min_amount: Decimal::from(min),
                     max_amount: Decimal::from(min + span),
@@ -153,7 +154,10 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                 }
                 history.lead_time_p95 = lead_seconds.map(Duration::seconds);
                 history.cycle = Duration::minutes(5);
-                let mut settings = PlannerSettings::default();
+                let mut settings = PlannerSettings {
+                    relay_reserve: Decimal::from(halves) / Decimal::TWO,
+                    ..PlannerSettings::default()
+                };
                 if let Some((horizon, steps)) = forecast {
                     settings.forecast_horizon = Duration::seconds(horizon);
                     for (account, step) in BufferAccount::ALL.into_iter().zip(steps) {

@@ -37,6 +37,16 @@
 //! took (never below the return point). Daily swings then move in fewer,
 //! larger conversions; the trigger, and so the risk, is unchanged.
 //!
+//! With `TREASURY_PLANNER_RELAY_RESERVE` set to `k` (off, 0, by default)
+//! and no provider offering `usd_transfer`, the USDC buffer, which a fiat
+//! refill then passes through, keeps `k` times what system_buffer_fiat is
+//! expected to lose over one conversion's lead time on top of its own
+//! trigger ([`BufferLevels::with_relay_reserve`]): a withdrawal burst on the
+//! fiat buffer is refilled in one conversion from money already there,
+//! instead of two in a row. (broker_operational's drain is not counted:
+//! counting it too held more USDC and left fewer seeds clean in the
+//! simulator.)
+//!
 //! `min`, `target` and `max` stay hard limits: the trigger never falls below
 //! `min`, the return point and sweep point never pass `max`.
 //!
@@ -137,6 +147,25 @@ impl BufferLevels {
     pub fn topped_up_every_watch(self) -> Self {
         Self {
             trigger: self.trigger.max(self.return_point),
+            ..self
+        }
+    }
+
+    /// The levels of the USDC buffer when it relays refills to the USD
+    /// buffers (no provider offers `usd_transfer`): its trigger also holds
+    /// `reserve`, what the fiat buffer is expected to lose over one
+    /// conversion's lead time, so its refill can leave at once while the
+    /// USDC buffer's own refill travels. At most `target`; the return point
+    /// and sweep point stay at or above the trigger.
+    pub fn with_relay_reserve(self, reserve: Decimal, target: Decimal) -> Self {
+        let trigger = self
+            .trigger
+            .max(self.trigger.saturating_add(reserve).min(target));
+        let return_point = self.return_point.max(trigger);
+        Self {
+            trigger,
+            return_point,
+            sweep_point: self.sweep_point.max(return_point),
             ..self
         }
     }
@@ -256,6 +285,38 @@ mod tests {
             Duration::minutes(5),
             &PlannerSettings::default(),
         )
+    }
+
+    #[test]
+    fn a_relay_reserve_raises_the_trigger_up_to_the_target() {
+        let base = BufferLevels {
+            trigger: dec!(30000),
+            return_point: dec!(50000),
+            ceiling: dec!(100000),
+            sweep_point: dec!(80000),
+            drain: dec!(5000),
+            lead_windows: 4,
+        };
+        let some = base.with_relay_reserve(dec!(12000), dec!(50000));
+        assert_eq!(some.trigger, dec!(42000));
+        assert_eq!(
+            (some.return_point, some.sweep_point),
+            (dec!(50000), dec!(80000))
+        );
+        let much = base.with_relay_reserve(dec!(90000), dec!(50000));
+        assert_eq!(much.trigger, dec!(50000), "never past the target");
+        let above = BufferLevels {
+            trigger: dec!(60000),
+            ..base
+        }
+        .with_relay_reserve(dec!(1000), dec!(50000));
+        assert_eq!(
+            above.trigger,
+            dec!(60000),
+            "a trigger above the target stays"
+        );
+        assert_eq!(above.return_point, dec!(60000));
+        assert_eq!(base.with_relay_reserve(Decimal::ZERO, dec!(50000)), base);
     }
 
     #[test]

@@ -149,6 +149,11 @@ pub struct PlannerSettings {
     /// off by default).
     #[serde(with = "humantime_chrono")]
     pub forecast_horizon: chrono::Duration,
+    /// With no `usd_transfer` provider, how many times system_buffer_fiat's
+    /// expected loss over one conversion's lead time the USDC buffer keeps
+    /// above its own trigger for it ([`BufferLevels::with_relay_reserve`];
+    /// `TREASURY_PLANNER_RELAY_RESERVE`, 0 = off by default).
+    pub relay_reserve: Decimal,
 }
 
 impl Default for PlannerSettings {
@@ -162,6 +167,7 @@ impl Default for PlannerSettings {
             burst_factor: Decimal::from(5),
             burst_top_up: false,
             forecast_horizon: chrono::Duration::zero(),
+            relay_reserve: Decimal::ZERO,
         }
     }
 }
@@ -242,6 +248,23 @@ pub fn plan(input: &PlanInput) -> Plan {
             )
         })
         .collect();
+    if !transfers && input.settings.relay_reserve > Decimal::ZERO {
+        let fiat = BufferAccount::SystemBufferFiat;
+        let one_hop = levels
+            .get(&fiat)
+            .map(|l| l.drain / Decimal::from(refill_hops(fiat, transfers)))
+            .unwrap_or_default();
+        let usdc = BufferAccount::SystemBufferUsdc;
+        if let (Some(l), Some(p)) = (
+            levels.get_mut(&usdc),
+            positions.iter().find(|p| p.account == usdc),
+        ) {
+            *l = l.with_relay_reserve(
+                one_hop * input.settings.relay_reserve,
+                p.thresholds.target(),
+            );
+        }
+    }
     if let Some(watch) = &input.watch
         && !watch.must_act(positions, lead_of)
     {
