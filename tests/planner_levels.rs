@@ -259,19 +259,11 @@ fn the_relay_reserve_keeps_usdc_ready_for_the_usd_buffers() {
     assert!(on.trigger > off.trigger);
 
     let between = ((off.trigger + on.trigger) / dec!(2)).round_dp(6);
-    let into_usdc = |input: &PlanInput| -> Decimal {
-        plan(input)
-            .commands
-            .iter()
-            .filter(|c| c.destination_account == USDC)
-            .map(|c| c.amount.value)
-            .sum()
-    };
     assert_eq!(
-        into_usdc(&fiat_draining(between, Decimal::ZERO, false)),
+        refill(&fiat_draining(between, Decimal::ZERO, false)),
         Decimal::ZERO
     );
-    assert!(into_usdc(&fiat_draining(between, Decimal::ONE, false)) > Decimal::ZERO);
+    assert!(refill(&fiat_draining(between, Decimal::ONE, false)) > Decimal::ZERO);
 
     let with_transfers = plan(&fiat_draining(dec!(40000), Decimal::ONE, true)).levels[&USDC];
     let without = plan(&fiat_draining(dec!(40000), Decimal::ZERO, true)).levels[&USDC];
