@@ -1,7 +1,7 @@
 //! The planner's levels: in a watch while a buffer bursts (what
 //! `burst_top_up` changes), and at a window close with `forecast_horizon` on
 //! (the same hours of the day before size a refill and a sweep), and with
-//! `relay_reserve` on (USDC kept ready for the USD buffers).
+//! `relay_reserve` on (USDC kept ready for the fiat buffer).
 
 use std::collections::BTreeMap;
 
@@ -246,7 +246,7 @@ fn fiat_draining(usdc_balance: Decimal, relay_reserve: Decimal, transfers: bool)
 /// conversion's lead time, so USDC between the two triggers is refilled with
 /// it and not without; with transfers it changes nothing.
 #[test]
-fn the_relay_reserve_keeps_usdc_ready_for_the_usd_buffers() {
+fn the_relay_reserve_keeps_usdc_ready_for_the_fiat_buffer() {
     let fiat_one_hop = |input: &PlanInput| -> Decimal {
         plan(input).levels[&BufferAccount::SystemBufferFiat].drain / dec!(2)
     };

@@ -151,8 +151,8 @@ impl BufferLevels {
         }
     }
 
-    /// The levels of the USDC buffer when it relays refills to the USD
-    /// buffers (no provider offers `usd_transfer`): its trigger also holds
+    /// The levels of the USDC buffer when it relays refills to the fiat
+    /// buffer (no provider offers `usd_transfer`): its trigger also holds
     /// `reserve`, what the fiat buffer is expected to lose over one
     /// conversion's lead time, so its refill can leave at once while the
     /// USDC buffer's own refill travels. At most `target`; the return point

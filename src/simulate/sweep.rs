@@ -1,8 +1,8 @@
 //! The engine over many seeds as generated (no faults injected): one row per
 //! seed with what the planner's goals are stated in — conversions and their
-//! share of the per-event baseline's, cost and its ratio to the lower bound, minutes below min and below zero, opposite
-//! cycles and unfunded commands — and the totals over the seeds
-//! (`treasury simulate --seeds A..B --sweep`).
+//! share of the per-event baseline's, cost and its ratio to the lower bound,
+//! minutes below min and below zero, opposite cycles and unfunded commands —
+//! and the totals over the seeds (`treasury simulate --seeds A..B --sweep`).
 
 use std::fmt::Write as _;
 
