@@ -10,8 +10,15 @@
 //!
 //! - the least volume any policy must convert is that of a lazy tracker that
 //!   converts only what is needed the moment the band's edge is crossed;
-//! - the fewest conversions any policy needs is that of a tracker that, at
-//!   each crossing, jumps to the band's opposite edge.
+//! - the fewest conversions any policy needs: between two conversions the
+//!   USDC balance follows the flows alone, so each stretch between
+//!   conversions must be one whose flows, added up from its start, never
+//!   span more than the band (and the first must stay in the band from the
+//!   opening balance). Cutting the trace greedily into the longest such
+//!   stretches gives the fewest of them, since any part of a stretch that
+//!   fits also fits: one conversion starts each stretch after the first. (A
+//!   tracker that jumps to the band's opposite edge at each crossing is not
+//!   a bound: the next event in the other direction crosses again.)
 //!
 //! Every policy converts at least that volume and at least that many times,
 //! so `volume × cheapest proportional rate + count × cheapest fixed fee` is
@@ -42,15 +49,18 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
         .max()
         .min(capital - usd(|t| t.min()))
         .max(low);
-    let (mut lazy, mut jumping) = (usdc.start, usdc.start);
-    let (mut volume, mut count) = (Decimal::ZERO, 0u64);
-    for event in events {
-        let delta: Decimal = event
+    let deltas = events.iter().map(|event| {
+        event
             .buffer_deltas()
             .iter()
             .filter(|d| d.account == BufferAccount::SystemBufferUsdc)
             .map(|d| d.delta)
-            .sum();
+            .sum::<Decimal>()
+    });
+    let mut lazy = usdc.start;
+    let mut volume = Decimal::ZERO;
+    let mut stretches = Stretches::new(usdc.start, low, high);
+    for delta in deltas {
         lazy += delta;
         if lazy < low {
             volume += low - lazy;
@@ -59,15 +69,9 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
             volume += lazy - high;
             lazy = high;
         }
-        jumping += delta;
-        if jumping < low {
-            count += 1;
-            jumping = high;
-        } else if jumping > high {
-            count += 1;
-            jumping = low;
-        }
+        stretches.add(delta);
     }
+    let count = stretches.conversions;
     let bps = Decimal::from(10_000);
     let converting = || world.providers.iter().filter(|p| p.row.converts());
     let rate = converting()
@@ -83,5 +87,107 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
         conversions: count,
         conversion_volume: volume,
         conversion_cost: (volume * rate + Decimal::from(count) * fixed).round_dp(2),
+    }
+}
+
+/// The greedy cut of the USDC flows into the longest stretches that fit the
+/// band `[low, high]` without a conversion (see the module doc).
+#[derive(Debug, Clone, Copy)]
+struct Stretches {
+    low: Decimal,
+    high: Decimal,
+    /// The flows added up since the current stretch began.
+    sum: Decimal,
+    /// Their lowest and highest running sums (zero included: the balance
+    /// the stretch starts at must be in the band too).
+    lowest: Decimal,
+    highest: Decimal,
+    /// The balance the first stretch starts at; `None` once a conversion
+    /// has set it freely.
+    opening: Option<Decimal>,
+    /// Conversions so far: one at the start of each stretch after the first.
+    conversions: u64,
+}
+
+impl Stretches {
+    fn new(opening: Decimal, low: Decimal, high: Decimal) -> Self {
+        Self {
+            low,
+            high,
+            sum: Decimal::ZERO,
+            lowest: Decimal::ZERO,
+            highest: Decimal::ZERO,
+            opening: Some(opening),
+            conversions: 0,
+        }
+    }
+
+    /// Whether a stretch whose running sums span `lowest..=highest` can
+    /// stay in the band.
+    fn fits(&self, lowest: Decimal, highest: Decimal) -> bool {
+        match self.opening {
+            Some(start) => start + lowest >= self.low && start + highest <= self.high,
+            None => highest - lowest <= self.high - self.low,
+        }
+    }
+
+    fn add(&mut self, delta: Decimal) {
+        let sum = self.sum + delta;
+        let (lowest, highest) = (self.lowest.min(sum), self.highest.max(sum));
+        if self.fits(lowest, highest) {
+            (self.sum, self.lowest, self.highest) = (sum, lowest, highest);
+            return;
+        }
+        // A conversion just before this event starts a new stretch at a
+        // balance of its choosing.
+        self.conversions += 1;
+        self.opening = None;
+        (self.sum, self.lowest, self.highest) =
+            (delta, delta.min(Decimal::ZERO), delta.max(Decimal::ZERO));
+        if !self.fits(self.lowest, self.highest) {
+            // One event larger than the band: a conversion right after it too.
+            self.conversions += 1;
+            (self.sum, self.lowest, self.highest) = (Decimal::ZERO, Decimal::ZERO, Decimal::ZERO);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    fn count(opening: Decimal, deltas: &[Decimal]) -> u64 {
+        let mut s = Stretches::new(opening, dec!(10), dec!(100));
+        for d in deltas {
+            s.add(*d);
+        }
+        s.conversions
+    }
+
+    #[test]
+    fn flows_inside_the_band_need_no_conversion() {
+        assert_eq!(count(dec!(50), &[dec!(40), dec!(-80), dec!(30)]), 0);
+    }
+
+    #[test]
+    fn a_zigzag_wider_than_the_band_needs_one_conversion_per_band_width_of_drift() {
+        // From 50, falling by 30 a step: out of the band at the second step
+        // (−10). The next stretch may start anywhere and span 90.
+        let falling: Vec<Decimal> = vec![dec!(-30); 7];
+        // Running sums −30..−210: stretches [−30] fits from 50, then
+        // {−30,−30,−30} span 90, then {−30,−30,−30}: two conversions.
+        assert_eq!(count(dec!(50), &falling), 2);
+        // Small moves back and forth after a conversion cost nothing more,
+        // where jumping to the band's opposite edge would cross again.
+        let mut zigzag = falling.clone();
+        zigzag.extend([dec!(1), dec!(-1), dec!(1), dec!(-1)]);
+        assert_eq!(count(dec!(50), &zigzag), 2);
+    }
+
+    #[test]
+    fn one_event_larger_than_the_band_forces_conversions_around_it() {
+        assert_eq!(count(dec!(50), &[dec!(-200)]), 2);
+        assert_eq!(count(dec!(50), &[dec!(-200), dec!(5), dec!(-5)]), 2);
     }
 }
