@@ -329,6 +329,7 @@ impl Settlement {
             cycle_id: cycle_id.clone(),
             now: at,
             positions: tx.buffer_positions().await?,
+            in_flight: tx.in_flight().await?,
             providers: records.providers,
             window: self.settings.spec.length,
             history: FlowHistory::from_windows(

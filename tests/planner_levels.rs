@@ -1,7 +1,8 @@
 //! The planner's levels: in a watch while a buffer bursts (what
 //! `burst_top_up` changes), and at a window close with `forecast_horizon` on
-//! (the same hours of the day before size a refill and a sweep), and with
-//! `relay_reserve` on (USDC kept ready for the fiat buffer).
+//! (the same hours of the day before size a refill and a sweep), with
+//! `relay_reserve` on (USDC kept ready for the fiat buffer), and with money
+//! in flight for longer than the lead time (no longer relied on).
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,7 @@ use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use treasury::domain::{BufferAccount, Thresholds};
 use treasury::planner::{
-    BufferPosition, FlowHistory, FlowStats, PlanInput, PlannerSettings, Watch, plan,
+    BufferPosition, FlowHistory, FlowStats, InFlight, PlanInput, PlannerSettings, Watch, plan,
 };
 use treasury::simulate::scenario::provider_row;
 
@@ -63,6 +64,15 @@ fn base_input(
                 Decimal::ZERO,
             ),
         ],
+        in_flight: if incoming > Decimal::ZERO {
+            vec![InFlight {
+                destination: USDC,
+                amount: incoming,
+                since: now() - Duration::minutes(2),
+            }]
+        } else {
+            Vec::new()
+        },
         providers: vec![provider_row("P", 1)],
         window: Duration::minutes(5),
         history: FlowHistory {
@@ -268,4 +278,60 @@ fn the_relay_reserve_keeps_usdc_ready_for_the_fiat_buffer() {
     let with_transfers = plan(&fiat_draining(dec!(40000), Decimal::ONE, true)).levels[&USDC];
     let without = plan(&fiat_draining(dec!(40000), Decimal::ZERO, true)).levels[&USDC];
     assert_eq!(with_transfers, without);
+}
+
+#[test]
+fn money_in_flight_longer_than_the_lead_time_is_awaited_but_not_relied_on() {
+    // USDC holds 3,000 (min 10,000; trigger 14,000: min + 2·σ·√4 on calm
+    // flows) with 40,000 on its way; the lead time is 15 minutes.
+    let waiting = |minutes: i64| PlanInput {
+        in_flight: vec![InFlight {
+            destination: USDC,
+            amount: dec!(40000),
+            since: now() - Duration::minutes(minutes),
+        }],
+        ..base_input(
+            dec!(3000),
+            dec!(40000),
+            BTreeMap::new(),
+            PlannerSettings::default(),
+        )
+    };
+    assert_eq!(
+        refill(&waiting(10)),
+        Decimal::ZERO,
+        "within the lead time the conversion counts: projected 43,000"
+    );
+    let overdue = waiting(16);
+    assert_eq!(
+        refill(&overdue),
+        dec!(47000),
+        "overdue: refilled from 3,000 to the target as if it might not come"
+    );
+    let planned = plan(&overdue);
+    assert!(
+        planned.commands.iter().all(|c| c.source_account != USDC),
+        "money in flight toward a buffer is never spent by it"
+    );
+    // Two conversions on their way: only the overdue one is discounted.
+    let both = PlanInput {
+        in_flight: vec![
+            InFlight {
+                destination: USDC,
+                amount: dec!(30000),
+                since: now() - Duration::minutes(20),
+            },
+            InFlight {
+                destination: USDC,
+                amount: dec!(10000),
+                since: now() - Duration::minutes(1),
+            },
+        ],
+        ..overdue
+    };
+    assert_eq!(
+        refill(&both),
+        dec!(37000),
+        "3,000 held and 10,000 on time: 37,000 to the target"
+    );
 }

@@ -10,8 +10,8 @@ use treasury::domain::{
     Thresholds,
 };
 use treasury::planner::{
-    AmountLimits, BufferPosition, FlowHistory, FlowStats, PlanInput, PlannerSettings, pieces_for,
-    plan, split, urgent_pieces,
+    AmountLimits, BufferPosition, FlowHistory, FlowStats, InFlight, PlanInput, PlannerSettings,
+    pieces_for, plan, split, urgent_pieces, without_overdue,
 };
 use treasury::providers::selection::expected_cost;
 use treasury::providers::{ProviderRow, ProviderStatus};
@@ -131,9 +131,23 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
         any::<bool>(),
         prop::option::of((0i64..=86_400, prop::collection::vec(-50_000i64..50_000, 3))),
         0u32..=8,
+        prop::collection::vec(0i64..7_200, 3),
     )
         .prop_map(
-            |(a, b, c, min, span, cycle, flows, lead_seconds, transfers, forecast, halves)| {
+            |(
+                a,
+                b,
+                c,
+                min,
+                span,
+                cycle,
+                flows,
+                lead_seconds,
+                transfers,
+                forecast,
+                halves,
+                ages,
+            )| {
                 let provider = ProviderRow {
                     min_amount: Decimal::from(min),
                     max_amount: Decimal::from(min + span),
@@ -167,10 +181,23 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                         history.nets.insert(account, nets);
                     }
                 }
+                let positions = vec![a, b, c];
+                // Each buffer's incoming as one conversion, planned `age` seconds ago.
+                let in_flight = positions
+                    .iter()
+                    .zip(ages)
+                    .filter(|(p, _)| p.incoming > Decimal::ZERO)
+                    .map(|(p, age)| InFlight {
+                        destination: p.account,
+                        amount: p.incoming,
+                        since: t0() - Duration::seconds(age),
+                    })
+                    .collect();
                 PlanInput {
                     cycle_id: format!("window:{cycle}"),
                     now: t0(),
-                    positions: vec![a, b, c],
+                    positions,
+                    in_flight,
                     providers: vec![provider],
                     window: Duration::minutes(5),
                     history,
@@ -186,6 +213,13 @@ proptest! {
     fn plans_are_consistent_funded_and_deterministic(input in input_strategy()) {
         let planned = plan(&input);
         prop_assert_eq!(&planned, &plan(&input), "same input, same plan");
+        // Needs are judged on money in flight within the lead time only.
+        let lead = input.history.lead_time_p95.unwrap_or(input.settings.default_lead_time);
+        let relied = without_overdue(&input.positions, &input.in_flight, input.now, lead);
+        for (p, r) in input.positions.iter().zip(&relied) {
+            prop_assert!(r.incoming <= p.incoming && r.incoming >= Decimal::ZERO);
+            prop_assert_eq!((r.balance, r.outgoing), (p.balance, p.outgoing), "only incoming is discounted");
+        }
         let checks = check_plan(&input.positions, &planned.commands);
         prop_assert!(!checks.opposite_directions, "opposite conversions in one cycle: {:?}", planned.commands);
         prop_assert!(checks.below_minimum.is_empty(), "{:?}", checks.below_minimum);
@@ -209,7 +243,7 @@ proptest! {
                 !planned.commands.iter().any(|o| o.source_account == c.destination_account),
                 "{} both receives and gives", c.destination_account
             );
-            let p = input.positions.iter().find(|p| p.account == c.destination_account).unwrap();
+            let p = relied.iter().find(|p| p.account == c.destination_account).unwrap();
             let l = planned.levels[&p.account];
             prop_assert!(l.trigger >= p.thresholds.min() && l.return_point <= p.thresholds.max(), "hard limits: {:?}", l);
             prop_assert!(l.sweep_point >= l.return_point, "a sweep never goes below the return point: {:?}", l);

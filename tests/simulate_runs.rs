@@ -231,6 +231,7 @@ fn input(positions: Vec<BufferPosition>) -> PlanInput {
         cycle_id: "window:test".into(),
         now: generated_start(),
         positions,
+        in_flight: Vec::new(),
         providers: World::default()
             .providers
             .into_iter()

@@ -13,6 +13,7 @@ use treasury::domain::{
     BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionJob,
     ConversionTrigger, JobStatus, Money,
 };
+use treasury::planner::InFlight;
 use treasury::store::jobs::JobStore;
 use treasury::store::memory::MemoryStore;
 use treasury::store::operator::{OperatorAction, OperatorOutcome};
@@ -387,10 +388,30 @@ async fn planned_commands_are_recorded_once_and_count_in_flight(pool: PgPool) {
             (dec!(1500), dec!(1500)),
             "{name}"
         );
+        // A command recorded but not sent (auto-rebalance off) is not in flight.
+        let held_back = PlannedCommand {
+            command: ConversionCommand {
+                created_at: t0() + chrono::Duration::minutes(5),
+                ..command(8)
+            },
+            emitted: false,
+        };
+        tx.record_commands(std::slice::from_ref(&held_back))
+            .await
+            .unwrap();
+        assert_eq!(
+            tx.in_flight().await.unwrap(),
+            vec![InFlight {
+                destination: BufferAccount::SystemBufferFiat,
+                amount: dec!(1500),
+                since: t0(),
+            }],
+            "{name}: what incoming counts, with the command's time"
+        );
         tx.commit().await.unwrap();
         assert_eq!(
             store.planned_commands().await.unwrap(),
-            vec![planned],
+            vec![planned, held_back],
             "{name}"
         );
     }

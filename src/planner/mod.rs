@@ -20,6 +20,10 @@
 //!   sequence): the same inputs always give the same commands, so a replay
 //!   plans nothing new.
 //!
+//! Money in flight toward a buffer counts in its projected balance while
+//! the conversion is within the lead time; an overdue one
+//! ([`without_overdue`]) is awaited but not relied on.
+//!
 //! Pure: the live settlement cycle and `treasury simulate` build a
 //! [`PlanInput`] and call [`plan`]; nothing here reads a clock or a store.
 
@@ -63,6 +67,44 @@ impl BufferPosition {
     pub fn projected(&self) -> Decimal {
         self.balance + self.incoming - self.outgoing
     }
+}
+
+/// A conversion planned or running toward a buffer, and when it was
+/// planned (the command's time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InFlight {
+    pub destination: BufferAccount,
+    /// In the source currency, as `BufferPosition::incoming` counts it.
+    pub amount: Decimal,
+    pub since: DateTime<Utc>,
+}
+
+/// `positions` with the money in flight toward each buffer for longer than
+/// `lead` taken out of `incoming`: a conversion slower than the lead time
+/// the planner plans with is still awaited (and still not spendable by
+/// anyone), but no longer relied on, so a buffer waiting on it is refilled
+/// as if it might not come. One slow conversion then costs a buffer a
+/// refill (and perhaps a sweep when it lands), not its money.
+pub fn without_overdue(
+    positions: &[BufferPosition],
+    in_flight: &[InFlight],
+    now: DateTime<Utc>,
+    lead: chrono::Duration,
+) -> Vec<BufferPosition> {
+    positions
+        .iter()
+        .map(|p| {
+            let overdue: Decimal = in_flight
+                .iter()
+                .filter(|f| f.destination == p.account && now - f.since > lead)
+                .map(|f| f.amount)
+                .sum();
+            BufferPosition {
+                incoming: (p.incoming - overdue).max(Decimal::ZERO),
+                ..*p
+            }
+        })
+        .collect()
 }
 
 /// The range of single conversion amounts the active providers accept in a direction.
@@ -187,6 +229,9 @@ pub struct PlanInput {
     pub cycle_id: String,
     pub now: DateTime<Utc>,
     pub positions: Vec<BufferPosition>,
+    /// The conversions counted in the positions' `incoming`, with their
+    /// times ([`without_overdue`]).
+    pub in_flight: Vec<InFlight>,
     /// Every provider row (the planner uses the active ones' limits and costs).
     pub providers: Vec<ProviderRow>,
     /// The settlement window length (flows are per window).
@@ -223,11 +268,12 @@ pub fn plan(input: &PlanInput) -> Plan {
         .history
         .lead_time_p95
         .unwrap_or(input.settings.default_lead_time);
+    let relied = without_overdue(&input.positions, &input.in_flight, input.now, lead);
     let watched;
     let positions: &[BufferPosition] = match &input.watch {
-        None => &input.positions,
+        None => &relied,
         Some(watch) => {
-            watched = watch.positions(&input.positions);
+            watched = watch.positions(&relied);
             &watched
         }
     };

@@ -185,7 +185,12 @@ impl SimExecutor {
 
     /// Jobs not final, as the planner counts them in flight.
     pub fn in_flight(&self) -> impl Iterator<Item = &ConversionJob> {
-        self.active.iter().map(|i| &self.jobs[*i].job)
+        self.in_flight_jobs().map(|j| &j.job)
+    }
+
+    /// Jobs not final, with when each reached the executor.
+    pub fn in_flight_jobs(&self) -> impl Iterator<Item = &SimJob> {
+        self.active.iter().map(|i| &self.jobs[*i])
     }
 
     /// Completed executions per command at providers (an invariant: ≤ 1).

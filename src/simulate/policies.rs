@@ -15,7 +15,7 @@ use crate::domain::{
     BufferAccount, ConversionCommand, ConversionDirection, ConversionTrigger, FlowEvent, Money,
 };
 use crate::planner::routing::Movement;
-use crate::planner::{self, BufferPosition, FlowHistory, PlanInput, PlannerSettings};
+use crate::planner::{self, BufferPosition, FlowHistory, InFlight, PlanInput, PlannerSettings};
 use crate::providers::ProviderRow;
 use crate::window::WindowTally;
 
@@ -26,6 +26,8 @@ pub struct CycleView<'a> {
     pub now: DateTime<Utc>,
     /// Book balances with in-flight conversions, one per buffer.
     pub positions: Vec<BufferPosition>,
+    /// The conversions in flight, with when each started.
+    pub in_flight: Vec<InFlight>,
     pub providers: &'a [ProviderRow],
     /// The latest closed windows, oldest first.
     pub recent: &'a [WindowTally],
@@ -86,6 +88,7 @@ impl Policy for EnginePolicy {
             cycle_id: view.cycle_id.clone(),
             now: view.now,
             positions: view.positions.clone(),
+            in_flight: view.in_flight.clone(),
             providers: view.providers.to_vec(),
             window: view.cycle,
             history: FlowHistory::from_windows(view.recent, view.lead_times, view.cycle),

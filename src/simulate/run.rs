@@ -302,6 +302,15 @@ impl Run<'_> {
             cycle_id,
             now: plan_at,
             positions: positions.clone(),
+            in_flight: self
+                .executor
+                .in_flight_jobs()
+                .map(|j| planner::InFlight {
+                    destination: j.job.destination_account,
+                    amount: j.job.amount.value,
+                    since: j.started_at,
+                })
+                .collect(),
             providers: &providers,
             recent: self.recent.as_slices().0,
             lead_times: self.lead_times.as_slices().0,

@@ -22,7 +22,7 @@ use crate::domain::{
     BufferAccount, BufferStatus, ConversionDirection, ConversionJob, JobStatus, LedgerPosting,
     Thresholds,
 };
-use crate::planner::{AmountLimits, BufferPosition};
+use crate::planner::{AmountLimits, BufferPosition, InFlight};
 use crate::providers::ProviderRow;
 use crate::providers::health::AttemptOutcome;
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
@@ -516,6 +516,27 @@ impl StoreTx for MemoryTx {
                 outgoing: in_flight(&|p| p.command.source_account, *account),
             })
             .collect())
+    }
+
+    async fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError> {
+        let mut in_flight: Vec<(Uuid, InFlight)> = self
+            .work
+            .planned
+            .iter()
+            .filter(|p| p.emitted && !self.work.command_settled(p.command.command_id))
+            .map(|p| {
+                (
+                    p.command.command_id,
+                    InFlight {
+                        destination: p.command.destination_account,
+                        amount: p.command.amount.value,
+                        since: p.command.created_at,
+                    },
+                )
+            })
+            .collect();
+        in_flight.sort_by_key(|(id, f)| (f.since, *id));
+        Ok(in_flight.into_iter().map(|(_, f)| f).collect())
     }
 
     async fn planning_records(

@@ -24,7 +24,7 @@ use uuid::Uuid;
 use crate::domain::{
     BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, JobStatus,
 };
-use crate::planner::{AmountLimits, BufferPosition};
+use crate::planner::{AmountLimits, BufferPosition, InFlight};
 use crate::window::{PartitionProgress, WindowTallies, WindowTally};
 
 /// What can go wrong talking to the store.
@@ -314,6 +314,9 @@ pub trait StoreTx: Send {
     async fn apply_flows(&mut self, tally: &WindowTally) -> Result<(), StoreError>;
     /// Balances, thresholds and in-flight conversions of every buffer.
     async fn buffer_positions(&mut self) -> Result<Vec<BufferPosition>, StoreError>;
+    /// The conversions `buffer_positions` counts as incoming (emitted
+    /// commands whose jobs have not ended), each with its command's time.
+    async fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError>;
     /// Amount limits of the active providers, per direction.
     async fn amount_limits(
         &mut self,

@@ -20,7 +20,7 @@ use crate::domain::{
     BufferAccount, BufferStatus, ConversionCommand, ConversionDirection, ConversionTrigger,
     Currency, JobStatus, Money, Thresholds,
 };
-use crate::planner::{AmountLimits, BufferPosition};
+use crate::planner::{AmountLimits, BufferPosition, InFlight};
 use crate::window::{Flow, PartitionProgress, WindowTallies, WindowTally};
 
 /// Advisory lock key that orders ingest batches against settlement ("TRSY").
@@ -601,6 +601,28 @@ impl StoreTx for PgTx {
             .collect::<Result<Vec<_>, StoreError>>()?;
         positions.sort_by_key(|p| p.account);
         Ok(positions)
+    }
+
+    async fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError> {
+        sqlx::query(
+            "SELECT p.destination_account, p.amount, p.created_at FROM planned_commands p
+              WHERE p.emitted
+                AND NOT EXISTS (SELECT 1 FROM conversion_jobs j
+                                 WHERE j.idempotency_key = p.command_id::text
+                                   AND j.status IN ('completed', 'failed', 'cancelled'))
+              ORDER BY p.created_at, p.command_id",
+        )
+        .fetch_all(&mut *self.tx)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok(InFlight {
+                destination: parse(r.get::<&str, _>("destination_account"))?,
+                amount: r.get::<Decimal, _>("amount").normalize(),
+                since: r.get("created_at"),
+            })
+        })
+        .collect()
     }
 
     async fn planning_records(
