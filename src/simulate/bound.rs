@@ -5,8 +5,8 @@
 //! and only its split between currencies needs conversions. Every buffer
 //! must stay within its min..max, so the USDC balance lives in the band
 //! `[max(min_usdc, capital − max_fiat − max_broker), min(max_usdc, capital −
-//! min_fiat − min_broker)]`, and USD is assumed to move between the two USD
-//! buffers at no cost. Following the USDC flow path:
+//! min_fiat − min_broker)]`. Following the USDC flow path (as if USD moved
+//! between the two USD buffers at no cost):
 //!
 //! - the least volume any policy must convert is that of a lazy tracker that
 //!   converts only what is needed the moment the band's edge is crossed;
@@ -19,6 +19,15 @@
 //!   fits also fits: one conversion starts each stretch after the first. (A
 //!   tracker that jumps to the band's opposite edge at each crossing is not
 //!   a bound: the next event in the other direction crosses again.)
+//!
+//! Without a transfer rail (no provider supports `usd_transfer`), USD cannot
+//! move between the two USD buffers without conversions: every conversion
+//! has exactly one of them on its USD side, so the two are also bounded
+//! each on its own band, and the conversions touching system_buffer_fiat
+//! plus those touching broker_operational are at least the sum of their own
+//! bounds (volume and count alike). The bound takes the larger of the USDC
+//! path's figure and that sum; with a transfer rail it keeps the USDC
+//! path's alone (transfers are not conversions).
 //!
 //! Every policy converts at least that volume and at least that many times,
 //! so `volume × cheapest proportional rate + count × cheapest fixed fee` is
@@ -49,29 +58,29 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
         .max()
         .min(capital - usd(|t| t.min()))
         .max(low);
-    let deltas = events.iter().map(|event| {
-        event
-            .buffer_deltas()
-            .iter()
-            .filter(|d| d.account == BufferAccount::SystemBufferUsdc)
-            .map(|d| d.delta)
-            .sum::<Decimal>()
-    });
-    let mut lazy = usdc.start;
-    let mut volume = Decimal::ZERO;
-    let mut stretches = Stretches::new(usdc.start, low, high);
-    for delta in deltas {
-        lazy += delta;
-        if lazy < low {
-            volume += low - lazy;
-            lazy = low;
-        } else if lazy > high {
-            volume += lazy - high;
-            lazy = high;
-        }
-        stretches.add(delta);
+    let deltas = |account: BufferAccount| {
+        events.iter().map(move |event| {
+            event
+                .buffer_deltas()
+                .iter()
+                .filter(|d| d.account == account)
+                .map(|d| d.delta)
+                .sum::<Decimal>()
+        })
+    };
+    let (mut volume, mut count) =
+        band_needs(usdc.start, low, high, deltas(BufferAccount::SystemBufferUsdc));
+    let transfer_rail = world.providers.iter().any(|p| p.row.supports_usd_transfer);
+    if !transfer_rail {
+        let own = |account: BufferAccount, setup: super::scenario::BufferSetup| {
+            let t = setup.thresholds;
+            band_needs(setup.start, t.min(), t.max(), deltas(account))
+        };
+        let (fiat_volume, fiat_count) = own(BufferAccount::SystemBufferFiat, fiat);
+        let (broker_volume, broker_count) = own(BufferAccount::BrokerOperational, broker);
+        volume = volume.max(fiat_volume + broker_volume);
+        count = count.max(fiat_count + broker_count);
     }
-    let count = stretches.conversions;
     let bps = Decimal::from(10_000);
     let converting = || world.providers.iter().filter(|p| p.row.converts());
     let rate = converting()
@@ -90,7 +99,33 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
     }
 }
 
-/// The greedy cut of the USDC flows into the longest stretches that fit the
+/// The least volume and the fewest conversions that keep a balance opening
+/// at `opening` within `[low, high]` under `deltas`: the lazy tracker's
+/// volume and the greedy cut's count (see the module doc).
+fn band_needs(
+    opening: Decimal,
+    low: Decimal,
+    high: Decimal,
+    deltas: impl Iterator<Item = Decimal>,
+) -> (Decimal, u64) {
+    let mut lazy = opening;
+    let mut volume = Decimal::ZERO;
+    let mut stretches = Stretches::new(opening, low, high);
+    for delta in deltas {
+        lazy += delta;
+        if lazy < low {
+            volume += low - lazy;
+            lazy = low;
+        } else if lazy > high {
+            volume += lazy - high;
+            lazy = high;
+        }
+        stretches.add(delta);
+    }
+    (volume, stretches.conversions)
+}
+
+/// The greedy cut of a balance's flows into the longest stretches that fit the
 /// band `[low, high]` without a conversion (see the module doc).
 #[derive(Debug, Clone, Copy)]
 struct Stretches {
@@ -183,6 +218,22 @@ mod tests {
         let mut zigzag = falling.clone();
         zigzag.extend([dec!(1), dec!(-1), dec!(1), dec!(-1)]);
         assert_eq!(count(dec!(50), &zigzag), 2);
+    }
+
+    #[test]
+    fn the_lazy_tracker_converts_only_what_crosses_the_band() {
+        let (volume, count) = band_needs(
+            dec!(50),
+            dec!(10),
+            dec!(100),
+            [dec!(-30), dec!(-30), dec!(-30), dec!(70), dec!(60)].into_iter(),
+        );
+        // 50 → 20 → −10 (20 in, at 10) → −20 (30 in, at 10) → 80 → 140 (40 out).
+        assert_eq!(volume, dec!(90));
+        // From 50 the running sums reach −10 at the second event: a cut. The
+        // next stretch's sums (−30, −60, 10, then 70) span 130 > 90 at the
+        // last event: a second cut.
+        assert_eq!(count, 2);
     }
 
     #[test]
