@@ -68,8 +68,12 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
                 .sum::<Decimal>()
         })
     };
-    let (mut volume, mut count) =
-        band_needs(usdc.start, low, high, deltas(BufferAccount::SystemBufferUsdc));
+    let (mut volume, mut count) = band_needs(
+        usdc.start,
+        low,
+        high,
+        deltas(BufferAccount::SystemBufferUsdc),
+    );
     let transfer_rail = world.providers.iter().any(|p| p.row.supports_usd_transfer);
     if !transfer_rail {
         let own = |account: BufferAccount, setup: super::scenario::BufferSetup| {
