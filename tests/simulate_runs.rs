@@ -378,6 +378,13 @@ fn normal_at_twice_the_capital_costs_at_most_three_times_the_lower_bound_and_les
         "cost {} against lower bound {bound}",
         engine.conversion_cost
     );
+    // The lower bound is one: the engine converts at least as often as it counts.
+    assert!(
+        engine.conversions >= c.comparison.lower_bound.conversions,
+        "{} conversions against the bound's {}",
+        engine.conversions,
+        c.comparison.lower_bound.conversions
+    );
     assert_eq!(engine.opposite_conversion_cycles, 0);
     assert_eq!(engine.unfunded_commands, 0);
     let band = policy(&c.comparison.policies, "band");
