@@ -36,7 +36,7 @@
 use rust_decimal::Decimal;
 
 use super::report::LowerBound;
-use super::scenario::World;
+use super::scenario::{BufferSetup, World};
 use crate::domain::{BufferAccount, FlowEvent};
 
 /// The lower bound for `events` in `world`.
@@ -76,7 +76,7 @@ pub fn lower_bound(world: &World, events: &[FlowEvent]) -> LowerBound {
     );
     let transfer_rail = world.providers.iter().any(|p| p.row.supports_usd_transfer);
     if !transfer_rail {
-        let own = |account: BufferAccount, setup: super::scenario::BufferSetup| {
+        let own = |account: BufferAccount, setup: BufferSetup| {
             let t = setup.thresholds;
             band_needs(setup.start, t.min(), t.max(), deltas(account))
         };

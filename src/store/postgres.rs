@@ -23,6 +23,16 @@ use crate::domain::{
 use crate::planner::{AmountLimits, BufferPosition, InFlight};
 use crate::window::{Flow, PartitionProgress, WindowTallies, WindowTally};
 
+/// The condition on a `planned_commands p` row that makes it a conversion
+/// in flight: emitted, and its job (if any) not ended.
+macro_rules! in_flight {
+    () => {
+        "p.emitted AND NOT EXISTS (SELECT 1 FROM conversion_jobs j
+                                    WHERE j.idempotency_key = p.command_id::text
+                                      AND j.status IN ('completed', 'failed', 'cancelled'))"
+    };
+}
+
 /// Advisory lock key that orders ingest batches against settlement ("TRSY").
 #[cfg(test)]
 const SETTLEMENT_LOCK: i64 = 0x5452_5359;
@@ -563,21 +573,19 @@ impl StoreTx for PgTx {
     }
 
     async fn buffer_positions(&mut self) -> Result<Vec<BufferPosition>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT t.account_type, t.min_threshold, t.target_threshold, t.max_threshold,
-                    t.conversion_batch_size, b.balance,
-                    COALESCE((SELECT sum(p.amount) FROM planned_commands p
-                               WHERE p.destination_account = t.account_type AND p.emitted
-                                 AND NOT EXISTS (SELECT 1 FROM conversion_jobs j
-                                                  WHERE j.idempotency_key = p.command_id::text
-                                                    AND j.status IN ('completed', 'failed', 'cancelled'))), 0) AS incoming,
-                    COALESCE((SELECT sum(p.amount) FROM planned_commands p
-                               WHERE p.source_account = t.account_type AND p.emitted
-                                 AND NOT EXISTS (SELECT 1 FROM conversion_jobs j
-                                                  WHERE j.idempotency_key = p.command_id::text
-                                                    AND j.status IN ('completed', 'failed', 'cancelled'))), 0) AS outgoing
-               FROM buffer_thresholds t JOIN buffer_balances b USING (account_type)",
-        )
+                        t.conversion_batch_size, b.balance,
+                        COALESCE((SELECT sum(p.amount) FROM planned_commands p
+                                   WHERE p.destination_account = t.account_type AND ",
+            in_flight!(),
+            "), 0) AS incoming,
+                        COALESCE((SELECT sum(p.amount) FROM planned_commands p
+                                   WHERE p.source_account = t.account_type AND ",
+            in_flight!(),
+            "), 0) AS outgoing
+                   FROM buffer_thresholds t JOIN buffer_balances b USING (account_type)"
+        ))
         .fetch_all(&mut *self.tx)
         .await?;
         let mut positions = rows
@@ -604,14 +612,12 @@ impl StoreTx for PgTx {
     }
 
     async fn in_flight(&mut self) -> Result<Vec<InFlight>, StoreError> {
-        sqlx::query(
+        sqlx::query(concat!(
             "SELECT p.destination_account, p.amount, p.created_at FROM planned_commands p
-              WHERE p.emitted
-                AND NOT EXISTS (SELECT 1 FROM conversion_jobs j
-                                 WHERE j.idempotency_key = p.command_id::text
-                                   AND j.status IN ('completed', 'failed', 'cancelled'))
-              ORDER BY p.created_at, p.command_id",
-        )
+                  WHERE ",
+            in_flight!(),
+            " ORDER BY p.created_at, p.command_id"
+        ))
         .fetch_all(&mut *self.tx)
         .await?
         .into_iter()
