@@ -17,7 +17,10 @@
 //! as in `treasury run`; the bench's defaults are
 //! `TREASURY_SCHEDULER_INTERVAL=10s` (3s under `cargo test`),
 //! `TREASURY_WINDOW_GRACE=1s` and `TREASURY_PLANNER_WATCH_INTERVAL=0s`, so
-//! every command comes from a window close (cycle id `window:<start>`).
+//! every command comes from a window close (cycle id `window:<start>`), and
+//! `TREASURY_PLANNER_URGENT_PIECES=1`, so each close's refill is one command
+//! (the buffer's band is 2,000 wide, and the default three pieces of a band
+//! would cut a window's 40,000 into some sixty).
 //!
 //! The engine runs in this process, wired as `treasury run` wires it (the
 //! aggregator's ingest, settlement and relay, and the executor's intake and
@@ -157,6 +160,7 @@ fn engine_config(settings: &Settings, topics: &Topics) -> anyhow::Result<Config>
         ("TREASURY_SCHEDULER_INTERVAL", window),
         ("TREASURY_WINDOW_GRACE", "1s"),
         ("TREASURY_PLANNER_WATCH_INTERVAL", "0s"),
+        ("TREASURY_PLANNER_URGENT_PIECES", "1"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -350,3 +350,51 @@ async fn a_closing_cycle_wakes_the_relay(pool: PgPool) {
         "the relay is woken after the close"
     );
 }
+
+/// A job's lead time counts from its command's time, as the age of a
+/// conversion in flight does: a job taken in late by the executor is not
+/// made to look quicker than it was (which would make the next refill in
+/// flight look overdue and be planned twice). A job whose command was not
+/// planned here counts from its intake.
+#[sqlx::test]
+async fn lead_times_count_from_the_command_not_the_jobs_intake(pool: PgPool) {
+    let planned = uuid::Uuid::from_u128(41);
+    let foreign = uuid::Uuid::from_u128(42);
+    sqlx::query(
+        "INSERT INTO planned_commands (command_id, cycle_id, direction, trigger_reason, currency,
+                amount, source_account, destination_account, emitted, created_at)
+         VALUES ($1, 'window:lead', 'usd_to_usdc', 'emergency', 'USD', 500,
+                 'broker_operational', 'system_buffer_usdc', TRUE, now() - interval '90 seconds')",
+    )
+    .bind(planned)
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (id, key) in [
+        (1u128, planned.to_string()),
+        (2, foreign.to_string()),
+        (3, "manual-7".to_owned()),
+    ] {
+        sqlx::query(
+            "INSERT INTO conversion_jobs (id, idempotency_key, direction, trigger_reason, status, amount,
+                source_account, source_currency, source_amount, destination_account, destination_currency,
+                created_at, completed_at)
+             VALUES ($1, $2, 'usd_to_usdc', 'emergency', 'completed', 500, 'broker_operational', 'USD', 500,
+                     'system_buffer_usdc', 'USDC', now() - interval '30 seconds', now())",
+        )
+        .bind(uuid::Uuid::from_u128(id))
+        .bind(key)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let store = PgStore::from_pool(pool.clone());
+    let mut tx = store.begin(LockMode::Exclusive).await.unwrap();
+    let records = tx
+        .planning_records(Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    let mut seconds: Vec<i64> = records.lead_times.iter().map(|d| d.num_seconds()).collect();
+    seconds.sort_unstable();
+    assert_eq!(seconds, vec![30, 30, 90], "{:?}", records.lead_times);
+}

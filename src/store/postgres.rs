@@ -658,11 +658,19 @@ impl StoreTx for PgTx {
                     },
                 );
         }
+        // From the command's time (the job's intake when the command was
+        // not planned here): the age `in_flight()` reports is measured from
+        // the same instant, so a conversion is overdue only once it is
+        // slower than the conversions before it were.
         let lead_times = sqlx::query(
-            "SELECT (EXTRACT(EPOCH FROM completed_at - created_at) * 1000)::BIGINT AS ms
-               FROM conversion_jobs
-              WHERE status = 'completed' AND completed_at >= $1
-              ORDER BY completed_at",
+            "SELECT (EXTRACT(EPOCH FROM j.completed_at - COALESCE(p.created_at, j.created_at))
+                     * 1000)::BIGINT AS ms
+               FROM conversion_jobs j
+               LEFT JOIN planned_commands p
+                      ON p.command_id = CASE WHEN j.idempotency_key ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                                             THEN j.idempotency_key::uuid END
+              WHERE j.status = 'completed' AND j.completed_at >= $1
+              ORDER BY j.completed_at",
         )
         .bind(since)
         .fetch_all(&mut *self.tx)
