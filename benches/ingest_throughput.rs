@@ -550,16 +550,18 @@ async fn baseline(
                     (Decimal::ZERO, -delta.delta)
                 };
                 sqlx::query(
-                    "INSERT INTO window_flows (window_start, account_type, inflow, outflow)
-                     VALUES ($1, $2, $3, $4)
+                    "INSERT INTO window_flows (window_start, account_type, inflow, outflow, outflow_events)
+                     VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (window_start, account_type) DO UPDATE SET
                         inflow = window_flows.inflow + EXCLUDED.inflow,
-                        outflow = window_flows.outflow + EXCLUDED.outflow",
+                        outflow = window_flows.outflow + EXCLUDED.outflow,
+                        outflow_events = window_flows.outflow_events + EXCLUDED.outflow_events",
                 )
                 .bind(window_start)
                 .bind(delta.account.as_str())
                 .bind(inflow)
                 .bind(outflow)
+                .bind(i64::from(outflow > Decimal::ZERO))
                 .execute(&mut *tx)
                 .await?;
             }

@@ -270,7 +270,7 @@ impl Settlement {
             "cycle_id": result.cycle_id,
             "events": tally.events,
             "late_events": tally.late_events,
-            "flows": tally.flows.iter().map(|(a, f)| (a.as_str(), json!({"inflow": f.inflow, "outflow": f.outflow, "net": f.net()}))).collect::<BTreeMap<_, _>>(),
+            "flows": tally.flows.iter().map(|(a, f)| (a.as_str(), json!({"inflow": f.inflow, "outflow": f.outflow, "outflow_events": f.outflow_events, "net": f.net()}))).collect::<BTreeMap<_, _>>(),
             "demand": tally.demand.iter().map(|(d, (amount, count))| (d.as_str(), json!({"amount": amount, "events": count}))).collect::<BTreeMap<_, _>>(),
             "balances_before": result_balances(&before),
             "balances_after": result_balances(&after),

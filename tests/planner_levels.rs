@@ -2,7 +2,9 @@
 //! `burst_top_up` changes), and at a window close with `forecast_horizon` on
 //! (the same hours of the day before size a refill and a sweep), with
 //! `relay_reserve` on (USDC kept ready for the fiat buffer), and with money
-//! in flight for longer than the lead time (no longer relied on).
+//! in flight for longer than the lead time (no longer relied on); a surge of
+//! withdrawals seen as a burst before its sum is; and the pieces a refill
+//! comes in when a buffer lives on money in flight.
 
 use std::collections::BTreeMap;
 
@@ -50,6 +52,7 @@ fn base_input(
         mean: Decimal::ZERO,
         std_dev: dec!(1000),
         recent_mean: Decimal::ZERO,
+        outflow_events: Decimal::ZERO,
         windows: 288,
     };
     PlanInput {
@@ -98,6 +101,7 @@ fn input(balance: Decimal, incoming: Decimal, burst_top_up: bool) -> PlanInput {
     PlanInput {
         watch: Some(Watch {
             open_flows: BTreeMap::from([(USDC, dec!(-20000))]),
+            open_outflow_events: BTreeMap::new(),
             elapsed: Duration::minutes(3),
             until_close: Duration::minutes(2) + Duration::seconds(30),
         }),
@@ -107,12 +111,7 @@ fn input(balance: Decimal, incoming: Decimal, burst_top_up: bool) -> PlanInput {
 
 /// What the plan sends to the USDC buffer.
 fn refill(input: &PlanInput) -> Decimal {
-    plan(input)
-        .commands
-        .iter()
-        .filter(|c| c.destination_account == USDC)
-        .map(|c| c.amount.value)
-        .sum()
+    refills(input).iter().sum()
 }
 
 #[test]
@@ -244,6 +243,7 @@ fn fiat_draining(usdc_balance: Decimal, relay_reserve: Decimal, transfers: bool)
             mean: dec!(-3000),
             std_dev: dec!(1000),
             recent_mean: dec!(-3000),
+            outflow_events: Decimal::ZERO,
             windows: 288,
         },
     );
@@ -334,4 +334,109 @@ fn money_in_flight_longer_than_the_lead_time_is_awaited_but_not_relied_on() {
         dec!(37000),
         "3,000 held and 10,000 on time: 37,000 to the target"
     );
+}
+
+/// A day of windows with 6 withdrawals each, net flows of mean zero and
+/// `std_dev`, the last three of mean `recent_mean`.
+fn six_withdrawals_a_window(std_dev: Decimal, recent_mean: Decimal) -> FlowStats {
+    FlowStats {
+        mean: Decimal::ZERO,
+        std_dev,
+        recent_mean,
+        outflow_events: dec!(6),
+        windows: 288,
+    }
+}
+
+/// USDC drained by 15,000 in the first 90 seconds of the open window, by
+/// `withdrawals` events, after a day whose windows each saw 6 withdrawals
+/// and a net flow of σ 5,000; 65,000 held at the last close.
+fn early_drain(withdrawals: u64) -> PlanInput {
+    let mut input = base_input(
+        dec!(65000),
+        Decimal::ZERO,
+        BTreeMap::new(),
+        PlannerSettings::default(),
+    );
+    input
+        .history
+        .flows
+        .insert(USDC, six_withdrawals_a_window(dec!(5000), Decimal::ZERO));
+    input.watch = Some(Watch {
+        open_flows: BTreeMap::from([(USDC, dec!(-15000))]),
+        open_outflow_events: BTreeMap::from([(USDC, withdrawals)]),
+        elapsed: Duration::seconds(90),
+        until_close: Duration::minutes(3) + Duration::seconds(30),
+    });
+    input
+}
+
+#[test]
+fn a_surge_of_withdrawals_is_a_burst_before_one_large_withdrawal_would_be() {
+    // Judged over three minutes, 15,000 is within 5σ·√0.6 ≈ 19,365 of a
+    // calm window: one withdrawal of 15,000 waits for the calm trigger.
+    let one = early_drain(1);
+    let waits = plan(&one);
+    assert!(waits.levels[&USDC].trigger < dec!(50000));
+    assert_eq!(refill(&one), Decimal::ZERO, "{:?}", waits.commands);
+    // Thirty withdrawals in 90 seconds, where 1.8 are usual: the drain is
+    // judged over the 90 seconds (5σ·√0.3 ≈ 13,693) and is a burst; the
+    // trigger rises to a batch below the return point (max) and the
+    // buffer is refilled now.
+    let surge = early_drain(30);
+    let acts = plan(&surge);
+    assert_eq!(acts.levels[&USDC].trigger, dec!(80000));
+    assert!(refill(&surge) >= dec!(20000), "{:?}", acts.commands);
+}
+
+/// At a window close, USDC projected at 44,000 (`held` of it on hand, the
+/// rest in flight) while the last windows drained 8,000 each: over the
+/// 4-window lead it is expected to lose 32,000, so its trigger is 46,000
+/// and its return point 98,000.
+fn living_on(held: Decimal) -> PlanInput {
+    let mut input = base_input(
+        held,
+        dec!(44000) - held,
+        BTreeMap::new(),
+        PlannerSettings::default(),
+    );
+    input
+        .history
+        .flows
+        .insert(USDC, six_withdrawals_a_window(dec!(1000), dec!(-8000)));
+    input
+}
+
+/// The amounts of the commands to USDC.
+fn refills(input: &PlanInput) -> Vec<Decimal> {
+    plan(input)
+        .commands
+        .iter()
+        .filter(|c| c.destination_account == USDC)
+        .map(|c| c.amount.value)
+        .collect()
+}
+
+#[test]
+fn a_buffer_living_on_money_in_flight_is_refilled_in_pieces() {
+    let all_held = living_on(dec!(44000));
+    let levels = plan(&all_held).levels[&USDC];
+    assert_eq!(
+        (levels.trigger, levels.return_point, levels.drain),
+        (dec!(46000), dec!(98000), dec!(32000))
+    );
+    // 44,000 on hand outlasts the drain (12,000 above the minimum): not
+    // urgent, refilled by one conversion.
+    assert_eq!(refills(&all_held), vec![dec!(54000)]);
+    // 24,000 on hand and 20,000 in flight: the same projection, but what it
+    // holds does not outlast the drain. The refill comes in pieces of at
+    // most a third of the band (88,000 / 3), so one slow conversion cannot
+    // leave it empty.
+    let on_flight = refills(&living_on(dec!(24000)));
+    assert!(on_flight.len() >= 2, "{on_flight:?}");
+    assert!(
+        on_flight.iter().all(|a| *a <= dec!(29333.33)),
+        "{on_flight:?}"
+    );
+    assert_eq!(on_flight.iter().sum::<Decimal>(), dec!(54000));
 }

@@ -162,6 +162,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                             mean: Decimal::from(mean),
                             std_dev: Decimal::from(sd),
                             recent_mean: Decimal::from(mean / 2),
+                            outflow_events: Decimal::ZERO,
                             windows: 288,
                         },
                     );

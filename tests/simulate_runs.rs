@@ -346,6 +346,19 @@ fn normal_at_one_and_a_half_times_capital_converts_rarely_and_stays_funded() {
 }
 
 #[test]
+fn a_burst_seen_by_the_number_of_withdrawals_is_refilled_in_time() {
+    // Seed 13 at 1.5x: a burst the sum of withdrawals showed only three
+    // minutes in left system_buffer_usdc below zero; their number shows it
+    // sooner.
+    let events = generate(Scenario::Normal, 13, generated_start());
+    let engine = engine_only(&world(dec!(1.5)), &events, 13, PlannerSettings::default())
+        .expect("no invariant breaks")
+        .report;
+    assert_eq!(engine.minutes_below_zero, 0.0, "{engine:?}");
+    assert_eq!(engine.unpaid_events, 0);
+}
+
+#[test]
 fn a_bank_run_at_one_and_a_half_times_capital_never_empties_a_buffer() {
     let r = month(Scenario::BankRun, 1, dec!(1.5));
     let engine = &r["engine"];

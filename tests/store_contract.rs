@@ -585,6 +585,26 @@ async fn window_lifecycle(store: &dyn Store) -> WindowLifecycle {
     tx.add_tallies(&tallies, chrono::Duration::minutes(5))
         .await
         .unwrap();
+    // Two withdrawals in a later batch add to the same window's flows.
+    let mut withdrawals = WindowTallies::default();
+    for (id, amount) in [(7u128, dec!(100)), (8, dec!(50.5))] {
+        withdrawals.add(
+            &FlowEvent {
+                event_id: Uuid::from_u128(id),
+                kind: FlowKind::Withdrawal,
+                user_id: Uuid::from_u128(6),
+                amount: Money::positive(treasury::domain::Currency::Usdc, amount).unwrap(),
+                occurred_at: at,
+            },
+            Assignment {
+                window_start: t0(),
+                late: false,
+            },
+        );
+    }
+    tx.add_tallies(&withdrawals, chrono::Duration::minutes(5))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     let mut tx = store.begin(LockMode::Exclusive).await.unwrap();
@@ -639,7 +659,17 @@ async fn a_window_is_counted_settled_and_closed_alike(pool: PgPool) {
             "{name}: an unread partition holds settlement back"
         );
         assert_eq!(lifecycle.open, vec![t0()], "{name}");
-        assert_eq!(lifecycle.tally.events, 1, "{name}");
+        assert_eq!(lifecycle.tally.events, 3, "{name}");
+        let usdc_flow = lifecycle.tally.flows[&BufferAccount::SystemBufferUsdc];
+        assert_eq!(
+            (
+                usdc_flow.inflow,
+                usdc_flow.outflow,
+                usdc_flow.outflow_events
+            ),
+            (dec!(1000.25), dec!(150.5), 2),
+            "{name}: the withdrawals are counted, not only summed"
+        );
         assert!(lifecycle.open_after.is_empty(), "{name}");
         assert_eq!(lifecycle.windows.len(), 1, "{name}");
         assert!(lifecycle.windows[0].closed, "{name}");
@@ -653,7 +683,7 @@ async fn a_window_is_counted_settled_and_closed_alike(pool: PgPool) {
             .iter()
             .find(|p| p.account == BufferAccount::SystemBufferUsdc)
             .unwrap();
-        assert_eq!(usdc.balance, dec!(51000.25), "{name}");
+        assert_eq!(usdc.balance, dec!(50849.75), "{name}");
         seen.push(lifecycle);
     }
     assert_eq!(seen[0], seen[1], "PostgreSQL and memory agree");

@@ -171,6 +171,7 @@ async fn write_sums(
     let mut events = Vec::new();
     let mut late = Vec::new();
     let (mut f_start, mut f_account, mut inflow, mut outflow) = (vec![], vec![], vec![], vec![]);
+    let mut outflow_events: Vec<i64> = Vec::new();
     let (mut d_start, mut d_dir, mut d_amount, mut d_count) = (vec![], vec![], vec![], vec![]);
     for (start, tally) in &batch.tallies.0 {
         starts.push(*start);
@@ -182,6 +183,7 @@ async fn write_sums(
             f_account.push(account.as_str());
             inflow.push(flow.inflow);
             outflow.push(flow.outflow);
+            outflow_events.push(flow.outflow_events as i64);
         }
         for (direction, (amount, count)) in &tally.demand {
             d_start.push(*start);
@@ -203,11 +205,13 @@ async fn write_sums(
                 late_event_count = settlement_windows.late_event_count + EXCLUDED.late_event_count
              RETURNING 1),
          flows AS (
-             INSERT INTO window_flows (window_start, account_type, inflow, outflow)
-             SELECT * FROM UNNEST($5::timestamptz[], $6::text[], $7::numeric[], $8::numeric[])
+             INSERT INTO window_flows (window_start, account_type, inflow, outflow, outflow_events)
+             SELECT * FROM UNNEST($5::timestamptz[], $6::text[], $7::numeric[], $8::numeric[],
+                                  $18::bigint[])
              ON CONFLICT (window_start, account_type) DO UPDATE SET
                 inflow = window_flows.inflow + EXCLUDED.inflow,
-                outflow = window_flows.outflow + EXCLUDED.outflow
+                outflow = window_flows.outflow + EXCLUDED.outflow,
+                outflow_events = window_flows.outflow_events + EXCLUDED.outflow_events
              RETURNING 1),
          demand AS (
              INSERT INTO window_demand (window_start, direction, amount, event_count)
@@ -251,6 +255,7 @@ async fn write_sums(
     .bind(&p_part)
     .bind(&p_next)
     .bind(&p_at)
+    .bind(&outflow_events)
     .execute(&mut *conn)
     .await?;
     Ok(())

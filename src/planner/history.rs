@@ -28,6 +28,8 @@ pub struct FlowStats {
     /// Mean net flow per cycle over the latest few windows (a burst shows
     /// here first).
     pub recent_mean: Decimal,
+    /// Mean number of events per cycle that took money out.
+    pub outflow_events: Decimal,
     /// Windows the figures come from.
     pub windows: usize,
 }
@@ -136,12 +138,23 @@ impl FlowHistory {
                 } else {
                     recent.iter().sum::<Decimal>() / Decimal::from(recent.len() as u64)
                 };
+                let outflow_events = if windows.is_empty() {
+                    Decimal::ZERO
+                } else {
+                    Decimal::from(
+                        windows
+                            .iter()
+                            .map(|w| w.flows.get(&account).map_or(0, |f| f.outflow_events))
+                            .sum::<u64>(),
+                    ) / Decimal::from(windows.len() as u64)
+                };
                 (
                     account,
                     FlowStats {
                         mean,
                         std_dev,
                         recent_mean,
+                        outflow_events,
                         windows: nets.len(),
                     },
                 )

@@ -57,7 +57,8 @@
 //! takes the drain observed in the open windows (over `T`) when it is the
 //! larger ([`BufferLevels::with_observed_drain`]), and its return point is
 //! at least that drain above its minimum; when the drain is a burst (beyond
-//! the spread of its recent flows, [`crate::planner::Watch::bursting`]), the
+//! the spread of its recent flows, or sooner when the number of its
+//! withdrawals already says so, [`crate::planner::Watch::bursting`]), the
 //! trigger rises to `min + drain` too, a batch below the return point
 //! ([`BufferLevels::in_burst`]); if what it holds, money in flight toward
 //! it not counted, would not [outlast](crate::planner::Watch::outlasts)
@@ -351,6 +352,7 @@ mod tests {
             mean: Decimal::ZERO,
             std_dev: dec!(1000),
             recent_mean: Decimal::ZERO,
+            outflow_events: Decimal::ZERO,
             windows: 288,
         };
         let l = over_15_minutes(stats);
@@ -370,6 +372,7 @@ mod tests {
             mean: dec!(-2000),
             std_dev: dec!(3000),
             recent_mean: dec!(-1000),
+            outflow_events: Decimal::ZERO,
             windows: 288,
         };
         let l = over_15_minutes(stats);

@@ -15,8 +15,8 @@
 //!   capacity left), cut into pieces by [`pieces_for`] (sized to the provider
 //!   whose limits make the move cheapest, so a maximum that binds at the
 //!   cheaper provider splits the amount there instead of sending all of it to
-//!   a dearer one; a refill into an urgent buffer is cut further by
-//!   [`urgent_pieces`]), and commands with ids derived from (cycle, direction,
+//!   a dearer one; a refill into an urgent buffer, or into one living on
+//!   money in flight, is cut further by [`urgent_pieces`]), and commands with ids derived from (cycle, direction,
 //!   sequence): the same inputs always give the same commands, so a replay
 //!   plans nothing new.
 //!
@@ -169,9 +169,11 @@ pub struct PlannerSettings {
     #[serde(with = "humantime_chrono")]
     pub watch_interval: chrono::Duration,
     /// A refill into an urgent buffer (expected below its minimum before
-    /// money lands) is cut into pieces of at most this fraction (1/k) of
-    /// its band above the minimum, so one slow conversion cannot leave it
-    /// empty (`TREASURY_PLANNER_URGENT_PIECES`; 1 keeps refills whole).
+    /// money lands), or into one whose holdings (money in flight toward it
+    /// not counted) are less than its drain above its minimum, is cut into
+    /// pieces of at most this fraction (1/k) of its band above the minimum,
+    /// so one slow conversion cannot leave it empty
+    /// (`TREASURY_PLANNER_URGENT_PIECES`; 1 keeps refills whole).
     pub urgent_pieces: u32,
     /// Standard deviations beyond its recent flows a buffer's drain in the
     /// open windows must go (over at least three minutes) to count as a
@@ -412,11 +414,11 @@ pub fn plan(input: &PlanInput) -> Plan {
             limit,
             currency.scale(),
         );
-        if urgent.contains(&m.destination)
-            && let (Some(l), Some(d)) = (
-                levels.get(&m.destination),
-                positions.iter().find(|p| p.account == m.destination),
-            )
+        if let (Some(l), Some(d)) = (
+            levels.get(&m.destination),
+            positions.iter().find(|p| p.account == m.destination),
+        ) && (urgent.contains(&m.destination)
+            || l.urgent(d.balance - d.outgoing, d.thresholds.min()))
         {
             let band = (l.return_point - d.thresholds.min()).max(Decimal::ZERO);
             pieces = urgent_pieces(

@@ -22,6 +22,8 @@ use crate::window::WindowTally;
 pub struct Watch {
     /// Net flow per buffer counted in the open windows.
     pub open_flows: BTreeMap<BufferAccount, Decimal>,
+    /// Events per buffer in the open windows that took money out of it.
+    pub open_outflow_events: BTreeMap<BufferAccount, u64>,
     /// Since the earliest open window started.
     pub elapsed: Duration,
     /// Until that window closes (its end plus grace).
@@ -33,6 +35,11 @@ const WATCH_MIN_ELAPSED: Duration = Duration::minutes(1);
 /// The shortest stretch a drain is judged a burst over: a single large
 /// withdrawal in the first minute of a window is not a rate.
 const BURST_MIN_ELAPSED: Duration = Duration::minutes(3);
+/// The fewest withdrawals that can make a surge: a handful of events is
+/// within what chance gives a calm minute, and a flow that comes in short
+/// active stretches after idle hours (where the look-back's mean count is
+/// low) would otherwise look like one at every start.
+const SURGE_MIN_EVENTS: u64 = 12;
 
 impl Watch {
     /// The watch at `now` over the open windows' `tallies` (keyed by window
@@ -44,6 +51,7 @@ impl Watch {
         grace: Duration,
     ) -> Self {
         let mut open_flows: BTreeMap<BufferAccount, Decimal> = BTreeMap::new();
+        let mut open_outflow_events: BTreeMap<BufferAccount, u64> = BTreeMap::new();
         let mut earliest: Option<DateTime<Utc>> = None;
         for (start, tally) in tallies {
             if start > now {
@@ -52,11 +60,13 @@ impl Watch {
             earliest = Some(earliest.map_or(start, |e: DateTime<Utc>| e.min(start)));
             for (account, flow) in &tally.flows {
                 *open_flows.entry(*account).or_default() += flow.net();
+                *open_outflow_events.entry(*account).or_default() += flow.outflow_events;
             }
         }
         let start = earliest.unwrap_or(now);
         Self {
             open_flows,
+            open_outflow_events,
             elapsed: now - start,
             until_close: (start + length + grace - now).max(Duration::zero()),
         }
@@ -109,9 +119,14 @@ impl Watch {
     /// Whether `account` drains in the open windows faster than its recent
     /// flows explain: the drain so far exceeds what the mean flow would
     /// take over the time elapsed by more than `z` standard deviations
-    /// (`stats` are per `window`, scaled by √(elapsed / window)). A single
-    /// large withdrawal in a calm window stays within the spread; a burst
-    /// leaves it within a minute or two.
+    /// (`stats` are per `window`, scaled by √(elapsed / window)).
+    ///
+    /// A single large withdrawal is not a rate, so the drain is judged over
+    /// at least three minutes ([`BURST_MIN_ELAPSED`]), unless the number of
+    /// withdrawals already says it is one: more than the recent mean count
+    /// over the time elapsed plus `z` of its Poisson spread
+    /// ([`Self::withdrawals_surge`]). Then the drain is judged over the time
+    /// elapsed (at least a minute), and a burst shows a minute or two sooner.
     pub fn bursting(
         &self,
         account: BufferAccount,
@@ -123,13 +138,38 @@ impl Watch {
         if drain.is_zero() {
             return false;
         }
-        let share = Decimal::from(self.elapsed.max(BURST_MIN_ELAPSED).num_milliseconds())
-            / Decimal::from(window.num_milliseconds().max(1));
-        let expected = (-stats.mean).max(Decimal::ZERO).saturating_mul(share);
-        let spread = z
-            .saturating_mul(stats.std_dev)
-            .saturating_mul(share.sqrt().unwrap_or(Decimal::ONE));
-        drain > expected.saturating_add(spread)
+        let beyond_spread = |over: Duration| {
+            let share = share_of(over, window);
+            let expected = (-stats.mean).max(Decimal::ZERO).saturating_mul(share);
+            let spread = z
+                .saturating_mul(stats.std_dev)
+                .saturating_mul(share.sqrt().unwrap_or(Decimal::ONE));
+            drain > expected.saturating_add(spread)
+        };
+        beyond_spread(self.elapsed.max(BURST_MIN_ELAPSED))
+            || (self.withdrawals_surge(account, stats.outflow_events, window, z)
+                && beyond_spread(self.elapsed.max(WATCH_MIN_ELAPSED)))
+    }
+
+    /// Whether more events took money out of `account` in the open windows
+    /// than `per_window`, its recent mean count per `window`, explains over
+    /// the time elapsed (at least a minute) by more than `z` times the
+    /// Poisson spread √λ, and at least [`SURGE_MIN_EVENTS`] of them.
+    pub fn withdrawals_surge(
+        &self,
+        account: BufferAccount,
+        per_window: Decimal,
+        window: Duration,
+        z: Decimal,
+    ) -> bool {
+        let count = self.open_outflow_events.get(&account).copied().unwrap_or(0);
+        if count < SURGE_MIN_EVENTS {
+            return false;
+        }
+        let share = share_of(self.elapsed.max(WATCH_MIN_ELAPSED), window);
+        let expected = per_window.max(Decimal::ZERO).saturating_mul(share);
+        let spread = z.saturating_mul(expected.sqrt().unwrap_or_default());
+        Decimal::from(count) > expected.saturating_add(spread)
     }
 
     /// What `account` is expected to lose over `ahead` at the open windows' rate.
@@ -144,6 +184,11 @@ impl Watch {
         let flow = self.open_flows.get(&account).copied().unwrap_or_default();
         (-flow).max(Decimal::ZERO)
     }
+}
+
+/// `over` as a fraction of `window`.
+fn share_of(over: Duration, window: Duration) -> Decimal {
+    Decimal::from(over.num_milliseconds()) / Decimal::from(window.num_milliseconds().max(1))
 }
 
 #[cfg(test)]
@@ -167,6 +212,7 @@ mod tests {
     fn watch(flow: Decimal, elapsed_minutes: i64) -> Watch {
         Watch {
             open_flows: BTreeMap::from([(BufferAccount::SystemBufferUsdc, flow)]),
+            open_outflow_events: BTreeMap::new(),
             elapsed: Duration::minutes(elapsed_minutes),
             until_close: Duration::minutes(5) - Duration::minutes(elapsed_minutes)
                 + Duration::seconds(30),
@@ -214,17 +260,22 @@ mod tests {
         assert!(calm.outlasts(&calm.positions(&[usdc(dec!(12000))])[0], lead));
     }
 
-    #[test]
-    fn a_burst_is_a_drain_beyond_the_spread_of_recent_flows_over_three_minutes() {
-        let window = Duration::minutes(5);
-        let z = dec!(4);
-        // Net flow per 5-minute window: mean −500, σ 4,000.
-        let stats = FlowStats {
+    /// Net flow per 5-minute window: mean −500, σ 4,000, with
+    /// `withdrawals` events taking money out per window.
+    fn history(withdrawals: Decimal) -> FlowStats {
+        FlowStats {
             mean: dec!(-500),
             std_dev: dec!(4000),
             recent_mean: dec!(-500),
+            outflow_events: withdrawals,
             windows: 288,
-        };
+        }
+    }
+
+    #[test]
+    fn a_burst_is_a_drain_beyond_the_spread_of_recent_flows_over_three_minutes() {
+        let (window, z) = (Duration::minutes(5), dec!(4));
+        let stats = history(Decimal::ZERO);
         let bursting = |flow: Decimal, minutes: i64| {
             watch(flow, minutes).bursting(BufferAccount::SystemBufferUsdc, stats, window, z)
         };
@@ -242,6 +293,38 @@ mod tests {
         assert!(
             watch(dec!(-1), 3).bursting(BufferAccount::SystemBufferUsdc, calm_history, window, z),
             "with no spread measured, any drain is beyond it"
+        );
+    }
+
+    #[test]
+    fn many_withdrawals_make_a_burst_before_three_minutes_have_passed() {
+        let (window, z) = (Duration::minutes(5), dec!(4));
+        let stats = history(dec!(10));
+        let usdc = BufferAccount::SystemBufferUsdc;
+        let with_count = |flow: Decimal, minutes: i64, count: u64| Watch {
+            open_outflow_events: BTreeMap::from([(usdc, count)]),
+            ..watch(flow, minutes)
+        };
+        // Ten withdrawals a window are usual (none, with no history).
+        let surge = |minutes: i64, count: u64, per_window: Decimal| {
+            with_count(dec!(-1), minutes, count).withdrawals_surge(usdc, per_window, window, z)
+        };
+        // Two minutes in (share 0.4): 4 withdrawals expected, spread 4·√4 = 8.
+        assert!(surge(2, 13, dec!(10)));
+        assert!(!surge(2, 12, dec!(10)));
+        // One minute in (share 0.2): 2 expected, spread 4·√2 ≈ 5.7, but at
+        // least twelve withdrawals make a surge, history or not.
+        assert!(!surge(1, 11, dec!(10)));
+        assert!(surge(1, 12, dec!(10)));
+        assert!(surge(1, 12, Decimal::ZERO));
+        assert!(!surge(1, 11, Decimal::ZERO));
+        // A surge lets the drain be judged over the two minutes elapsed:
+        // 200 expected + 4·4000·√0.4 ≈ 10,319 (over three minutes, 12,694).
+        assert!(with_count(dec!(-11000), 2, 13).bursting(usdc, stats, window, z));
+        assert!(!with_count(dec!(-11000), 2, 12).bursting(usdc, stats, window, z));
+        assert!(
+            !with_count(dec!(-10000), 2, 40).bursting(usdc, stats, window, z),
+            "many small withdrawals within the spread of the sum are no burst"
         );
     }
 

@@ -527,7 +527,8 @@ impl StoreTx for PgTx {
             tally.late_events = row.get::<i64, _>("late_event_count") as u64;
         }
         for r in sqlx::query(
-            "SELECT account_type, inflow, outflow FROM window_flows WHERE window_start = $1",
+            "SELECT account_type, inflow, outflow, outflow_events
+               FROM window_flows WHERE window_start = $1",
         )
         .bind(start)
         .fetch_all(&mut *self.tx)
@@ -538,6 +539,7 @@ impl StoreTx for PgTx {
                 Flow {
                     inflow: r.get::<Decimal, _>("inflow").normalize(),
                     outflow: r.get::<Decimal, _>("outflow").normalize(),
+                    outflow_events: u64::try_from(r.get::<i64, _>("outflow_events")).unwrap_or(0),
                 },
             );
         }
@@ -638,7 +640,7 @@ impl StoreTx for PgTx {
         let providers = self.provider_rows().await?;
         let mut windows: BTreeMap<DateTime<Utc>, WindowTally> = BTreeMap::new();
         for r in sqlx::query(
-            "SELECT f.window_start, f.account_type, f.inflow, f.outflow
+            "SELECT f.window_start, f.account_type, f.inflow, f.outflow, f.outflow_events
                FROM window_flows f JOIN settlement_windows w USING (window_start)
               WHERE w.status = 'closed' AND f.window_start >= $1",
         )
@@ -655,6 +657,8 @@ impl StoreTx for PgTx {
                     Flow {
                         inflow: r.get::<Decimal, _>("inflow").normalize(),
                         outflow: r.get::<Decimal, _>("outflow").normalize(),
+                        outflow_events: u64::try_from(r.get::<i64, _>("outflow_events"))
+                            .unwrap_or(0),
                     },
                 );
         }

@@ -270,6 +270,7 @@ struct TallyColumns<'a> {
     flow_accounts: Vec<&'a str>,
     inflows: Vec<Decimal>,
     outflows: Vec<Decimal>,
+    outflow_events: Vec<i64>,
     demand_starts: Vec<DateTime<Utc>>,
     demand_directions: Vec<&'a str>,
     demand_amounts: Vec<Decimal>,
@@ -289,6 +290,8 @@ impl<'a> TallyColumns<'a> {
                 c.flow_accounts.push(account.as_str());
                 c.inflows.push(flow.inflow);
                 c.outflows.push(flow.outflow);
+                c.outflow_events
+                    .push(i64::try_from(flow.outflow_events).unwrap_or(i64::MAX));
             }
             for (direction, (amount, count)) in &tally.demand {
                 c.demand_starts.push(*start);
@@ -355,11 +358,13 @@ pub(super) async fn add_batch_sums(
                 late_event_count = settlement_windows.late_event_count + EXCLUDED.late_event_count
              RETURNING 1),
          flows AS (
-             INSERT INTO window_flows (window_start, account_type, inflow, outflow)
-             SELECT * FROM UNNEST($5::timestamptz[], $6::text[], $7::numeric[], $8::numeric[])
+             INSERT INTO window_flows (window_start, account_type, inflow, outflow, outflow_events)
+             SELECT * FROM UNNEST($5::timestamptz[], $6::text[], $7::numeric[], $8::numeric[],
+                                  $18::bigint[])
              ON CONFLICT (window_start, account_type) DO UPDATE SET
                 inflow = window_flows.inflow + EXCLUDED.inflow,
-                outflow = window_flows.outflow + EXCLUDED.outflow
+                outflow = window_flows.outflow + EXCLUDED.outflow,
+                outflow_events = window_flows.outflow_events + EXCLUDED.outflow_events
              RETURNING 1),
          demand AS (
              INSERT INTO window_demand (window_start, direction, amount, event_count)
@@ -402,6 +407,7 @@ pub(super) async fn add_batch_sums(
     .bind(&watermarks)
     .bind(&caught_up)
     .bind(&nows)
+    .bind(&c.outflow_events)
     .execute(&mut *conn)
     .await?;
     Ok(())

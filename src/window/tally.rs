@@ -9,11 +9,15 @@ use rust_decimal::Decimal;
 use super::Assignment;
 use crate::domain::{BufferAccount, ConversionDirection, FlowEvent};
 
-/// Money into and out of one buffer (both non-negative).
+/// Money into and out of one buffer (both non-negative), with the number
+/// of events that took money out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flow {
     pub inflow: Decimal,
     pub outflow: Decimal,
+    /// Events that took money out of the buffer: a burst of withdrawals
+    /// shows in their number before the sum can tell it from one large one.
+    pub outflow_events: u64,
 }
 
 impl Flow {
@@ -27,6 +31,7 @@ impl Flow {
             self.inflow += delta;
         } else {
             self.outflow -= delta;
+            self.outflow_events += 1;
         }
     }
 }
@@ -69,6 +74,7 @@ impl WindowTally {
             let mine = self.flows.entry(*account).or_default();
             mine.inflow += flow.inflow;
             mine.outflow += flow.outflow;
+            mine.outflow_events += flow.outflow_events;
         }
         for (direction, (amount, count)) in &other.demand {
             let mine = self.demand.entry(*direction).or_default();
