@@ -59,13 +59,21 @@ pub struct DayAhead {
     pub rise: Decimal,
 }
 
+/// The mean of `values` (zero for none).
+pub fn mean(values: &[Decimal]) -> Decimal {
+    if values.is_empty() {
+        return Decimal::ZERO;
+    }
+    values.iter().sum::<Decimal>() / Decimal::from(values.len() as u64)
+}
+
 /// The population variance of `values` (zero for fewer than two).
 pub fn variance(values: &[Decimal]) -> Decimal {
     if values.len() < 2 {
         return Decimal::ZERO;
     }
     let n = Decimal::from(values.len() as u64);
-    let mean = values.iter().sum::<Decimal>() / n;
+    let mean = mean(values);
     values
         .iter()
         .map(|v| {
@@ -126,35 +134,19 @@ impl FlowHistory {
             .iter()
             .map(|(account, nets)| {
                 let account = *account;
-                let mean = if nets.is_empty() {
-                    Decimal::ZERO
-                } else {
-                    nets.iter().sum::<Decimal>() / Decimal::from(nets.len() as u64)
-                };
                 let std_dev = variance(nets).sqrt().unwrap_or_default();
                 let recent = &nets[nets.len().saturating_sub(RECENT_WINDOWS)..];
-                let recent_mean = if recent.is_empty() {
-                    Decimal::ZERO
-                } else {
-                    recent.iter().sum::<Decimal>() / Decimal::from(recent.len() as u64)
-                };
-                let outflow_events = if windows.is_empty() {
-                    Decimal::ZERO
-                } else {
-                    Decimal::from(
-                        windows
-                            .iter()
-                            .map(|w| w.flows.get(&account).map_or(0, |f| f.outflow_events))
-                            .sum::<u64>(),
-                    ) / Decimal::from(windows.len() as u64)
-                };
+                let outflow_events: Vec<Decimal> = windows
+                    .iter()
+                    .map(|w| Decimal::from(w.flows.get(&account).map_or(0, |f| f.outflow_events)))
+                    .collect();
                 (
                     account,
                     FlowStats {
-                        mean,
+                        mean: mean(nets),
                         std_dev,
-                        recent_mean,
-                        outflow_events,
+                        recent_mean: mean(recent),
+                        outflow_events: mean(&outflow_events),
                         windows: nets.len(),
                     },
                 )

@@ -16,9 +16,9 @@
 //!   whose limits make the move cheapest, so a maximum that binds at the
 //!   cheaper provider splits the amount there instead of sending all of it to
 //!   a dearer one; a refill into an urgent buffer, or into one living on
-//!   money in flight, is cut further by [`urgent_pieces`]), and commands with ids derived from (cycle, direction,
-//!   sequence): the same inputs always give the same commands, so a replay
-//!   plans nothing new.
+//!   money in flight, is cut further by [`urgent_pieces`]), and commands
+//!   with ids derived from (cycle, direction, sequence): the same inputs
+//!   always give the same commands, so a replay plans nothing new.
 //!
 //! Money in flight toward a buffer counts in its projected balance while
 //! the conversion is within the lead time; an overdue one
@@ -328,14 +328,17 @@ pub fn plan(input: &PlanInput) -> Plan {
             levels,
         };
     }
-    let mut urgent: Vec<BufferAccount> = Vec::new();
+    // Buffers whose refill is cut into pieces: urgent ones, and those
+    // living on money in flight (what they hold is less than their drain
+    // above their minimum), so one slow conversion cannot leave them empty.
+    let mut in_pieces: Vec<BufferAccount> = Vec::new();
     if let Some(watch) = &input.watch {
         for p in positions {
             let lead = lead_of(p.account);
             if watch.expected_before_refill(p, lead) >= p.thresholds.min() {
                 continue;
             }
-            urgent.push(p.account);
+            in_pieces.push(p.account);
             let bursting = watch.bursting(
                 p.account,
                 input.history.stats(p.account),
@@ -355,10 +358,11 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
     for p in positions {
         if let Some(l) = levels.get(&p.account)
-            && l.urgent_need(p.projected(), p.thresholds.min())
-            && !urgent.contains(&p.account)
+            && (l.urgent_need(p.projected(), p.thresholds.min())
+                || l.urgent(p.balance - p.outgoing, p.thresholds.min()))
+            && !in_pieces.contains(&p.account)
         {
-            urgent.push(p.account);
+            in_pieces.push(p.account);
         }
     }
     let (movements, mut notes) = routing::route(positions, &levels, transfers);
@@ -414,11 +418,11 @@ pub fn plan(input: &PlanInput) -> Plan {
             limit,
             currency.scale(),
         );
-        if let (Some(l), Some(d)) = (
-            levels.get(&m.destination),
-            positions.iter().find(|p| p.account == m.destination),
-        ) && (urgent.contains(&m.destination)
-            || l.urgent(d.balance - d.outgoing, d.thresholds.min()))
+        if in_pieces.contains(&m.destination)
+            && let (Some(l), Some(d)) = (
+                levels.get(&m.destination),
+                positions.iter().find(|p| p.account == m.destination),
+            )
         {
             let band = (l.return_point - d.thresholds.min()).max(Decimal::ZERO);
             pieces = urgent_pieces(

@@ -353,6 +353,15 @@ fn status_from_str(s: &str) -> Result<BufferStatus, StoreError> {
     })
 }
 
+/// A `window_flows` row's sums.
+fn flow_from_row(r: &sqlx::postgres::PgRow) -> Flow {
+    Flow {
+        inflow: r.get::<Decimal, _>("inflow").normalize(),
+        outflow: r.get::<Decimal, _>("outflow").normalize(),
+        outflow_events: u64::try_from(r.get::<i64, _>("outflow_events")).unwrap_or(0),
+    }
+}
+
 fn planned_from_row(r: &sqlx::postgres::PgRow) -> Result<PlannedCommand, StoreError> {
     let currency: Currency = parse(r.get::<&str, _>("currency"))?;
     Ok(PlannedCommand {
@@ -534,14 +543,9 @@ impl StoreTx for PgTx {
         .fetch_all(&mut *self.tx)
         .await?
         {
-            tally.flows.insert(
-                parse(r.get::<&str, _>("account_type"))?,
-                Flow {
-                    inflow: r.get::<Decimal, _>("inflow").normalize(),
-                    outflow: r.get::<Decimal, _>("outflow").normalize(),
-                    outflow_events: u64::try_from(r.get::<i64, _>("outflow_events")).unwrap_or(0),
-                },
-            );
+            tally
+                .flows
+                .insert(parse(r.get::<&str, _>("account_type"))?, flow_from_row(&r));
         }
         for r in sqlx::query(
             "SELECT direction, amount, event_count FROM window_demand WHERE window_start = $1",
@@ -652,15 +656,7 @@ impl StoreTx for PgTx {
                 .entry(r.get("window_start"))
                 .or_default()
                 .flows
-                .insert(
-                    parse(r.get::<&str, _>("account_type"))?,
-                    Flow {
-                        inflow: r.get::<Decimal, _>("inflow").normalize(),
-                        outflow: r.get::<Decimal, _>("outflow").normalize(),
-                        outflow_events: u64::try_from(r.get::<i64, _>("outflow_events"))
-                            .unwrap_or(0),
-                    },
-                );
+                .insert(parse(r.get::<&str, _>("account_type"))?, flow_from_row(&r));
         }
         // From the command's time (the job's intake when the command was
         // not planned here): the age `in_flight()` reports is measured from
