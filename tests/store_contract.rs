@@ -568,43 +568,42 @@ async fn window_lifecycle(store: &dyn Store) -> WindowLifecycle {
     }])
     .await
     .unwrap();
-    let mut tallies = WindowTallies::default();
-    tallies.add(
-        &FlowEvent {
-            event_id: Uuid::from_u128(5),
-            kind: FlowKind::Deposit,
-            user_id: Uuid::from_u128(6),
-            amount: Money::positive(treasury::domain::Currency::Usdc, dec!(1000.25)).unwrap(),
-            occurred_at: at,
-        },
-        Assignment {
-            window_start: t0(),
-            late: false,
-        },
-    );
-    tx.add_tallies(&tallies, chrono::Duration::minutes(5))
-        .await
-        .unwrap();
+    // USDC events in the first window, one batch (one add_tallies) each.
+    let usdc_batch = |events: &[(u128, FlowKind, rust_decimal::Decimal)]| {
+        let mut tallies = WindowTallies::default();
+        for (id, kind, amount) in events {
+            tallies.add(
+                &FlowEvent {
+                    event_id: Uuid::from_u128(*id),
+                    kind: *kind,
+                    user_id: Uuid::from_u128(6),
+                    amount: Money::positive(treasury::domain::Currency::Usdc, *amount).unwrap(),
+                    occurred_at: at,
+                },
+                Assignment {
+                    window_start: t0(),
+                    late: false,
+                },
+            );
+        }
+        tallies
+    };
+    tx.add_tallies(
+        &usdc_batch(&[(5, FlowKind::Deposit, dec!(1000.25))]),
+        chrono::Duration::minutes(5),
+    )
+    .await
+    .unwrap();
     // Two withdrawals in a later batch add to the same window's flows.
-    let mut withdrawals = WindowTallies::default();
-    for (id, amount) in [(7u128, dec!(100)), (8, dec!(50.5))] {
-        withdrawals.add(
-            &FlowEvent {
-                event_id: Uuid::from_u128(id),
-                kind: FlowKind::Withdrawal,
-                user_id: Uuid::from_u128(6),
-                amount: Money::positive(treasury::domain::Currency::Usdc, amount).unwrap(),
-                occurred_at: at,
-            },
-            Assignment {
-                window_start: t0(),
-                late: false,
-            },
-        );
-    }
-    tx.add_tallies(&withdrawals, chrono::Duration::minutes(5))
-        .await
-        .unwrap();
+    tx.add_tallies(
+        &usdc_batch(&[
+            (7, FlowKind::Withdrawal, dec!(100)),
+            (8, FlowKind::Withdrawal, dec!(50.5)),
+        ]),
+        chrono::Duration::minutes(5),
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 
     let mut tx = store.begin(LockMode::Exclusive).await.unwrap();
