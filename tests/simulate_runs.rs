@@ -405,6 +405,36 @@ fn normal_at_twice_the_capital_costs_at_most_three_times_the_lower_bound_and_les
     assert!(engine.minutes_below_min < band.minutes_below_min);
 }
 
+/// The cost model above with providers that fail executions, lose answers
+/// and (Due) go down for hours at a time.
+const PROVIDER_FAULTS: &str = include_str!("scenarios/provider-faults.toml");
+
+#[test]
+fn providers_that_fail_lose_answers_and_go_down_leave_normal_at_one_and_a_half_times_funded() {
+    let events = generate(Scenario::Normal, 1, generated_start());
+    let run = |scenario: &str| {
+        let world = World::from_toml(scenario, Some(dec!(1.5))).expect("the scenario parses");
+        engine_only(&world, &events, 1, PlannerSettings::default())
+            .expect("no invariant breaks")
+            .report
+    };
+    let faulty = run(PROVIDER_FAULTS);
+    let clean = run(COSTLY);
+    assert_ne!(
+        (faulty.conversions, faulty.conversion_cost),
+        (clean.conversions, clean.conversion_cost),
+        "the faults changed nothing"
+    );
+    assert_eq!(faulty.counted_events, events.len() as u64);
+    assert_eq!(faulty.minutes_below_zero, 0.0, "{faulty:?}");
+    assert_eq!(faulty.unpaid_events, 0);
+    assert!(faulty.minutes_below_min <= 30.0, "{faulty:?}");
+    // A failed execution moves to the other provider; none ends failed.
+    assert_eq!(faulty.failed_jobs, 0);
+    assert_eq!(faulty.opposite_conversion_cycles, 0);
+    assert_eq!(faulty.unfunded_commands, 0);
+}
+
 /// The cost model above plus a USD transfer rail priced and timed like a
 /// conversion (1.00 fixed, 4 min / 25 min), so only the routing differs.
 const WITH_TRANSFERS: &str = include_str!("scenarios/provider-costs-transfers.toml");
